@@ -1,0 +1,29 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-quick venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# pip (not uv/poetry): it honours this machine's torch cap and local wheels (docs/ENVIRONMENT.md)
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/mammo-ray demo --out demo-output
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-quick: venv
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

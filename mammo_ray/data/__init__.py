@@ -1,0 +1,1 @@
+"""Data: decoding, transforms, inputs, split, the Ray Data pipeline and synthetic phantoms."""

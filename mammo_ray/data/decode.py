@@ -1,0 +1,253 @@
+"""Decode DICOM, PNG (8/16-bit), JPEG, PGM/PNM and TIFF bytes into one grayscale array.
+
+The format is sniffed from the bytes, never trusted from the extension (a text file named
+``.png`` is an error, a DICOM without ``.dcm`` is still a DICOM). Image size is read from
+the header before any pixels are decoded so a 20000x20000 file is refused cheaply.
+Output is a 2-D ``uint8`` (8-bit sources) or ``uint16`` (deeper sources, full depth kept).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import struct
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("dicom", "png", "jpeg", "pnm", "tiff")
+MG_MODALITY = "MG"
+
+
+class DecodeError(ValueError):
+    """A source that cannot become an image; the message is the ``errors.csv`` reason."""
+
+
+@dataclass
+class Decoded:
+    """A decoded source image and what its header said."""
+
+    pixels: np.ndarray
+    source_format: str
+    modality: str | None = None
+    patient_id: str | None = None
+    laterality: str | None = None
+    view: str | None = None
+    photometric: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def sniff_format(data: bytes) -> str:
+    """Name the container format from magic bytes.
+
+    Raises:
+        DecodeError: empty data or a header that is none of ``FORMATS``.
+    """
+    if len(data) == 0:
+        raise DecodeError("empty file (0 bytes)")
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:2] in (b"P2", b"P5", b"P3", b"P6") and len(data) > 2 and data[2:3].isspace():
+        return "pnm"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    # DICOM written without the 128-byte preamble starts with a group-0008 (or 0002) tag.
+    if data[:2] in (b"\x08\x00", b"\x02\x00") and len(data) > 8:
+        return "dicom"
+    head = data[:16].decode("ascii", "replace").encode("unicode_escape")[:40].decode()
+    raise DecodeError(f"unrecognized file header {head!r}: not one of DICOM, PNG, JPEG, PGM/PNM, TIFF")
+
+
+def check_size(height: int, width: int, *, min_side: int, max_pixels: int) -> None:
+    """Raise DecodeError for images too small to be a mammogram or too large to decode safely."""
+    if min(height, width) < min_side:
+        raise DecodeError(f"image {height}x{width} is smaller than min_side={min_side}")
+    if height * width > max_pixels:
+        raise DecodeError(
+            f"image {height}x{width} has {height * width} pixels, above max_pixels={max_pixels}"
+        )
+
+
+def decode_bytes(data: bytes, *, min_side: int = 32, max_pixels: int = 100_000_000) -> Decoded:
+    """Decode one source file's bytes.
+
+    Args:
+        data: the whole file.
+        min_side, max_pixels: size bounds, checked from the header before decoding pixels.
+
+    Returns:
+        Decoded with a 2-D ``uint8`` or ``uint16`` array.
+
+    Raises:
+        DecodeError: with a one-line reason for any unusable source.
+    """
+    fmt = sniff_format(data)
+    if fmt == "dicom":
+        return decode_dicom(data, min_side=min_side, max_pixels=max_pixels)
+    return decode_raster(data, fmt, min_side=min_side, max_pixels=max_pixels)
+
+
+# ----------------------------------------------------------------------------- raster
+def _raster_size(data: bytes, fmt: str) -> tuple[int, int]:
+    if fmt == "png":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise DecodeError("truncated PNG: no IHDR header")
+        width, height = struct.unpack(">II", data[16:24])
+        return int(height), int(width)
+    from PIL import Image  # header-only read; pixels are decoded by OpenCV
+
+    Image.MAX_IMAGE_PIXELS = None  # we apply our own max_pixels before decoding
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Exception as exc:  # PIL raises many types for broken headers
+        raise DecodeError(f"unreadable {fmt.upper()} header: {exc}") from exc
+    return int(height), int(width)
+
+
+def _check_complete(data: bytes, fmt: str) -> None:
+    # OpenCV returns a partly grey image for a truncated JPEG (libjpeg only warns), so
+    # completeness is checked on the container itself.
+    if fmt == "png" and b"IEND" not in data[-32:]:
+        raise DecodeError("truncated PNG: IEND chunk missing")
+    if fmt == "jpeg" and b"\xff\xd9" not in data[-16:]:
+        raise DecodeError("truncated JPEG: end-of-image marker missing")
+
+
+def _to_gray(arr: np.ndarray, warnings: list[str]) -> np.ndarray:
+    if arr.ndim == 2:
+        return arr
+    channels = arr.shape[2]
+    if channels == 4:
+        alpha = arr[..., 3]
+        full = np.iinfo(arr.dtype).max if arr.dtype.kind in "ui" else 1.0
+        if alpha.min() < full:
+            raise DecodeError("RGBA image with transparency: pixels under transparent areas are undefined")
+        warnings.append("opaque alpha channel dropped")
+        arr = arr[..., :3]
+    if channels == 1:
+        return arr[..., 0]
+    c0 = arr[..., 0].astype(np.int32)
+    spread = max(int(np.abs(c0 - arr[..., 1]).max()), int(np.abs(c0 - arr[..., 2]).max()))
+    if spread <= 8:
+        # grey stored as RGB (JPEG chroma subsampling leaves off-by-few differences)
+        return arr[..., 1].copy()
+    warnings.append(f"colour image converted to grayscale (channel spread {spread})")
+    return cv2.cvtColor(np.ascontiguousarray(arr[..., :3]), cv2.COLOR_BGR2GRAY)
+
+
+def _to_depth(arr: np.ndarray, warnings: list[str]) -> np.ndarray:
+    if arr.dtype in (np.uint8, np.uint16):
+        return arr
+    warnings.append(f"{arr.dtype} pixels rescaled to uint16")
+    return _rescale_uint16(arr.astype(np.float64))
+
+
+def decode_raster(data: bytes, fmt: str, *, min_side: int, max_pixels: int) -> Decoded:
+    """Decode PNG/JPEG/PNM/TIFF with OpenCV, keeping 16-bit depth."""
+    height, width = _raster_size(data, fmt)
+    check_size(height, width, min_side=min_side, max_pixels=max_pixels)
+    _check_complete(data, fmt)
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise DecodeError(f"corrupt {fmt.upper()}: OpenCV could not decode the pixel data")
+    warnings: list[str] = []
+    arr = _to_depth(_to_gray(arr, warnings), warnings)
+    return Decoded(pixels=np.ascontiguousarray(arr), source_format=fmt, warnings=warnings)
+
+
+# ----------------------------------------------------------------------------- DICOM
+def _rescale_uint16(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if hi <= lo:
+        return np.zeros(x.shape, np.uint16)
+    return np.round((x - lo) * (65535.0 / (hi - lo))).astype(np.uint16)
+
+
+def _header_text(ds, *keywords: str) -> str | None:
+    for kw in keywords:
+        value = ds.get(kw)
+        if value not in (None, ""):
+            return str(value).strip() or None
+    return None
+
+
+def read_dicom_header(data: bytes):
+    """Parse a DICOM header without pixel data (cheap; used to group by patient before decoding)."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception as exc:
+        raise DecodeError(f"unreadable DICOM header: {type(exc).__name__}: {exc}") from exc
+
+
+def dicom_meta(ds) -> dict[str, str | None]:
+    """Header fields the pipeline uses (never the label: labels are not guessed from DICOM)."""
+    return {
+        "modality": _header_text(ds, "Modality"),
+        "patient_id": _header_text(ds, "PatientID"),
+        "laterality": _header_text(ds, "ImageLaterality", "Laterality"),
+        "view": _header_text(ds, "ViewPosition"),
+    }
+
+
+def decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> Decoded:
+    """Decode a DICOM image through pydicom.
+
+    Modality LUT (rescale) then VOI LUT or windowing are applied as the header says, the
+    result is stretched to the full ``uint16`` range and MONOCHROME1 (white = low
+    attenuation) is inverted so that dense tissue is bright in every output.
+    Compressed transfer syntaxes decode through pydicom's handlers (RLE with numpy alone;
+    JPEG and JPEG 2000 through pylibjpeg).
+    """
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:
+        raise DecodeError(f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DecodeError("DICOM has no pixel data (PixelData element missing)")
+    meta = dicom_meta(ds)
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DecodeError("DICOM pixel data without Rows/Columns") from exc
+    check_size(rows, cols, min_side=min_side, max_pixels=max_pixels)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DecodeError(f"multi-frame DICOM ({frames} frames): tomosynthesis volumes are not supported")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian if not ds.is_implicit_VR else pydicom.uid.ImplicitVRLittleEndian
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        raise DecodeError(
+            f"cannot decode DICOM pixel data ({getattr(syntax, 'name', syntax)}): {type(exc).__name__}: {exc}"
+        ) from exc
+    warnings: list[str] = []
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if arr.ndim == 3:
+        if photometric not in ("RGB", "YBR_FULL", "YBR_FULL_422"):
+            raise DecodeError(f"DICOM pixel array of shape {arr.shape} with {photometric}: not a single image")
+        warnings.append(f"{photometric} DICOM converted to grayscale")
+        arr = cv2.cvtColor(np.ascontiguousarray(arr[..., :3]).astype(np.uint8), cv2.COLOR_RGB2GRAY)
+        return Decoded(arr, "dicom", photometric=photometric, warnings=warnings, **meta)
+    x = apply_modality_lut(arr, ds)
+    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+        x = apply_voi_lut(x, ds, index=0)
+    out = _rescale_uint16(np.asarray(x, dtype=np.float64))
+    if photometric == "MONOCHROME1":
+        out = np.subtract(65535, out, dtype=np.uint16)
+    if meta["modality"] != MG_MODALITY:
+        warnings.append(f"modality {meta['modality'] or 'missing'} is not MG")
+    return Decoded(out, "dicom", photometric=photometric, warnings=warnings, **meta)

@@ -1,0 +1,269 @@
+"""The preprocessing job: inputs -> Ray Data (decode + transform, sharded over the cluster's
+CPUs) -> Parquet shards per split, ``preprocess.yaml``, ``errors.csv``, ``summary.json``.
+
+Each Ray task writes its own Parquet file(s) and returns one small status row per input.
+That is done by hand rather than with ``Dataset.write_parquet`` because one pass has to
+route rows to per-split folders, stamp the spec into the schema metadata and send failed
+inputs to ``errors.csv`` instead of the data; file names are a hash of the batch's image
+ids, so a retried task overwrites its own file instead of duplicating rows.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from mammo_ray import io as mio
+from mammo_ray.config import PreprocessConfig, to_dict
+from mammo_ray.data.decode import MG_MODALITY, DecodeError, decode_bytes, dicom_meta, read_dicom_header
+from mammo_ray.data.inputs import CLASS_NAMES, Listing, discover, needs_header_probe, patient_key
+from mammo_ray.data.parquet import SPLIT_DIRS, rows_to_table, write_table
+from mammo_ray.data.split import assign_splits
+from mammo_ray.data.transforms import preprocess_image
+
+logger = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ("image_id", "path", "split", "label", "status", "reason", "warning", "node_id", "seconds")
+
+
+class OutputExistsError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- worker side
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (the single-process baseline)
+        return "local"
+
+
+def process_record(rec: dict, cfg: PreprocessConfig) -> tuple[dict | None, dict]:
+    """Read, decode and transform one input. Returns (Parquet row or None, status row)."""
+    status = {"image_id": rec["image_id"], "path": rec["path"], "split": rec["split"],
+              "label": int(rec["label"]), "status": "error", "reason": "", "warning": ""}
+    t0 = time.perf_counter()
+    try:
+        data = mio.read_bytes(rec["path"])
+    except Exception as exc:  # OSError, ArrowIOError...: the file is the problem, not the job
+        status["reason"] = f"unreadable: {type(exc).__name__}: {exc}".splitlines()[0]
+        return None, status
+    try:
+        dec = decode_bytes(data, min_side=cfg.min_side, max_pixels=cfg.max_pixels)
+    except DecodeError as exc:
+        status["reason"] = str(exc)
+        return None, status
+    except Exception as exc:  # a decoder bug on one file must not stop a million-image job
+        logger.warning("decoder failed on %s", rec["path"], exc_info=True)
+        status["reason"] = f"decode failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        return None, status
+    if dec.source_format == "dicom" and dec.modality != MG_MODALITY and cfg.other_modality == "refuse":
+        status["reason"] = f"modality {dec.modality or 'missing'} is not MG (other_modality=refuse)"
+        return None, status
+    try:
+        pixels, geom = preprocess_image(dec.pixels, cfg.spec)
+    except Exception as exc:
+        logger.warning("preprocessing failed on %s", rec["path"], exc_info=True)
+        status["reason"] = f"preprocessing failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        return None, status
+    warning = "; ".join(dec.warnings)
+    row = {
+        "image_id": rec["image_id"], "source_path": rec["path"], "label": int(rec["label"]),
+        "split": rec["split"], "patient_key": rec.get("patient_key"),
+        "laterality": rec.get("laterality") or dec.laterality, "view": rec.get("view") or dec.view,
+        "source_format": dec.source_format, "modality": dec.modality, "warning": warning,
+        "pixels": pixels.tobytes(), "height": pixels.shape[0], "width": pixels.shape[1],
+        "dtype": str(pixels.dtype), **geom,
+    }
+    status.update(status="ok", warning=warning, seconds=time.perf_counter() - t0)
+    return row, status
+
+
+def process_batch(batch: pd.DataFrame, *, cfg: PreprocessConfig, out: str) -> pd.DataFrame:
+    """Ray Data ``map_batches`` body: process a batch, write its rows, return status rows."""
+    node = _node_id()
+    rows_by_split: dict[str, list[dict]] = defaultdict(list)
+    statuses = []
+    for rec in batch.to_dict("records"):
+        rec = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
+        row, status = process_record(rec, cfg)
+        status["node_id"] = node
+        statuses.append(status)
+        if row is not None:
+            rows_by_split[row["split"]].append(row)
+    for split, rows in rows_by_split.items():
+        digest = hashlib.sha1("\n".join(sorted(r["image_id"] for r in rows)).encode()).hexdigest()[:20]
+        write_table(rows_to_table(rows, cfg.spec), mio.join(out, split, f"part-{digest}.parquet"))
+    frame = pd.DataFrame(statuses, columns=list(RESULT_COLUMNS))
+    frame["seconds"] = frame["seconds"].astype(float)
+    return frame
+
+
+def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
+    """Read DICOM headers only (patient id, laterality, view) to group before splitting."""
+    out = []
+    for path in batch["path"]:
+        meta = {"patient_id": None, "laterality": None, "view": None}
+        try:
+            fs, inner = mio.resolve(path)
+            with fs.open_input_file(inner) as f:
+                head = f.read(min(f.size(), 1 << 20))
+            meta.update({k: v for k, v in dicom_meta(read_dicom_header(head)).items() if k in meta})
+        except Exception:  # not a DICOM or unreadable: the processing pass reports it
+            pass
+        out.append({"path": path, **{k: (v or "") for k, v in meta.items()}})
+    return pd.DataFrame(out, columns=["path", "patient_id", "laterality", "view"])
+
+
+# ----------------------------------------------------------------------------- driver side
+def _check_output(out: str, overwrite: bool) -> None:
+    existing = [p for p in ("summary.json", "preprocess.yaml", *SPLIT_DIRS) if mio.exists(mio.join(out, p))]
+    if not existing:
+        return
+    if not overwrite:
+        raise OutputExistsError(f"--out {out} already holds a preprocessing run ({', '.join(existing)}): pass --overwrite or use another folder")
+    fs, inner = mio.resolve(out)
+    for p in existing:
+        target = mio.resolve(mio.join(out, p))[1]
+        if p in SPLIT_DIRS:
+            fs.delete_dir(target)
+        else:
+            fs.delete_file(target)
+
+
+def _probe_patients(records: list[dict], cfg: PreprocessConfig) -> None:
+    import ray
+
+    todo = [r for r in records if needs_header_probe(r)]
+    if not todo:
+        return
+    ds = ray.data.from_items([{"path": r["path"]} for r in todo],
+                             override_num_blocks=max(1, min(len(todo), math.ceil(len(todo) / 256))))
+    found = {}
+    for batch in ds.map_batches(probe_batch, batch_format="pandas", batch_size=256).iter_batches(batch_format="pandas"):
+        for row in batch.to_dict("records"):
+            found[row["path"]] = row
+    for r in todo:
+        meta = found.get(r["path"], {})
+        for k in ("patient_id", "laterality", "view"):
+            if not r.get(k) and meta.get(k):
+                r[k] = meta[k]
+
+
+def _assign(records: list[dict], cfg: PreprocessConfig) -> None:
+    for r in records:
+        r["patient_key"] = patient_key(r.pop("patient_id", None), cfg.patient_salt)
+    if cfg.external:
+        for r in records:
+            r["split"] = "external"
+        return
+    todo = [r for r in records if not r.get("split")]
+    splits = assign_splits([r["label"] for r in todo], [r["patient_key"] or r["image_id"] for r in todo],
+                           ratios=cfg.ratios, seed=cfg.seed)
+    for r, s in zip(todo, splits):
+        r["split"] = s
+
+
+def _summarize(listing: Listing, statuses: pd.DataFrame, cfg: PreprocessConfig, seconds: float) -> dict[str, Any]:
+    ok = statuses[statuses["status"] == "ok"]
+    counts: dict[str, dict[str, int]] = {}
+    names = {-1: "unlabeled", 0: CLASS_NAMES[0], 1: CLASS_NAMES[1]}
+    for (split, label), n in Counter(zip(ok["split"], ok["label"])).items():
+        counts.setdefault(split, {})[names[int(label)]] = int(n)
+    errors = len(listing.errors) + int((statuses["status"] != "ok").sum())
+    return {
+        "inputs": listing.inputs, "rows": int(len(ok)), "errors": errors,
+        "balanced": listing.inputs == int(len(ok)) + errors,
+        "splits": counts, "ignored_non_image_files": dict(sorted(listing.ignored.items())),
+        "warnings": int((ok["warning"].fillna("") != "").sum()),
+        "nodes": {k: int(v) for k, v in Counter(statuses["node_id"]).items()},
+        "seconds": round(seconds, 3), "images_per_second": round(len(statuses) / seconds, 2) if seconds > 0 else None,
+        "external": cfg.external,
+    }
+
+
+def _write_errors(out: str, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["path", "image_id", "reason"], lineterminator="\n")
+    writer.writeheader()
+    for r in sorted(rows, key=lambda r: r["path"]):
+        writer.writerow({k: r[k] for k in ("path", "image_id", "reason")})
+    mio.write_bytes(mio.join(out, "errors.csv"), buf.getvalue().encode())
+
+
+def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwrite: bool = False,
+                   address: str | None = None) -> dict[str, Any]:
+    """Preprocess ``inputs`` into ``out`` with Ray Data.
+
+    Returns:
+        The summary (also written to ``out/summary.json``).
+
+    Raises:
+        ValueError: bad inputs or an output folder already used (before any work starts).
+        RuntimeError: if the accounting ``inputs == rows + errors`` fails.
+    """
+    import ray
+
+    from mammo_ray.ray_utils import init_ray
+
+    t0 = time.perf_counter()
+    listing = discover(list(inputs), unlabeled=cfg.unlabeled)
+    _check_output(out, overwrite)
+    mio.makedirs(out)
+    init_ray(address)
+    if not cfg.external:
+        _probe_patients(listing.records, cfg)
+    _assign(listing.records, cfg)
+    logger.info("%d inputs: %d to process, %d refused while listing", listing.inputs, len(listing.records), len(listing.errors))
+
+    frames = []
+    if listing.records:
+        n = len(listing.records)
+        ds = ray.data.from_items(listing.records, override_num_blocks=max(1, math.ceil(n / cfg.batch_size)))
+        ds = ds.map_batches(process_batch, batch_format="pandas", batch_size=cfg.batch_size,
+                            fn_kwargs={"cfg": cfg, "out": out}, num_cpus=1)
+        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+            frames.append(batch)
+    statuses = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(RESULT_COLUMNS))
+    if len(statuses) != len(listing.records) or statuses["image_id"].duplicated().any():
+        raise RuntimeError(f"{len(listing.records)} records sent but {len(statuses)} results came back: work was lost or duplicated")
+
+    failed = statuses[statuses["status"] != "ok"][["path", "image_id", "reason"]].to_dict("records")
+    _write_errors(out, listing.errors + failed)
+    summary = _summarize(listing, statuses, cfg, time.perf_counter() - t0)
+    summary["inverted_fixed"] = _count_inverted(out) if summary["rows"] else 0
+    config_out = to_dict(cfg)
+    config_out.pop("patient_salt")  # the salt would let anyone re-derive patient keys
+    config_out["spec"] = to_dict(cfg.spec)
+    mio.write_bytes(mio.join(out, "preprocess.yaml"), yaml.safe_dump(config_out, sort_keys=False).encode())
+    mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    line = f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']}"
+    if not summary["balanced"]:
+        raise RuntimeError(f"nothing-lost check failed: {line}")
+    logger.info("nothing lost: %s", line)
+    return summary
+
+
+def _count_inverted(out: str) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from mammo_ray.data.parquet import split_files
+
+    total = 0
+    for split in SPLIT_DIRS:
+        for f in split_files(out, split):
+            fs, inner = mio.resolve(f)
+            total += int(pc.sum(pq.read_table(inner, columns=["inverted"], filesystem=fs)["inverted"]).as_py() or 0)
+    return total

@@ -1,0 +1,216 @@
+"""Preprocessing transforms: plain numpy/OpenCV functions of one image (no Ray, no torch).
+
+``preprocess_image`` runs them in the spec's order and returns the pixels plus the
+*geometry* (how output pixels came from the source) that explanations use to map
+heatmaps back onto the original image (``map_to_original``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+
+from mammo_ray.config import PreprocessSpec
+
+GEOMETRY_FIELDS = (
+    "orig_height", "orig_width", "inverted", "flipped",
+    "crop_y0", "crop_x0", "crop_y1", "crop_x1",
+    "scale_y", "scale_x", "pad_top", "pad_left", "pad_bottom", "pad_right",
+)
+
+
+def full_scale(img: np.ndarray) -> float:
+    """The value that means 'white' for this array's dtype (1.0 for floats)."""
+    return float(np.iinfo(img.dtype).max) if img.dtype.kind in "ui" else 1.0
+
+
+def _thumbnail(img: np.ndarray, long_side: int = 256) -> tuple[np.ndarray, float]:
+    h, w = img.shape
+    f = min(1.0, long_side / max(h, w))
+    if f < 1.0:
+        img = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    return img, f
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    if img.dtype == np.uint8:
+        return img
+    return np.clip(img.astype(np.float32) * (255.0 / full_scale(img)), 0, 255).astype(np.uint8)
+
+
+def is_inverted(img: np.ndarray) -> bool:
+    """True when the background is bright (an inverted export or an un-handled MONOCHROME1).
+
+    A mammogram's outer frame is mostly air (dark). The frame's median is compared with
+    the image's: an inverted image has a frame brighter than the middle of its range.
+    """
+    thumb, _ = _thumbnail(img, 128)
+    h, w = thumb.shape
+    b = max(1, min(h, w) // 16)
+    frame = np.concatenate([thumb[:b].ravel(), thumb[-b:].ravel(), thumb[:, :b].ravel(), thumb[:, -b:].ravel()])
+    lo, hi = float(thumb.min()), float(thumb.max())
+    if hi - lo < 1e-6:
+        return False
+    return (float(np.median(frame)) - lo) / (hi - lo) > 0.5
+
+
+def invert(img: np.ndarray) -> np.ndarray:
+    """Invert intensities within the dtype's range."""
+    if img.dtype.kind in "ui":
+        return (np.iinfo(img.dtype).max - img).astype(img.dtype)
+    return 1.0 - img
+
+
+def breast_mask(img: np.ndarray) -> np.ndarray:
+    """Boolean mask of the breast: Otsu threshold on a thumbnail, largest connected component.
+
+    Labels, markers and burned-in text are separate small components and fall away.
+    Returns an all-True mask for a constant image (nothing to separate).
+    """
+    thumb, _ = _thumbnail(img, 256)
+    t8 = _to_uint8(thumb)
+    if int(t8.max()) == int(t8.min()):
+        return np.ones(img.shape, bool)
+    t8 = cv2.GaussianBlur(t8, (5, 5), 0)
+    _, binary = cv2.threshold(t8, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    if n <= 1:
+        return np.ones(img.shape, bool)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    small = (labels == largest).astype(np.uint8)
+    return cv2.resize(small, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def needs_flip(mask: np.ndarray, orientation: str) -> bool:
+    """Whether a horizontal flip puts the chest wall (the breast's heavier side) on ``orientation``."""
+    if orientation == "none":
+        return False
+    w = mask.shape[1]
+    left = int(mask[:, : w // 2].sum())
+    right = int(mask[:, w - w // 2:].sum())
+    on_left = left >= right
+    return on_left != (orientation == "left")
+
+
+def bounding_box(mask: np.ndarray, *, margin: float = 0.02) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1) of the mask with a small margin, clipped to the image; full image if empty."""
+    h, w = mask.shape
+    ys = np.flatnonzero(mask.any(axis=1))
+    xs = np.flatnonzero(mask.any(axis=0))
+    if ys.size == 0:
+        return 0, 0, h, w
+    my, mx = round(margin * h), round(margin * w)
+    return (max(0, int(ys[0]) - my), max(0, int(xs[0]) - mx),
+            min(h, int(ys[-1]) + 1 + my), min(w, int(xs[-1]) + 1 + mx))
+
+
+def resize(img: np.ndarray, size: tuple[int, int], mode: str) -> tuple[np.ndarray, float, float, tuple[int, int, int, int]]:
+    """Resize to ``size``; ``pad`` keeps aspect ratio. Returns (resized unpadded image,
+    scale_y, scale_x, (pad_top, pad_left, pad_bottom, pad_right))."""
+    th, tw = size
+    h, w = img.shape
+    if mode == "stretch":
+        nh, nw = th, tw
+    elif mode == "pad":
+        f = min(th / h, tw / w)
+        nh, nw = max(1, min(th, round(h * f))), max(1, min(tw, round(w * f)))
+    else:
+        raise ValueError(f"resize_mode={mode!r}: use one of pad, stretch")
+    interp = cv2.INTER_AREA if nh < h or nw < w else cv2.INTER_LINEAR
+    out = cv2.resize(img, (nw, nh), interpolation=interp)
+    top, left = (th - nh) // 2, 0
+    # Pad on the side away from the chest wall: after orientation the breast hugs the left.
+    pad = (top, left, th - nh - top, tw - nw - left)
+    return out, nh / h, nw / w, pad
+
+
+def equalize(img: np.ndarray, mode: str, *, clip: float = 2.0, grid: int = 8) -> np.ndarray:
+    """Histogram equalization: ``clahe`` (local, OpenCV), ``global`` or ``none``; dtype kept.
+
+    ``global`` on 16-bit data uses a numpy CDF lookup because ``cv2.equalizeHist`` only
+    takes 8-bit images, and it ignores the zero background so air does not eat the range.
+    """
+    if mode == "none":
+        return img
+    if mode == "clahe":
+        if img.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"CLAHE needs uint8 or uint16 pixels, got {img.dtype}")
+        return cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(int(grid), int(grid))).apply(img)
+    if mode == "global":
+        top = int(full_scale(img))
+        fg = img[img > 0]
+        if fg.size == 0 or int(fg.min()) == int(fg.max()):
+            return img
+        hist = np.bincount(fg.ravel(), minlength=top + 1).astype(np.float64)
+        cdf = np.cumsum(hist)
+        cdf_min = cdf[cdf > 0][0]
+        lut = np.clip(np.round((cdf - cdf_min) / (cdf[-1] - cdf_min) * (top - 1)) + 1, 1, top)
+        lut[0] = 0
+        return lut.astype(img.dtype)[img]
+    raise ValueError(f"equalize={mode!r}: use one of clahe, global, none")
+
+
+def cast(img: np.ndarray, dtype: str) -> np.ndarray:
+    """Convert to the stored dtype: ``uint8``/``uint16`` full range, ``float32`` in [0, 1]."""
+    unit = img.astype(np.float32) / full_scale(img)
+    if dtype == "float32":
+        return unit
+    if dtype == "uint8":
+        return img if img.dtype == np.uint8 else np.round(unit * 255).astype(np.uint8)
+    if dtype == "uint16":
+        return img if img.dtype == np.uint16 else np.round(unit * 65535).astype(np.uint16)
+    raise ValueError(f"dtype={dtype!r}: use one of uint8, uint16, float32")
+
+
+def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, dict[str, Any]]:
+    """Source pixels -> model pixels per the spec, in this order:
+    re-invert (auto) -> orient -> crop to breast -> resize -> equalize -> pad -> dtype.
+
+    Equalization runs after the resize (cheap at output size, as in the paper) and before
+    padding, so padding does not enter the histogram.
+
+    Returns:
+        (pixels of shape ``spec.size`` and ``spec.dtype``, geometry dict of ``GEOMETRY_FIELDS``)
+    """
+    if img.ndim != 2:
+        raise ValueError(f"preprocess_image needs a 2-D grayscale array, got shape {img.shape}")
+    h, w = img.shape
+    inverted = spec.invert == "auto" and is_inverted(img)
+    if inverted:
+        img = invert(img)
+    mask = breast_mask(img) if (spec.crop or spec.orientation != "none") else None
+    flipped = mask is not None and needs_flip(mask, spec.orientation)
+    if flipped:
+        img, mask = img[:, ::-1], mask[:, ::-1]
+    y0, x0, y1, x1 = bounding_box(mask) if spec.crop and mask is not None else (0, 0, h, w)
+    img = np.ascontiguousarray(img[y0:y1, x0:x1])
+    small, sy, sx, (pt, pl, pb, pr) = resize(img, spec.size, spec.resize_mode)
+    small = equalize(small, spec.equalize, clip=spec.clahe_clip, grid=spec.clahe_grid)
+    out = cv2.copyMakeBorder(small, pt, pb, pl, pr, cv2.BORDER_CONSTANT, value=0)
+    out = cast(out, spec.dtype)
+    geometry = {
+        "orig_height": h, "orig_width": w, "inverted": bool(inverted), "flipped": bool(flipped),
+        "crop_y0": y0, "crop_x0": x0, "crop_y1": y1, "crop_x1": x1,
+        "scale_y": float(sy), "scale_x": float(sx),
+        "pad_top": pt, "pad_left": pl, "pad_bottom": pb, "pad_right": pr,
+    }
+    return out, geometry
+
+
+def map_to_original(arr: np.ndarray, geometry: dict[str, Any]) -> np.ndarray:
+    """Map a model-space map (e.g. a heatmap of the output size) back onto the source
+    image's geometry: remove padding, undo resize, place into the crop box, undo the flip.
+    Outside the crop box the result is 0.
+    """
+    g = geometry
+    th, tw = arr.shape[:2]
+    inner = arr[g["pad_top"]: th - g["pad_bottom"], g["pad_left"]: tw - g["pad_right"]]
+    ch, cw = g["crop_y1"] - g["crop_y0"], g["crop_x1"] - g["crop_x0"]
+    inner = cv2.resize(np.ascontiguousarray(inner, dtype=np.float32), (cw, ch), interpolation=cv2.INTER_LINEAR)
+    out = np.zeros((g["orig_height"], g["orig_width"]), np.float32)
+    out[g["crop_y0"]: g["crop_y1"], g["crop_x0"]: g["crop_x1"]] = inner
+    if g["flipped"]:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)

@@ -1,0 +1,131 @@
+"""Paths that may be local folders or object-store URIs (``s3://``, ``gs://``) via ``pyarrow.fs``."""
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+_URI_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "file://", "abfs://", "abfss://")
+
+
+def is_uri(path: str) -> bool:
+    """True for an object-store (or ``file://``) URI rather than a plain local path."""
+    return str(path).startswith(_URI_SCHEMES)
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem_for(prefix: str) -> pafs.FileSystem:
+    fs, _ = pafs.FileSystem.from_uri(prefix)
+    return fs
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """Return ``(filesystem, path inside it)`` for a local path or a URI.
+
+    S3 endpoints and credentials come from the usual environment variables
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...), read by Arrow's S3 client.
+    """
+    path = str(path)
+    if is_uri(path):
+        scheme, rest = path.split("://", 1)
+        if scheme == "file":
+            return pafs.LocalFileSystem(), "/" + rest.lstrip("/")
+        bucket = rest.split("/", 1)[0]
+        fs = _filesystem_for(f"{scheme}://{bucket}")
+        return fs, rest.rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts for a local path or a URI."""
+    if is_uri(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def to_uri(fs: pafs.FileSystem, inner: str, like: str) -> str:
+    """Turn a path inside ``fs`` back into the user's form (URI when ``like`` is one)."""
+    if is_uri(like) and not like.startswith("file://"):
+        scheme = like.split("://", 1)[0]
+        return f"{scheme}://{inner}"
+    return inner
+
+
+def read_bytes(path: str) -> bytes:
+    """Read a whole file (local or URI)."""
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file (local or URI), creating parent folders; local writes are atomic."""
+    fs, inner = resolve(path)
+    parent = posixpath.dirname(inner) if is_uri(path) else os.path.dirname(inner)
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{inner}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, inner)
+        return
+    with fs.open_output_stream(inner) as f:
+        f.write(data)
+
+
+def makedirs(path: str) -> None:
+    fs, inner = resolve(path)
+    fs.create_dir(inner, recursive=True)
+
+
+def exists(path: str) -> bool:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def list_files(path: str) -> Iterator[tuple[str, int]]:
+    """Yield ``(path or URI, size)`` of every file under ``path``, sorted, hidden files skipped.
+
+    Local trees are walked with ``os.walk`` so that broken symlinks and unreadable entries
+    are listed too (they become error lines later, not silent gaps).
+    """
+    if not is_uri(path):
+        root = os.path.abspath(path)
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                full = os.path.join(dirpath, name)
+                try:
+                    size = os.stat(full).st_size
+                except OSError:
+                    size = 0
+                found.append((full, size))
+        yield from sorted(found)
+        return
+    fs, inner = resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(inner):].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        yield to_uri(fs, info.path, path), int(info.size or 0)
+
+
+def relpath(path: str, root: str) -> str:
+    """``path`` relative to ``root`` with forward slashes (both local or both URIs)."""
+    if is_uri(root):
+        return path[len(root.rstrip("/")):].lstrip("/")
+    return os.path.relpath(path, os.path.abspath(root)).replace(os.sep, "/")

@@ -1,0 +1,38 @@
+"""Connect to Ray: an existing cluster when ``RAY_ADDRESS`` (or ``address``) is given,
+otherwise a local Ray bound to 127.0.0.1 only."""
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+             quiet: bool = True) -> None:
+    """Initialise Ray once per process (no-op when already connected).
+
+    Args:
+        address: a cluster address (``auto``, ``ray://...``, ``host:port``); defaults to
+            ``$RAY_ADDRESS``; without either a local Ray starts on loopback.
+        num_cpus, num_gpus: resources of a local Ray (ignored when connecting).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = dict(include_dashboard=False, log_to_driver=True)
+    if quiet:
+        kwargs["logging_level"] = logging.WARNING
+    if address:
+        logger.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, **kwargs)
+        return
+    # Local Ray: every component on loopback, nothing listening on the machine's address.
+    # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set by mammo_ray/__init__ before ray is imported.)
+    # Token auth guards a cluster reachable by others; a loopback-only Ray has no such peer.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(_node_ip_address=LOOPBACK, num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
