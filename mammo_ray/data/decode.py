@@ -107,7 +107,8 @@ def _raster_size(data: bytes, fmt: str) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
     except Exception as exc:  # PIL raises many types for broken headers
-        raise DecodeError(f"unreadable {fmt.upper()} header: {exc}") from exc
+        kind = "truncated" if "runcated" in str(exc) else "unreadable"
+        raise DecodeError(f"{kind} {fmt.upper()}: header unreadable ({exc})") from exc
     return int(height), int(width)
 
 
