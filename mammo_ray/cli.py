@@ -116,8 +116,15 @@ COMMANDS = {"preprocess": (_add_preprocess, _run_preprocess), "synth": (_add_syn
             "demo": (_add_demo, _run_demo)}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump): 'mammo-ray preprocess: error: ...'."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mammo-ray", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mammo-ray", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():

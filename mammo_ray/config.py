@@ -52,7 +52,10 @@ def load_yaml(path: str | None) -> dict[str, Any]:
         return {}
     from mammo_ray.io import read_bytes
 
-    data = yaml.safe_load(read_bytes(path).decode("utf-8")) or {}
+    try:
+        data = yaml.safe_load(read_bytes(path).decode("utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not a plain YAML mapping: {' '.join(str(exc).split())}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
     return data

