@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -133,6 +134,22 @@ def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- driver side
+CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_")
+
+
+def _remote_env(paths: list[str]) -> dict[str, Any]:
+    """Object-store credentials and endpoint from the driver's environment, for the tasks.
+
+    Workers of a running Ray do not see variables set in the driver after they started;
+    forwarding the usual ``AWS_*`` / GCS variables through ``runtime_env`` makes
+    ``s3://`` inputs work the same from a laptop and from a job. Local paths: nothing.
+    """
+    if not any(mio.is_uri(p) for p in paths):
+        return {}
+    env = {k: v for k, v in os.environ.items() if k.startswith(CREDENTIAL_PREFIXES)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def _check_output(out: str, overwrite: bool) -> None:
     existing = [p for p in ("summary.json", "preprocess.yaml", *SPLIT_DIRS) if mio.exists(mio.join(out, p))]
     if not existing:
@@ -154,10 +171,11 @@ def _probe_patients(records: list[dict], cfg: PreprocessConfig) -> None:
     todo = [r for r in records if needs_header_probe(r)]
     if not todo:
         return
+    env = _remote_env([r["path"] for r in todo[:1]])
     ds = ray.data.from_items([{"path": r["path"]} for r in todo],
                              override_num_blocks=max(1, min(len(todo), math.ceil(len(todo) / 256))))
     found = {}
-    for batch in ds.map_batches(probe_batch, batch_format="pandas", batch_size=256).iter_batches(batch_format="pandas"):
+    for batch in ds.map_batches(probe_batch, batch_format="pandas", batch_size=256, **env).iter_batches(batch_format="pandas"):
         for row in batch.to_dict("records"):
             found[row["path"]] = row
     for r in todo:
@@ -243,7 +261,8 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
         ray.data.DataContext.get_current().op_resource_reservation_enabled = False
         ds = ray.data.from_items(listing.records, override_num_blocks=max(1, math.ceil(n / cfg.batch_size)))
         ds = ds.map_batches(process_batch, batch_format="pandas", batch_size=cfg.batch_size,
-                            fn_kwargs={"cfg": cfg, "out": out}, num_cpus=1)
+                            fn_kwargs={"cfg": cfg, "out": out}, num_cpus=1,
+                            **_remote_env([*inputs, out]))
         for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
             frames.append(batch)
     statuses = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(RESULT_COLUMNS))
