@@ -107,8 +107,15 @@ def _run_demo(args) -> int:
     cfg = PreprocessConfig.load(size=128)
     summary = run_preprocess([raw], os.path.join(out, "data"), cfg, overwrite=True)
     ext = run_preprocess([ext_raw], os.path.join(out, "external"), PreprocessConfig.load(size=128, external=True), overwrite=True)
-    print(f"preprocess: {summary['rows']} rows {summary['splits']}, external {ext['rows']} rows")
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs in {out}")
+    from mammo_ray.data.preview import contact_sheet
+
+    contact_sheet(os.path.join(out, "data"), os.path.join(out, "preview-train.png"))
+    contact_sheet(os.path.join(out, "external"), os.path.join(out, "preview-external.png"), split="external")
+    print(f"preprocess: {summary['rows']} rows {summary['splits']}, errors {summary['errors']}; "
+          f"external {ext['rows']} rows, errors {ext['errors']}")
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs in {out}:")
+    for name in ("data", "external", "preview-train.png", "preview-external.png"):
+        print(f"  {os.path.join(out, name)}")
     return 0
 
 

@@ -68,7 +68,16 @@ def _thumbnail_mask(img: np.ndarray) -> np.ndarray:
     if int(t8.max()) == int(t8.min()):
         return np.ones(thumb.shape, bool)
     t8 = cv2.GaussianBlur(t8, (5, 5), 0)
-    _, binary = cv2.threshold(t8, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    otsu, _ = cv2.threshold(t8, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    # Otsu separates the two largest intensity modes; with a bright pectoral muscle or
+    # dense tissue those can be "bright tissue" vs "fat + air", and the crop would cut
+    # fatty breast away. The threshold is capped just above the air level instead.
+    h, w = t8.shape
+    b = max(1, min(h, w) // 16)
+    frame = np.concatenate([t8[:b].ravel(), t8[-b:].ravel(), t8[:, :b].ravel(), t8[:, -b:].ravel()])
+    air, top = float(np.percentile(frame, 25)), float(np.percentile(t8, 99))
+    level = min(otsu, air + 0.15 * (top - air))
+    binary = (t8 > level).astype(np.uint8)
     binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     if n <= 1:
@@ -149,7 +158,14 @@ def equalize(img: np.ndarray, mode: str, *, clip: float = 2.0, grid: int = 8) ->
     if mode == "clahe":
         if img.dtype not in (np.uint8, np.uint16):
             raise ValueError(f"CLAHE needs uint8 or uint16 pixels, got {img.dtype}")
-        return cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(int(grid), int(grid))).apply(img)
+        clahe = cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(int(grid), int(grid)))
+        if img.dtype == np.uint8:
+            return clahe.apply(img)
+        # OpenCV's 16-bit CLAHE uses 65,536 bins and clips at max(clip * tile_px / 65536, 1)
+        # counts, i.e. it does not clip at all for realistic tiles: unclipped AHE, which
+        # blows detector noise up into texture. The 256-bin histogram the clip limit is
+        # defined for (and that mammography pipelines use) is kept by equalizing at 8 bits.
+        return clahe.apply(_to_uint8(img)).astype(np.uint16) * np.uint16(257)
     if mode == "global":
         top = int(full_scale(img))
         fg = img[img > 0]

@@ -155,3 +155,32 @@ def test_map_to_original_puts_a_point_back_where_it_was(side, mode):
     by, bx = np.unravel_index(np.argmax(back), back.shape)
     assert abs(by - py) <= 4 and abs(bx - px) <= 4
     assert back.min() >= 0 and back.max() <= 1
+
+
+def test_clahe_on_16_bit_matches_8_bit_and_does_not_amplify_noise():
+    rng = np.random.default_rng(2)
+    smooth = np.tile(np.linspace(0.3, 0.6, 128), (128, 1))
+    img16 = ((smooth + rng.normal(0, 0.002, smooth.shape)) * 65535).astype(np.uint16)
+    img8 = (img16 // 257).astype(np.uint8)
+    out16, out8 = equalize(img16, "clahe"), equalize(img8, "clahe")
+    assert np.abs(out16 / 257.0 - out8).max() <= 1
+    # pixel-to-pixel noise stays small relative to the full range (unclipped AHE makes it ~0.3)
+    noise = np.abs(np.diff(out16.astype(float) / 65535, axis=1)).mean()
+    assert noise < 0.02, noise
+
+
+def test_crop_keeps_every_phantom_lesion_including_mlo_with_pectoral_muscle():
+    """Otsu alone splits 'pectoral + dense' from 'fat + air' on MLO views and crops the breast
+    away; the crop must keep every lesion (the label's evidence) inside the box."""
+    from mammo_ray.data.synth import render_phantom
+
+    spec = PreprocessSpec(size=64, equalize="none")
+    for i in range(40):
+        rng = np.random.default_rng([5, i])
+        img, lesion = render_phantom(rng, label=i % 2, height=256, width=208,
+                                     laterality="LR"[i % 2], view=("MLO", "CC")[(i // 2) % 2])
+        _, g = preprocess_image((img * 65535).astype(np.uint16), spec)
+        x = (img.shape[1] - 1 - lesion["lesion_x"]) if g["flipped"] else lesion["lesion_x"]
+        y, r = lesion["lesion_y"], lesion["lesion_r"]
+        assert g["crop_y0"] <= y - r and y + r <= g["crop_y1"], (i, g, lesion)
+        assert g["crop_x0"] <= x - r and x + r <= g["crop_x1"], (i, g, lesion)
