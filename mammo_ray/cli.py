@@ -86,6 +86,88 @@ def _run_synth(args) -> int:
     return 0
 
 
+def _train_options(p, *, full: bool = True) -> None:
+    from mammo_ray.config import CLR_MODES, IMBALANCE, OPTIMIZERS, PRETRAINED
+    from mammo_ray.models.registry import list_backbones
+
+    p.add_argument("--data", required=True, help="a preprocessed folder (train/ and val/ splits)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", help="YAML file of TrainConfig keys (flags override it)")
+    p.add_argument("--backbone", choices=list_backbones())
+    p.add_argument("--freeze-ratio", type=float, help="fraction of backbone units frozen, in [0, 1]")
+    p.add_argument("--pretrained", choices=PRETRAINED, help="ImageNet weights from the torch hub cache (offline)")
+    p.add_argument("--weights", help="a torchvision-format state dict to start from")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--imbalance", choices=IMBALANCE)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    if full:
+        p.add_argument("--base-lr", type=float)
+        p.add_argument("--max-lr", type=float)
+        p.add_argument("--clr-mode", choices=CLR_MODES)
+        p.add_argument("--clr-gamma", type=float)
+        p.add_argument("--step-size-epochs", type=float, help="half a cyclic-LR cycle, in epochs")
+        p.add_argument("--epochs", type=int)
+        p.add_argument("--patience", type=int, help="early stopping on val AUC (0: off)")
+        p.add_argument("--max-batches", type=int, help="cap training batches per epoch (smoke runs)")
+        p.add_argument("--resume", help="a last.pt to continue from")
+
+
+_TRAIN_KEYS = ("backbone", "freeze_ratio", "pretrained", "weights", "batch_size", "optimizer", "imbalance", "seed",
+               "device", "augment", "base_lr", "max_lr", "clr_mode", "clr_gamma", "step_size_epochs", "epochs",
+               "patience", "max_batches")
+
+
+def _train_config(args, **extra):
+    from mammo_ray.config import TrainConfig
+
+    over = {k: getattr(args, k, None) for k in _TRAIN_KEYS}
+    over.update(extra)
+    return TrainConfig.load(args.config, **over)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train one model (backbone x freezing ratio x cyclic LR)")
+    _train_options(p)
+
+
+def _run_train(args) -> int:
+    from mammo_ray.train.data import load_training_data
+    from mammo_ray.train.loop import fit
+
+    cfg = _train_config(args)
+    spec, train, val = load_training_data(args.data)
+    logger.info("train %d images %s, val %d images %s", len(train), train.class_counts(), len(val), val.class_counts())
+    result = fit(cfg, spec, train, val, out=args.out, resume=args.resume, progress=sys.stderr.isatty())
+    best = result.best_metrics
+    print(f"best epoch {result.best_epoch}: val_auc {best.get('val_auc')} val_accuracy {best.get('val_accuracy')}")
+    print(f"checkpoints: {os.path.join(args.out, 'best.pt')} {os.path.join(args.out, 'last.pt')}")
+    return 0
+
+
+def _add_lr_find(sub) -> None:
+    p = sub.add_parser("lr-find", help="LR range test: suggests cyclic-LR bounds, writes lr_find.png")
+    _train_options(p, full=False)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--start-lr", type=float, default=1e-6)
+    p.add_argument("--end-lr", type=float, default=1.0)
+
+
+def _run_lr_find(args) -> int:
+    from mammo_ray.train.data import load_training_data
+    from mammo_ray.train.lr_find import lr_range_test, write_lr_find
+
+    cfg = _train_config(args)
+    spec, train, _ = load_training_data(args.data)
+    result = lr_range_test(cfg, spec, train, start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps)
+    write_lr_find(result, args.out)
+    print(f"suggested --base-lr {result['suggested_base_lr']:.2e} --max-lr {result['suggested_max_lr']:.2e} "
+          f"(plot: {os.path.join(args.out, 'lr_find.png')})")
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on synthetic phantoms on a local Ray")
     p.add_argument("--out", default="demo-output")
@@ -119,7 +201,8 @@ def _run_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"preprocess": (_add_preprocess, _run_preprocess), "synth": (_add_synth, _run_synth),
+COMMANDS = {"synth": (_add_synth, _run_synth), "preprocess": (_add_preprocess, _run_preprocess),
+            "train": (_add_train, _run_train), "lr-find": (_add_lr_find, _run_lr_find),
             "demo": (_add_demo, _run_demo)}
 
 

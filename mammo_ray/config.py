@@ -170,3 +170,84 @@ class PreprocessConfig:
         spec_data = dict(data.pop("spec", {}) or {})
         spec = from_mapping(PreprocessSpec, spec_data, **spec_over)
         return from_mapping(cls, data, spec=spec, **overrides)
+
+
+CLR_MODES = ("triangular", "triangular2", "exp_range")
+OPTIMIZERS = ("sgd", "adamw")
+IMBALANCE = ("weighted_loss", "balanced_sampler", "none")
+PRETRAINED = ("imagenet",)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: backbone x freezing ratio x cyclic-LR bounds, and the loop's options.
+
+    Attributes:
+        backbone: a name from the backbone registry (``mammo-ray train --help`` lists them).
+        freeze_ratio: fraction r in [0, 1] of the backbone's ordered units frozen (prefix).
+        pretrained: ``imagenet`` (torch hub cache, offline) or None (random init).
+        weights: path of a torchvision-format state dict to start from (instead of pretrained).
+        base_lr, max_lr: CyclicLR bounds (``base_lr < max_lr``).
+        clr_mode: ``triangular`` | ``triangular2`` | ``exp_range`` (``clr_gamma`` for the latter).
+        step_size_epochs: half a cycle, in epochs (converted to batches per epoch).
+        imbalance: ``weighted_loss`` (pos_weight = negatives/positives), ``balanced_sampler``, ``none``.
+        patience: epochs without a better val AUC before stopping (0: never stop early).
+        max_batches: cap on training batches per epoch (smoke tests; 0 = no cap).
+    """
+
+    backbone: str = "resnet18"
+    freeze_ratio: float = 0.0
+    pretrained: str | None = None
+    weights: str | None = None
+    epochs: int = 10
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    optimizer: str = "sgd"
+    base_lr: float = 1e-3
+    max_lr: float = 1e-2
+    clr_mode: str = "triangular"
+    clr_gamma: float = 0.999
+    step_size_epochs: float = 2.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    imbalance: str = "weighted_loss"
+    augment: bool = True
+    hflip: bool = False
+    patience: int = 5
+    seed: int = 0
+    channels_last: bool = True
+    amp: bool = True
+    device: str = "auto"
+    max_batches: int = 0
+
+    def __post_init__(self) -> None:
+        from mammo_ray.models.registry import list_backbones
+
+        names = list_backbones()
+        if self.backbone not in names:
+            raise ValueError(f"backbone={self.backbone!r}: use one of {', '.join(names)}")
+        if not 0.0 <= float(self.freeze_ratio) <= 1.0:
+            raise ValueError(f"freeze_ratio={self.freeze_ratio!r}: use a number in [0, 1]")
+        if self.pretrained is not None:
+            _check_choice("pretrained", self.pretrained, PRETRAINED)
+        if self.pretrained and self.weights:
+            raise ValueError(f"pretrained={self.pretrained!r} and weights={self.weights!r}: give one of them")
+        if not 0 < self.base_lr < self.max_lr:
+            raise ValueError(f"base_lr={self.base_lr!r}, max_lr={self.max_lr!r}: need 0 < base_lr < max_lr")
+        _check_choice("clr_mode", self.clr_mode, CLR_MODES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("imbalance", self.imbalance, IMBALANCE)
+        _check_choice("device", self.device, DEVICES)
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.step_size_epochs <= 0:
+            raise ValueError(f"step_size_epochs={self.step_size_epochs!r}: must be > 0")
+        if self.patience < 0 or self.max_batches < 0:
+            raise ValueError(f"patience={self.patience!r}, max_batches={self.max_batches!r}: must be >= 0")
+
+    @classmethod
+    def load(cls, path: str | None = None, **overrides: Any) -> "TrainConfig":
+        """YAML file first, then overrides (``None`` values ignored)."""
+        return from_mapping(cls, load_yaml(path), **overrides)

@@ -1,0 +1,362 @@
+"""Backbone registry: torchvision classifiers adapted to single-channel mammograms.
+
+Every backbone is described by a :class:`BackboneSpec`: how to build it, where its
+classification head and first convolution live, which layer Grad-CAM should look at,
+and how it is cut into ordered *units* for selective freezing (see
+:mod:`mammo_ray.models.freezing`).
+
+:func:`build_model` builds a backbone with random weights (the default), with the
+torchvision ImageNet weights found in the local torch hub cache (never downloaded),
+or with an explicit state-dict file; then folds the first convolution to one input
+channel and replaces the head by a ``num_outputs``-logit ``nn.Linear``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: accepted values of ``build_model(pretrained=...)`` besides None
+PRETRAINED_CHOICES: tuple[str, ...] = ("imagenet",)
+
+Units = list[tuple[str, nn.Module]]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build, adapt, freeze and explain one backbone.
+
+    Attributes:
+        name: registry key (``--backbone``).
+        builder: torchvision-style builder, called as ``builder(weights=None)``; it returns
+            the 3-channel, 1000-class model so that torchvision checkpoints load as is.
+        weights_enum: the torchvision ImageNet weights, e.g. ``"ResNet50_Weights.IMAGENET1K_V2"``
+            (None when the backbone has no ImageNet weights).
+        head: dotted path of the final ``nn.Linear``, replaced by a ``num_outputs`` Linear.
+        cam_layer: dotted path of the Grad-CAM target layer (last spatial feature map).
+        units: ordered freezable units ``(name, module)`` of a *built* model; their parameters
+            are disjoint and, with the head side, cover every parameter of the model.
+        first_conv: dotted path of the input convolution, folded to ``in_chans=1``.
+        description: one line for ``--help`` and logs.
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    weights_enum: str | None
+    head: str
+    cam_layer: str
+    units: Callable[[nn.Module], Units]
+    first_conv: str
+    description: str = ""
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone to :data:`BACKBONES`.
+
+    Args:
+        spec: the backbone description.
+
+    Returns:
+        ``spec`` (so it can be used as an expression).
+
+    Raises:
+        ValueError: a backbone of that name is already registered.
+    """
+    if spec.name in BACKBONES:
+        raise ValueError(f"backbone {spec.name!r} is already registered (registered: {', '.join(list_backbones())})")
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+def list_backbones() -> list[str]:
+    """Names of the registered backbones, sorted."""
+    return sorted(BACKBONES)
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """The spec of a registered backbone.
+
+    Raises:
+        ValueError: ``name`` is not registered; the message lists the registered names.
+    """
+    try:
+        return BACKBONES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"backbone={name!r}: use one of {', '.join(list_backbones())}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# dotted-path helpers
+
+
+def get_submodule(model: nn.Module, dotted: str) -> nn.Module:
+    """The submodule at a dotted path (``"layer4"``, ``"classifier.6"``); ``""`` is the model.
+
+    Raises:
+        ValueError: a path component does not exist; the message lists the children there.
+    """
+    module = model
+    walked: list[str] = []
+    for part in dotted.split(".") if dotted else []:
+        children = dict(module.named_children())
+        if part not in children:
+            where = ".".join(walked) or "the model root"
+            raise ValueError(f"submodule {dotted!r}: {type(model).__name__} has no {part!r} under {where}; "
+                             f"use one of {', '.join(children) or '(no children)'}")
+        module = children[part]
+        walked.append(part)
+    return module
+
+
+def _set_submodule(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_path, _, leaf = dotted.rpartition(".")
+    parent = get_submodule(model, parent_path)
+    get_submodule(parent, leaf)  # validates the leaf exists, with the same error message
+    setattr(parent, leaf, new)
+
+
+# ---------------------------------------------------------------------------------------
+# model surgery
+
+
+def fold_conv_to_single_channel(conv: nn.Conv2d) -> nn.Conv2d:
+    """A 1-input-channel copy of ``conv`` whose weight is the sum over its input channels.
+
+    A gray image ``g`` repeated to RGB gives ``sum_c W_c * g = (sum_c W_c) * g``, so the folded
+    conv on ``g`` produces exactly the activations the 3-channel conv produces on ``[g, g, g]``.
+
+    Raises:
+        ValueError: ``conv`` is grouped (the fold is only defined for ``groups=1``).
+    """
+    if conv.groups != 1:
+        raise ValueError(f"first conv has groups={conv.groups}: only groups=1 can be folded to one channel")
+    new = nn.Conv2d(1, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def _replace_head(model: nn.Module, spec: BackboneSpec, num_outputs: int) -> None:
+    old = get_submodule(model, spec.head)
+    if not isinstance(old, nn.Linear):
+        raise TypeError(f"{spec.name}: head {spec.head!r} is a {type(old).__name__}, expected nn.Linear")
+    _set_submodule(model, spec.head, nn.Linear(old.in_features, num_outputs))
+
+
+# ---------------------------------------------------------------------------------------
+# weights
+
+
+def _weights_url(spec: BackboneSpec) -> str:
+    if spec.weights_enum is None:
+        raise ValueError(f"backbone={spec.name!r} has no ImageNet weights; use pretrained=None or one of "
+                         f"{', '.join(n for n in list_backbones() if BACKBONES[n].weights_enum)}")
+    return torchvision.models.get_weight(spec.weights_enum).url
+
+
+def expected_weights_file(name: str) -> Path:
+    """Where torchvision's hub cache holds the ImageNet weights of ``name``.
+
+    ``<torch.hub.get_dir()>/checkpoints/<basename of the weights url>``, the file
+    ``torchvision`` itself would download (e.g. ``resnet50-11ad3fa6.pth``).
+
+    Raises:
+        ValueError: unknown backbone, or one without ImageNet weights.
+    """
+    url = _weights_url(get_backbone(name))
+    # torch.hub names the cached file after the url's basename (hub.load_state_dict_from_url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> None:
+    # weights_only: a state dict is tensors only, and unpickling arbitrary objects from a
+    # user-supplied file would run code
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]  # a common wrapper around torchvision-format weights
+    if not isinstance(state, Mapping):
+        raise ValueError(f"weights {path}: expected a state dict, found {type(state).__name__}")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"weights {path} do not fit the 3-channel torchvision {name}: "
+                         f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                         f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    bad = [k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ValueError(f"weights {path} do not fit the 3-channel torchvision {name}: shape mismatch for "
+                         f"{', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}' for k in bad[:3])}")
+    model.load_state_dict(state)
+    logger.info("loaded %s weights from %s", name, path)
+
+
+def build_model(name: str, *, pretrained: str | None = None, weights_path: str | os.PathLike[str] | None = None,
+                in_chans: int = 1, num_outputs: int = 1) -> nn.Module:
+    """Build a registered backbone for ``in_chans``-channel input and ``num_outputs`` logits.
+
+    Weights are loaded into the original 3-channel, 1000-class model first, then the first
+    conv is folded (``in_chans=1``) and the head replaced, so pretrained features are kept.
+
+    Args:
+        name: a registered backbone (:func:`list_backbones`).
+        pretrained: None (random init) or ``"imagenet"``: torchvision's ImageNet weights, read
+            from the local torch hub cache only (:func:`expected_weights_file`); never downloaded.
+        weights_path: a torchvision-format state dict of the 3-channel backbone to start from.
+        in_chans: 1 (gray mammograms; first conv folded) or 3 (unchanged).
+        num_outputs: logits of the new head (1 for binary classification).
+
+    Returns:
+        The model, in train mode.
+
+    Raises:
+        ValueError: unknown backbone, bad ``pretrained``/``in_chans``/``num_outputs``, both
+            ``pretrained`` and ``weights_path``, or weights that do not fit the backbone.
+        FileNotFoundError: the ImageNet file is not in the hub cache, or ``weights_path`` is missing.
+    """
+    spec = get_backbone(name)
+    if pretrained is not None and pretrained not in PRETRAINED_CHOICES:
+        raise ValueError(f"pretrained={pretrained!r}: use one of None, {', '.join(PRETRAINED_CHOICES)}")
+    if pretrained is not None and weights_path is not None:
+        raise ValueError(f"pretrained={pretrained!r} and weights_path={str(weights_path)!r}: give one of them")
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans={in_chans!r}: use 1 or 3")
+    if not isinstance(num_outputs, int) or num_outputs < 1:
+        raise ValueError(f"num_outputs={num_outputs!r}: use an integer >= 1")
+
+    path: Path | None = None
+    if pretrained == "imagenet":
+        path = expected_weights_file(name)  # raises for backbones without ImageNet weights
+        if not path.is_file():
+            raise FileNotFoundError(f"ImageNet weights for {name} not found: expected {path} (this machine cannot "
+                                    f"download; place the file there or pass --weights PATH)")
+    elif weights_path is not None:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights_path={str(weights_path)!r}: no such file")
+
+    # weights=None: torchvision never downloads anything for a random init
+    model = spec.builder(weights=None)
+    if path is not None:
+        _load_state_dict_file(model, path, name)
+    if in_chans == 1:
+        # Fold rather than repeat the gray channel 3x: identical activations to the RGB-repeated
+        # input (pretrained semantics kept) at a third of the first layer's compute and input memory.
+        conv = get_submodule(model, spec.first_conv)
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"{name}: first_conv {spec.first_conv!r} is a {type(conv).__name__}, expected nn.Conv2d")
+        _set_submodule(model, spec.first_conv, fold_conv_to_single_channel(conv))
+    _replace_head(model, spec, num_outputs)
+    return model.train()
+
+
+# ---------------------------------------------------------------------------------------
+# unit functions: ordered, parameter-disjoint pieces of each backbone
+
+
+def _resnet_units(model: nn.Module) -> Units:
+    # The stem is conv1 + bn1 (relu/maxpool have no parameters); a ModuleList view shares
+    # the model's own submodules, so freezing it freezes them.
+    units: Units = [("stem", nn.ModuleList([model.conv1, model.bn1]))]
+    for layer in ("layer1", "layer2", "layer3", "layer4"):
+        for idx, block in get_submodule(model, layer).named_children():
+            units.append((f"{layer}.{idx}", block))
+    return units
+
+
+def _vgg_units(model: nn.Module) -> Units:
+    return [(f"features.{idx}", m) for idx, m in model.features.named_children() if isinstance(m, nn.Conv2d)]
+
+
+def _efficientnet_units(model: nn.Module) -> Units:
+    stages = list(model.features.named_children())
+    first_idx, first = stages[0]
+    last_idx, last = stages[-1]
+    units: Units = [(f"features.{first_idx}", first)]  # stem conv-bn-act
+    for idx, stage in stages[1:-1]:  # MBConv stages: one unit per block
+        units.extend((f"features.{idx}.{b}", block) for b, block in stage.named_children())
+    units.append((f"features.{last_idx}", last))  # 1x1 conv to 1280 channels
+    return units
+
+
+def _simplecnn_units(model: nn.Module) -> Units:
+    return [(f"features.{idx}", block) for idx, block in model.features.named_children()]
+
+
+class SimpleCNN(nn.Module):
+    """Four conv3x3-BN-ReLU-maxpool blocks (16/32/64/128 channels), global average pool, Linear.
+
+    ~100k parameters: fast enough for CPU tests and demos, not a serious classifier.
+    """
+
+    def __init__(self, *, in_chans: int = 3, num_classes: int = 1000,
+                 channels: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        prev = in_chans
+        for ch in channels:
+            blocks.append(nn.Sequential(nn.Conv2d(prev, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch),
+                                        nn.ReLU(inplace=True), nn.MaxPool2d(2)))
+            prev = ch
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(prev, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def simplecnn(*, weights: Any = None, **kwargs: Any) -> SimpleCNN:
+    """torchvision-style builder of :class:`SimpleCNN` (3 channels, 1000 classes by default).
+
+    Raises:
+        ValueError: ``weights`` is not None (there are no pretrained weights).
+    """
+    if weights is not None:
+        raise ValueError(f"simplecnn weights={weights!r}: simplecnn has no pretrained weights; use None")
+    return SimpleCNN(**kwargs)
+
+
+register_backbone(BackboneSpec(
+    name="resnet50", builder=torchvision.models.resnet50, weights_enum="ResNet50_Weights.IMAGENET1K_V2",
+    head="fc", cam_layer="layer4", units=_resnet_units, first_conv="conv1",
+    description="ResNet-50 (25.6M params); units: stem + 16 bottleneck blocks"))
+register_backbone(BackboneSpec(
+    # features.35 is the ReLU after the last conv (features.34): the last 14x14-at-224 map,
+    # twice the resolution of the final max-pool, and a post-ReLU map as Grad-CAM expects.
+    name="vgg19", builder=torchvision.models.vgg19, weights_enum="VGG19_Weights.IMAGENET1K_V1",
+    head="classifier.6", cam_layer="features.35", units=_vgg_units, first_conv="features.0",
+    description="VGG-19 (143.7M params); units: 16 conv layers; the 3-layer classifier always trains"))
+register_backbone(BackboneSpec(
+    name="resnet18", builder=torchvision.models.resnet18, weights_enum="ResNet18_Weights.IMAGENET1K_V1",
+    head="fc", cam_layer="layer4", units=_resnet_units, first_conv="conv1",
+    description="ResNet-18 (11.7M params); units: stem + 8 basic blocks"))
+register_backbone(BackboneSpec(
+    name="efficientnet_b0", builder=torchvision.models.efficientnet_b0,
+    weights_enum="EfficientNet_B0_Weights.IMAGENET1K_V1", head="classifier.1", cam_layer="features.8",
+    units=_efficientnet_units, first_conv="features.0.0",
+    description="EfficientNet-B0 (5.3M params); units: stem + 16 MBConv blocks + 1x1 head conv"))
+register_backbone(BackboneSpec(
+    name="simplecnn", builder=simplecnn, weights_enum=None, head="head", cam_layer="features.3",
+    units=_simplecnn_units, first_conv="features.0.0",
+    description="4-block toy CNN (~0.1M params) for fast CPU tests and demos; units: 4 blocks"))

@@ -1,0 +1,280 @@
+"""The training loop: selective freezing, CyclicLR stepped per batch, early stopping on val AUC,
+best/last checkpoints. ``train_one_epoch`` / ``evaluate`` / ``fit`` as in torchvision's references.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from mammo_ray import io as mio
+from mammo_ray.config import PreprocessSpec, TrainConfig, to_dict
+from mammo_ray.train.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
+from mammo_ray.train.data import SplitArrays, augment_batch, augment_params, epoch_order
+
+logger = logging.getLogger(__name__)
+
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds", "train_images_per_s")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda': no CUDA device is available here; use auto or cpu")
+    return torch.device(name)
+
+
+def build_training_model(cfg: TrainConfig) -> torch.nn.Module:
+    """Backbone from the registry (random init, ImageNet cache or a file), then frozen by ratio."""
+    from mammo_ray.models.freezing import freeze_units
+    from mammo_ray.models.registry import build_model
+
+    model = build_model(cfg.backbone, pretrained=cfg.pretrained, weights_path=cfg.weights)
+    freeze_units(model, cfg.backbone, cfg.freeze_ratio)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Only trainable parameters enter the optimizer (frozen units get no state, no decay)."""
+    from mammo_ray.models.freezing import trainable_parameters
+
+    params = trainable_parameters(model)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.AdamW(params, lr=cfg.base_lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.CyclicLR:
+    """CyclicLR stepped once per batch; half-cycle = ``step_size_epochs`` epochs. Momentum
+    (SGD) or Adam's beta1 cycles inversely to the LR, as in Smith (2017)."""
+    step_size = max(1, round(cfg.step_size_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.CyclicLR(
+        optimizer, base_lr=cfg.base_lr, max_lr=cfg.max_lr, step_size_up=step_size, mode=cfg.clr_mode,
+        gamma=cfg.clr_gamma, cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)
+
+
+def make_loss(cfg: TrainConfig, train: SplitArrays, device: torch.device) -> torch.nn.Module:
+    counts = np.bincount(train.labels, minlength=2)
+    pos_weight = None
+    if cfg.imbalance == "weighted_loss":
+        pos_weight = torch.tensor([counts[0] / max(counts[1], 1)], dtype=torch.float32, device=device)
+    return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type != "cuda" or not enabled:
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _batch_input(arrays: SplitArrays, idx: np.ndarray, spec: PreprocessSpec, device: torch.device, *,
+                 channels_last: bool, augment: np.ndarray | None = None) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(arrays.pixels[idx])).to(device, non_blocking=True)
+    x = x.unsqueeze(1).float().div_(arrays.scale)
+    if augment is not None:
+        x = augment_batch(x, augment)
+    x = x.sub_(spec.mean).div_(spec.std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_one_epoch(model: torch.nn.Module, train: SplitArrays, *, cfg: TrainConfig, spec: PreprocessSpec,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: torch.nn.Module,
+                    device: torch.device, epoch: int, scaler: torch.amp.GradScaler | None = None,
+                    progress: bool = False) -> dict[str, float]:
+    """One pass over the training split. Returns mean loss, images, seconds."""
+    from tqdm.auto import tqdm
+
+    from mammo_ray.models.freezing import train_mode
+
+    train_mode(model, cfg.backbone, cfg.freeze_ratio)
+    order = epoch_order(train.labels, seed=cfg.seed, epoch=epoch, balanced=cfg.imbalance == "balanced_sampler")
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on one image
+        batches = batches[:-1]
+    if cfg.max_batches:
+        batches = batches[:cfg.max_batches]
+    labels = torch.from_numpy(train.labels.astype(np.float32))
+    total, seen, t0 = 0.0, 0, time.perf_counter()
+    for idx in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
+        aug = augment_params([train.image_ids[i] for i in idx], seed=cfg.seed, epoch=epoch, hflip=cfg.hflip) if cfg.augment else None
+        x = _batch_input(train, idx, spec, device, channels_last=cfg.channels_last, augment=aug)
+        y = labels[idx].to(device, non_blocking=True)
+        with _autocast(device, cfg.amp):
+            loss = loss_fn(model(x).squeeze(1).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+    seconds = time.perf_counter() - t0
+    return {"train_loss": total / max(seen, 1), "images": seen, "seconds": seconds,
+            "train_images_per_s": seen / seconds if seconds > 0 else 0.0}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec, device: torch.device,
+            batch_size: int = 64, channels_last: bool = True, amp: bool = True) -> np.ndarray:
+    """Malignancy probabilities for every row, in order (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(arrays), batch_size):
+            idx = np.arange(i, min(i + batch_size, len(arrays)))
+            x = _batch_input(arrays, idx, spec, device, channels_last=channels_last)
+            with _autocast(device, amp):
+                out.append(torch.sigmoid(model(x).squeeze(1).float()).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
+    """Loss-free validation metrics; AUC is None when only one class is present (undefined)."""
+    from sklearn.metrics import roc_auc_score
+
+    auc = float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else None
+    return {"val_auc": auc, "val_accuracy": float(((probs >= 0.5).astype(int) == labels).mean())}
+
+
+def evaluate(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec, device: torch.device,
+             loss_fn: torch.nn.Module, cfg: TrainConfig) -> tuple[dict[str, float | None], np.ndarray]:
+    probs = predict(model, arrays, spec=spec, device=device, batch_size=cfg.eval_batch_size,
+                    channels_last=cfg.channels_last, amp=cfg.amp)
+    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    logits = torch.from_numpy(np.log(p / (1 - p))).float().to(device)
+    loss = float(loss_fn(logits, torch.from_numpy(arrays.labels.astype(np.float32)).to(device)))
+    return {"val_loss": loss, **binary_metrics(arrays.labels, probs)}, probs
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+    out: str | None = None
+
+
+def _score(metrics: dict[str, Any]) -> float:
+    # val AUC decides; when it is undefined (one class in val) the lower val loss does
+    return metrics["val_auc"] if metrics.get("val_auc") is not None else -metrics["val_loss"]
+
+
+def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitArrays, *, out: str | None = None,
+        resume: str | None = None, on_epoch: Callable[[dict[str, Any], str | None], None] | None = None,
+        progress: bool = False) -> FitResult:
+    """Train with early stopping on val AUC; write ``best.pt``, ``last.pt``, ``history.csv``,
+    ``metrics.json`` and ``config.yaml`` to ``out`` (when given).
+
+    Args:
+        resume: a ``last.pt`` to continue from (same backbone and freezing ratio).
+        on_epoch: called after each epoch with the epoch's metrics and ``out`` (Ray Tune
+            reports and checkpoints from there).
+
+    Raises:
+        ValueError: a resume checkpoint of another backbone or freezing ratio.
+    """
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    start_epoch, history, best_score, best_epoch, best_metrics = 1, [], -math.inf, 0, {}
+    state = None
+    if resume:
+        state = load_checkpoint(resume)
+        old = checkpoint_config(state)
+        if old.backbone != cfg.backbone or abs(old.freeze_ratio - cfg.freeze_ratio) > 1e-9:
+            raise ValueError(f"checkpoint {resume} is {old.backbone} at freeze_ratio={old.freeze_ratio}, "
+                             f"not {cfg.backbone} at freeze_ratio={cfg.freeze_ratio}")
+    model = build_training_model(cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    steps = max(1, len(train) // cfg.batch_size)
+    if cfg.max_batches:
+        steps = min(steps, cfg.max_batches)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    loss_fn = make_loss(cfg, train, device)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported() else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        history = list(state.get("history", []))
+        best_epoch = int(state.get("best_epoch", 0))
+        best_metrics = dict(state.get("best_metrics", {}))
+        best_score = _score(best_metrics) if best_metrics else -math.inf
+        logger.info("resuming %s at epoch %d", resume, start_epoch)
+    if out:
+        mio.makedirs(out)
+        mio.write_bytes(mio.join(out, "config.yaml"),
+                        yaml.safe_dump({"train": to_dict(cfg), "spec": to_dict(spec)}, sort_keys=False).encode())
+    stale, stopped = 0, False
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(model, train, cfg=cfg, spec=spec, optimizer=optimizer, scheduler=scheduler,
+                             loss_fn=loss_fn, device=device, epoch=epoch, scaler=scaler, progress=progress)
+        vm, _ = evaluate(model, val, spec=spec, device=device, loss_fn=loss_fn, cfg=cfg)
+        row = {"epoch": epoch, "train_loss": tr["train_loss"], **vm, "lr": lr, "seconds": tr["seconds"],
+               "train_images_per_s": tr["train_images_per_s"]}
+        history.append(row)
+        improved = _score(vm) > best_score
+        if improved:
+            best_score, best_epoch, best_metrics, stale = _score(vm), epoch, dict(row), 0
+        else:
+            stale += 1
+        auc = "n/a" if vm["val_auc"] is None else f"{vm['val_auc']:.4f}"
+        logger.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auc %s val_acc %.3f lr %.2e %.1f img/s%s",
+                    epoch, cfg.epochs, tr["train_loss"], vm["val_loss"], auc, vm["val_accuracy"], lr,
+                    tr["train_images_per_s"], " *" if improved else "")
+        stopped = cfg.patience > 0 and stale >= cfg.patience and epoch < cfg.epochs
+        if out:
+            extra = {"history": history, "best_epoch": best_epoch, "best_metrics": best_metrics}
+            if improved:
+                save_checkpoint(mio.join(out, "best.pt"), model=model, cfg=cfg, spec=spec, epoch=epoch,
+                                metrics={k: v for k, v in row.items() if k != "epoch"},
+                                extra={"best_epoch": epoch})
+            save_checkpoint(mio.join(out, "last.pt"), model=model, cfg=cfg, spec=spec, epoch=epoch,
+                            metrics={k: v for k, v in row.items() if k != "epoch"},
+                            optimizer=optimizer, scheduler=scheduler, extra=extra)
+            _write_history(out, history)
+        if on_epoch is not None:
+            on_epoch({**row, "best_epoch": best_epoch, "best_val_auc": best_metrics.get("val_auc")}, out)
+        if stopped:
+            logger.info("early stop: val AUC did not improve for %d epochs (best %s at epoch %d)",
+                        cfg.patience, best_metrics.get("val_auc"), best_epoch)
+            break
+    result = FitResult(best_epoch=best_epoch, best_metrics=best_metrics, history=history, stopped_early=stopped, out=out)
+    if out:
+        mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(
+            {"best_epoch": best_epoch, "best": best_metrics, "stopped_early": stopped,
+             "epochs_run": len(history)}, indent=2).encode())
+    return result
+
+
+def _write_history(out: str, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(HISTORY_FIELDS), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(history)
+    mio.write_bytes(mio.join(out, "history.csv"), buf.getvalue().encode())
