@@ -62,3 +62,23 @@ def test_console_script_synth_then_preprocess_job(tmp_path):
     assert "inputs=12 rows=12 errors=0" in r.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["balanced"] and summary["rows"] == 12
+
+
+@pytest.mark.slow
+def test_train_job_smoke_test(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    r = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--smoke-test", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "best epoch" in r.stdout and (tmp_path / "best.pt").exists() and (tmp_path / "history.csv").exists()
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_says_where_outputs_are(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    r = subprocess.run([str(BIN / "mammo-ray"), "demo", "--out", str(tmp_path / "demo"), "--n", "80", "--epochs", "2"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"outputs in {tmp_path / 'demo'}" in r.stdout
+    for name in ("data/summary.json", "external/summary.json", "preview-train.png", "train/best.pt"):
+        assert (tmp_path / "demo" / name).exists(), name
