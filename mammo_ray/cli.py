@@ -168,6 +168,64 @@ def _run_lr_find(args) -> int:
     return 0
 
 
+def _lr_pair(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use BASE:MAX, e.g. 1e-4:1e-3") from None
+    return a, b
+
+
+def _add_tune(sub) -> None:
+    from mammo_ray.config import CLR_MODES, SCHEDULERS
+    from mammo_ray.models.registry import list_backbones
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over backbone x freezing ratio x cyclic-LR bounds")
+    p.add_argument("--data", required=True, help="a preprocessed folder (train/ and val/)")
+    p.add_argument("--out", required=True, help="output folder or URI (Tune storage under OUT/tune)")
+    p.add_argument("--config", help="sweep YAML (SweepConfig keys; flags override it)")
+    p.add_argument("--backbones", nargs="+", choices=list_backbones())
+    p.add_argument("--freeze-ratios", nargs="+", type=float)
+    p.add_argument("--lr-bounds", nargs="+", type=_lr_pair, metavar="BASE:MAX")
+    p.add_argument("--clr-modes", nargs="+", choices=CLR_MODES)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-samples", type=int)
+    p.add_argument("--scheduler", choices=SCHEDULERS)
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--gpus-per-trial", type=float, help="may be fractional (e.g. 0.5: two trials per GPU)")
+    p.add_argument("--max-failures", type=int, help="retries of a failed trial from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep stored in --out")
+    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+
+
+def _run_tune(args) -> int:
+    from mammo_ray.config import SweepConfig, load_yaml
+    from mammo_ray.train.sweep import run_sweep
+
+    if args.resume and args.config is None and os.path.exists(os.path.join(args.out, "sweep.yaml")):
+        args.config = os.path.join(args.out, "sweep.yaml")
+    over = {"backbones": args.backbones, "freeze_ratios": args.freeze_ratios, "lr_bounds": args.lr_bounds,
+            "clr_modes": args.clr_modes, "epochs": args.epochs, "batch_size": args.batch_size,
+            "num_samples": args.num_samples, "scheduler": args.scheduler, "cpus_per_trial": args.cpus_per_trial,
+            "gpus_per_trial": args.gpus_per_trial, "max_failures": args.max_failures}
+    over = {k: (tuple(v) if isinstance(v, list) else v) for k, v in over.items()}
+    sweep = SweepConfig.load(args.config, **over)
+    if not args.resume:
+        from mammo_ray import io as mio
+        import yaml
+
+        from mammo_ray.config import to_dict
+
+        mio.makedirs(args.out)
+        mio.write_bytes(mio.join(args.out, "sweep.yaml"), yaml.safe_dump(to_dict(sweep), sort_keys=False).encode())
+    del load_yaml
+    summary = run_sweep(args.data, args.out, sweep, resume=args.resume, address=args.address)
+    print(open(os.path.join(args.out, "table.md")).read() if not args.out.startswith(("s3://", "gs://")) else "")
+    print(f"{summary['trials']} trials, {summary['errors']} errors; outputs in {args.out}")
+    return 0 if summary["errors"] == 0 else 1
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on synthetic phantoms on a local Ray")
     p.add_argument("--out", default="demo-output")
@@ -213,6 +271,7 @@ def _run_demo(args) -> int:
 
 COMMANDS = {"synth": (_add_synth, _run_synth), "preprocess": (_add_preprocess, _run_preprocess),
             "train": (_add_train, _run_train), "lr-find": (_add_lr_find, _run_lr_find),
+            "tune": (_add_tune, _run_tune),
             "demo": (_add_demo, _run_demo)}
 
 

@@ -251,3 +251,100 @@ class TrainConfig:
     def load(cls, path: str | None = None, **overrides: Any) -> "TrainConfig":
         """YAML file first, then overrides (``None`` values ignored)."""
         return from_mapping(cls, load_yaml(path), **overrides)
+
+
+SCHEDULERS = ("fifo", "asha")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A Ray Tune sweep: backbone x freezing ratio x cyclic-LR bounds (x mode) x num_samples.
+
+    Attributes:
+        lr_bounds: grid of ``[base_lr, max_lr]`` pairs; each needs ``base_lr < max_lr``.
+        base_lr_range, max_lr_range: instead of ``lr_bounds``, log-uniform sampling ranges
+            (``num_samples`` draws per grid point); ``max(base_lr_range) < min(max_lr_range)``
+            so every draw has ``max_lr > base_lr``.
+        train: extra TrainConfig keys shared by every trial (optimizer, step_size_epochs...).
+        max_failures: retries of a failed trial, each from its last checkpoint.
+    """
+
+    backbones: tuple[str, ...] = ("resnet50", "vgg19")
+    freeze_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    lr_bounds: tuple[tuple[float, float], ...] = ((1e-4, 1e-3), (1e-3, 1e-2))
+    base_lr_range: tuple[float, float] | None = None
+    max_lr_range: tuple[float, float] | None = None
+    clr_modes: tuple[str, ...] = ("triangular",)
+    epochs: int = 10
+    batch_size: int = 32
+    num_samples: int = 1
+    scheduler: str = "fifo"
+    grace_period: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 2
+    seed: int = 0
+    train: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from mammo_ray.models.registry import list_backbones
+
+        names = list_backbones()
+        for key in ("backbones", "freeze_ratios", "clr_modes"):
+            if not getattr(self, key):
+                raise ValueError(f"{key}: the grid is empty; give at least one value")
+        for b in self.backbones:
+            if b not in names:
+                raise ValueError(f"backbones: {b!r} is not a backbone; use {', '.join(names)}")
+        for r in self.freeze_ratios:
+            if not 0.0 <= float(r) <= 1.0:
+                raise ValueError(f"freeze_ratios: {r!r} is outside [0, 1]")
+        for m in self.clr_modes:
+            _check_choice("clr_modes", m, CLR_MODES)
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        sampled = self.base_lr_range is not None or self.max_lr_range is not None
+        if sampled:
+            if self.base_lr_range is None or self.max_lr_range is None:
+                raise ValueError("base_lr_range and max_lr_range: give both (log-uniform sampling) or neither")
+            for name in ("base_lr_range", "max_lr_range"):
+                lo, hi = (float(x) for x in getattr(self, name))
+                if not 0 < lo < hi:
+                    raise ValueError(f"{name}={list(getattr(self, name))}: need 0 < low < high")
+                object.__setattr__(self, name, (lo, hi))
+            if self.base_lr_range[1] >= self.max_lr_range[0]:
+                raise ValueError(f"base_lr_range={list(self.base_lr_range)} overlaps max_lr_range={list(self.max_lr_range)}: "
+                                 "every max_lr must be > every base_lr")
+        else:
+            if not self.lr_bounds:
+                raise ValueError("lr_bounds: the grid is empty; give at least one [base_lr, max_lr] pair")
+            pairs = tuple((float(a), float(b)) for a, b in self.lr_bounds)
+            for a, b in pairs:
+                if not 0 < a < b:
+                    raise ValueError(f"lr_bounds: [{a}, {b}] needs 0 < base_lr < max_lr")
+            object.__setattr__(self, "lr_bounds", pairs)
+        object.__setattr__(self, "freeze_ratios", tuple(float(r) for r in self.freeze_ratios))
+        for name in ("epochs", "batch_size", "num_samples", "grace_period"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.max_failures < 0:
+            raise ValueError(f"cpus_per_trial={self.cpus_per_trial}, gpus_per_trial={self.gpus_per_trial}, "
+                             f"max_failures={self.max_failures}: need cpus > 0, gpus >= 0, max_failures >= 0")
+        reserved = {"backbone", "freeze_ratio", "base_lr", "max_lr", "clr_mode", "epochs", "batch_size", "seed"}
+        bad = sorted(set(self.train) & reserved)
+        if bad:
+            raise ValueError(f"train: {', '.join(bad)} are sweep keys; set them at the top level of the sweep file")
+        # unknown TrainConfig keys are refused here, before any trial starts
+        TrainConfig.load(None, backbone=self.backbones[0], **dict(self.train))
+
+    @property
+    def grid_size(self) -> int:
+        lr = 1 if self.base_lr_range is not None else len(self.lr_bounds)
+        return len(self.backbones) * len(self.freeze_ratios) * lr * len(self.clr_modes)
+
+    @classmethod
+    def load(cls, path: str | None = None, **overrides: Any) -> "SweepConfig":
+        data = load_yaml(path)
+        for key in ("lr_bounds", "base_lr_range", "max_lr_range"):
+            if key in data and isinstance(data[key], list):
+                data[key] = tuple(tuple(x) if isinstance(x, list) else x for x in data[key])
+        return from_mapping(cls, data, **overrides)

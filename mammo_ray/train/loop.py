@@ -24,7 +24,8 @@ from mammo_ray.train.data import SplitArrays, augment_batch, augment_params, epo
 
 logger = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds", "train_images_per_s")
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1",
+                  "lr", "seconds", "train_images_per_s")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,10 +150,14 @@ def predict(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
     """Loss-free validation metrics; AUC is None when only one class is present (undefined)."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
     auc = float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else None
-    return {"val_auc": auc, "val_accuracy": float(((probs >= 0.5).astype(int) == labels).mean())}
+    pred = (probs >= 0.5).astype(int)
+    return {"val_auc": auc, "val_accuracy": float((pred == labels).mean()),
+            "val_precision": float(precision_score(labels, pred, zero_division=0)),
+            "val_recall": float(recall_score(labels, pred, zero_division=0)),
+            "val_f1": float(f1_score(labels, pred, zero_division=0))}
 
 
 def evaluate(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec, device: torch.device,

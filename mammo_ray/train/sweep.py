@@ -1,0 +1,297 @@
+"""Ray Tune sweeps: one trial = one backbone x freezing ratio x cyclic-LR bounds (x mode).
+
+The preprocessed splits are loaded once on the driver and shipped to trials through the
+object store (``tune.with_parameters``), not re-read by every trial. Trials checkpoint
+every epoch (``last.pt`` + ``best.pt``); a failed trial restarts from its last checkpoint
+(``FailureConfig``) and an interrupted sweep continues with ``--resume``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from mammo_ray import io as mio
+from mammo_ray.config import SweepConfig, TrainConfig, to_dict
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT = "sweep"
+RESULT_FIELDS = ("trial_id", "backbone", "freeze_ratio", "base_lr", "max_lr", "clr_mode", "status", "epochs_run",
+                 "best_epoch", "val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_loss",
+                 "time_s", "restored", "node_id", "checkpoint")
+
+
+def param_space(sweep: SweepConfig) -> dict[str, Any]:
+    """The Tune search space: grids over backbone, freezing ratio, mode and LR bounds
+    (or log-uniform LR samples)."""
+    from ray import tune
+
+    space: dict[str, Any] = {
+        "backbone": tune.grid_search(list(sweep.backbones)),
+        "freeze_ratio": tune.grid_search(list(sweep.freeze_ratios)),
+        "clr_mode": tune.grid_search(list(sweep.clr_modes)),
+    }
+    if sweep.base_lr_range is not None:
+        space["base_lr"] = tune.loguniform(*sweep.base_lr_range)
+        space["max_lr"] = tune.loguniform(*sweep.max_lr_range)
+    else:
+        space["lr_bounds"] = tune.grid_search([list(p) for p in sweep.lr_bounds])
+    return space
+
+
+def trial_train_config(config: dict[str, Any], sweep: SweepConfig) -> TrainConfig:
+    """A trial's Tune config dict -> the TrainConfig it trains with."""
+    base_lr, max_lr = config["lr_bounds"] if "lr_bounds" in config else (config["base_lr"], config["max_lr"])
+    return TrainConfig.load(None, **dict(sweep.train), backbone=config["backbone"],
+                            freeze_ratio=float(config["freeze_ratio"]), clr_mode=config["clr_mode"],
+                            base_lr=float(base_lr), max_lr=float(max_lr), epochs=sweep.epochs,
+                            batch_size=sweep.batch_size, seed=sweep.seed)
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float("nan") if v is None else v) for k, v in metrics.items()}
+
+
+def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, Any]) -> None:
+    """The Tune function trainable (Ray 2.60 API: ``ray.tune.report`` / ``get_checkpoint``)."""
+    import ray
+    import ray.tune as tune
+
+    from mammo_ray.config import from_mapping
+    from mammo_ray.train.loop import fit
+
+    node_id = ray.get_runtime_context().get_node_id()
+
+    cfg = trial_train_config(config, from_mapping(SweepConfig, sweep_dict))
+    spec, train, val = data
+    work = tempfile.mkdtemp(prefix="mammo-trial-")
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        restored = checkpoint.to_directory(os.path.join(work, "restored"))
+        for name in ("last.pt", "best.pt"):
+            if os.path.exists(os.path.join(restored, name)):
+                shutil.copy(os.path.join(restored, name), os.path.join(work, name))
+        resume = os.path.join(work, "last.pt")
+        logger.info("trial restored from its checkpoint (epoch in %s)", resume)
+
+    def on_epoch(metrics: dict[str, Any], out: str | None) -> None:
+        with tempfile.TemporaryDirectory(prefix="mammo-ckpt-") as d:
+            for name in ("last.pt", "best.pt"):
+                if os.path.exists(os.path.join(out, name)):
+                    shutil.copy(os.path.join(out, name), os.path.join(d, name))
+            tune.report(_finite({**metrics, "restored": resume is not None, "node_id": node_id}),
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+    try:
+        fit(cfg, spec, train, val, out=work, resume=resume, on_epoch=on_epoch)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def check_resources(sweep: SweepConfig) -> None:
+    """Refuse a trial size that no node of the cluster can host (before any trial starts)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    max_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
+    max_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
+    if sweep.gpus_per_trial > max_gpu:
+        raise ValueError(f"gpus_per_trial={sweep.gpus_per_trial}: no node has that many GPUs "
+                         f"(largest node: {max_gpu:g} GPU{'s' if max_gpu != 1 else ''})")
+    if sweep.cpus_per_trial > max_cpu:
+        raise ValueError(f"cpus_per_trial={sweep.cpus_per_trial}: no node has that many CPUs (largest node: {max_cpu:g})")
+
+
+def storage_path(out: str) -> str:
+    return mio.join(out, "tune") if mio.is_uri(out) else os.path.join(os.path.abspath(out), "tune")
+
+
+def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = False,
+              address: str | None = None) -> dict[str, Any]:
+    """Run (or resume) a sweep and write its outputs to ``out``.
+
+    Returns:
+        ``{"trials": n, "results": rows, "best": {...}}``.
+
+    Raises:
+        ValueError: bad data, a resume path without a sweep, trials larger than any node.
+    """
+    import ray
+    from ray import tune
+
+    from mammo_ray.ray_utils import init_ray
+    from mammo_ray.train.data import load_training_data
+
+    path = mio.join(storage_path(out), EXPERIMENT)
+    if resume and not tune.Tuner.can_restore(path):
+        raise ValueError(f"--resume {out}: holds no sweep to resume (no Tune experiment at {path})")
+    if not resume and mio.exists(path):
+        raise ValueError(f"--out {out} already holds a sweep: pass --resume to continue it, or use another folder")
+    spec, train, val = load_training_data(data_dir)
+    init_ray(address)
+    check_resources(sweep)
+    logger.info("sweep: %d grid points x %d samples on %s; train %d, val %d images", sweep.grid_size,
+                sweep.num_samples, ", ".join(sweep.backbones), len(train), len(val))
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, data=(spec, train, val), sweep_dict=to_dict(sweep)),
+        {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
+    if resume:
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = None
+        if sweep.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
+                                      grace_period=min(sweep.grace_period, sweep.epochs), reduction_factor=2)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(sweep),
+            tune_config=tune.TuneConfig(metric="val_auc", mode="max", num_samples=sweep.num_samples,
+                                        scheduler=scheduler),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT, storage_path=storage_path(out), verbose=1,
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+    grid = tuner.fit()
+    return write_outputs(grid, out, sweep)
+
+
+def _best_state(result) -> tuple[dict[str, Any] | None, str | None]:
+    from mammo_ray.train.checkpoint import load_checkpoint
+
+    if result.checkpoint is None:
+        return None, None
+    with result.checkpoint.as_directory() as d:
+        best = os.path.join(d, "best.pt")
+        if not os.path.exists(best):
+            return None, None
+        local = tempfile.mkdtemp(prefix="mammo-best-")
+        shutil.copy(best, os.path.join(local, "best.pt"))
+    return load_checkpoint(os.path.join(local, "best.pt")), os.path.join(local, "best.pt")
+
+
+def write_outputs(grid, out: str, sweep: SweepConfig) -> dict[str, Any]:
+    """``results.csv``, ``table.md``, ``best/<backbone>-r<ratio>/checkpoint.pt``,
+    ``best/overall/checkpoint.pt``, ``auc_vs_freezing.png``, ``sweep.yaml``."""
+    rows, files = [], {}
+    for result in grid:
+        config = result.config or {}
+        metrics = result.metrics or {}
+        state, local = _best_state(result)
+        best = (state or {}).get("metrics", {})
+        trial_id = metrics.get("trial_id") or os.path.basename(result.path)
+        base_lr, max_lr = config.get("lr_bounds") or (config.get("base_lr"), config.get("max_lr"))
+        rows.append({
+            "trial_id": trial_id, "backbone": config.get("backbone"), "freeze_ratio": config.get("freeze_ratio"),
+            "base_lr": base_lr, "max_lr": max_lr, "clr_mode": config.get("clr_mode"),
+            "status": "ERROR" if result.error else "TERMINATED",
+            "epochs_run": metrics.get("training_iteration"), "best_epoch": (state or {}).get("epoch"),
+            **{k: best.get(k) for k in ("val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_loss")},
+            "time_s": metrics.get("time_total_s"), "restored": bool(metrics.get("restored", False)),
+            "node_id": metrics.get("node_id"), "checkpoint": local,
+        })
+        files[trial_id] = local
+    rows.sort(key=lambda r: (r["backbone"], r["freeze_ratio"], r["base_lr"], r["trial_id"]))
+    table_rows, best_rows = _group_best(rows)
+    for r in best_rows:
+        name = f"{r['backbone']}-r{r['freeze_ratio']:g}"
+        _copy_checkpoint(r["checkpoint"], mio.join(out, "best", name, "checkpoint.pt"))
+    scored = [r for r in rows if r["val_auc"] is not None and not _isnan(r["val_auc"])]
+    overall = max(scored, key=lambda r: r["val_auc"]) if scored else None
+    if overall:
+        _copy_checkpoint(overall["checkpoint"], mio.join(out, "best", "overall", "checkpoint.pt"))
+    public = [{k: r[k] for k in RESULT_FIELDS if k != "checkpoint"} for r in rows]
+    _write_csv(mio.join(out, "results.csv"), public)
+    mio.write_bytes(mio.join(out, "table.md"), table_markdown(table_rows).encode())
+    mio.write_bytes(mio.join(out, "sweep.yaml"), __import__("yaml").safe_dump(to_dict(sweep), sort_keys=False).encode())
+    plot_auc_vs_freezing(rows, mio.join(out, "auc_vs_freezing.png"))
+    summary = {"trials": len(rows), "errors": sum(r["status"] == "ERROR" for r in rows),
+               "best": {k: overall[k] for k in RESULT_FIELDS if k != "checkpoint"} if overall else None}
+    mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2, default=str).encode())
+    for local in files.values():
+        if local:
+            shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+    return {**summary, "results": public}
+
+
+def _isnan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def _group_best(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["backbone"], float(r["freeze_ratio"])), []).append(r)
+    table, best = [], []
+    for key in sorted(groups):
+        scored = [r for r in groups[key] if r["val_auc"] is not None and not _isnan(r["val_auc"])]
+        if not scored:
+            table.append({"backbone": key[0], "freeze_ratio": key[1], "trial_id": None})
+            continue
+        top = max(scored, key=lambda r: r["val_auc"])
+        table.append(top)
+        best.append(top)
+    return table, best
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    """The paper's table: per backbone x freezing ratio, the best trial's validation metrics."""
+    lines = ["| backbone | freezing ratio | val AUC | accuracy | precision | recall | F1 | LR bounds | trial |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("trial_id") is None:
+            lines.append(f"| {r['backbone']} | {r['freeze_ratio']:g} | n/a | | | | | | no finished trial |")
+            continue
+        lines.append(f"| {r['backbone']} | {float(r['freeze_ratio']):g} | {r['val_auc']:.4f} | {r['val_accuracy']:.4f} | "
+                     f"{r['val_precision']:.4f} | {r['val_recall']:.4f} | {r['val_f1']:.4f} | "
+                     f"{float(r['base_lr']):.1e}-{float(r['max_lr']):.1e} | {r['trial_id']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _copy_checkpoint(local: str | None, dest: str) -> None:
+    if local:
+        with open(local, "rb") as f:
+            mio.write_bytes(dest, f.read())
+
+
+def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=[f for f in RESULT_FIELDS if f != "checkpoint"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    mio.write_bytes(path, buf.getvalue().encode())
+
+
+def plot_auc_vs_freezing(rows: list[dict[str, Any]], path: str) -> None:
+    """Best val AUC per freezing ratio, one line per backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table, _ = _group_best(rows)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for backbone in sorted({r["backbone"] for r in table}):
+        pts = [(float(r["freeze_ratio"]), r["val_auc"]) for r in table
+               if r["backbone"] == backbone and r.get("trial_id") is not None]
+        if pts:
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, marker="o", label=backbone)
+    ax.set_xlabel("freezing ratio")
+    ax.set_ylabel("best validation AUC")
+    ax.set_title("Validation AUC against freezing ratio")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    mio.write_bytes(path, buf.getvalue())

@@ -1,0 +1,175 @@
+"""Ray Tune sweeps on phantoms: outputs, the paper's table, fault tolerance, resume, 2 nodes."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mammo_ray.cli import main
+from mammo_ray.config import SweepConfig
+from mammo_ray.train.sweep import run_sweep
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def small_sweep(**kw) -> SweepConfig:
+    base = dict(backbones=("simplecnn",), freeze_ratios=(0.0, 0.5), lr_bounds=((1e-4, 1e-3), (1e-3, 1e-2)),
+                epochs=3, batch_size=32, train={"optimizer": "adamw"}, max_failures=2)
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+def read_results(out: Path) -> list[dict]:
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_four_trial_sweep_writes_every_output(ray_local, train_data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    summary = run_sweep(str(train_data_dir), str(out), small_sweep())
+    assert summary["trials"] == 4 and summary["errors"] == 0
+    for name in ("results.csv", "table.md", "auc_vs_freezing.png", "sweep.yaml", "summary.json",
+                 "best/simplecnn-r0/checkpoint.pt", "best/simplecnn-r0.5/checkpoint.pt", "best/overall/checkpoint.pt"):
+        assert (out / name).exists(), name
+    rows = read_results(out)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert {(r["freeze_ratio"], r["base_lr"]) for r in rows} == {("0.0", "0.0001"), ("0.0", "0.001"),
+                                                                 ("0.5", "0.0001"), ("0.5", "0.001")}
+    # table.md: one row per group, numbers equal to the best results.csv row of that group
+    table = [l for l in (out / "table.md").read_text().splitlines() if l.startswith("| simplecnn")]
+    assert len(table) == 2
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        ratio, auc, acc, prec, rec, f1, trial = float(cells[1]), *map(float, cells[2:7]), cells[8]
+        group = [r for r in rows if float(r["freeze_ratio"]) == ratio]
+        best = max(group, key=lambda r: float(r["val_auc"]))
+        assert trial == best["trial_id"]
+        for value, key in ((auc, "val_auc"), (acc, "val_accuracy"), (prec, "val_precision"), (rec, "val_recall"),
+                           (f1, "val_f1")):
+            assert value == pytest.approx(float(best[key]), abs=5e-5)
+    # the overall checkpoint is the best trial's best epoch, and loads with weights_only=True
+    from mammo_ray.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(str(out / "best" / "overall" / "checkpoint.pt"))
+    top = max(rows, key=lambda r: float(r["val_auc"]))
+    assert state["metrics"]["val_auc"] == pytest.approx(float(top["val_auc"]))
+    assert state["backbone"] == "simplecnn" and state["spec"]["size"] == [96, 96]
+
+
+def _trial_workers() -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::") and ("train_trial" in cmd or "ImplicitFunc" in cmd):
+            pids.append(p.info["pid"])
+    return pids
+
+
+def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_local, train_data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list((out / "tune" / "sweep").glob("*/checkpoint_000001")):
+                pids = _trial_workers()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run_sweep(str(train_data_dir), str(out), small_sweep(epochs=8, freeze_ratios=(0.0,)))
+    thread.join(timeout=5)
+    assert killed, "no trial worker was found to kill"
+    rows = read_results(out)
+    assert summary["errors"] == 0 and len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert all(r["epochs_run"] == "8" for r in rows)
+    restored = [r for r in rows if r["restored"] == "True"]
+    assert restored, rows  # the killed trial came back from its checkpoint, not from scratch
+
+
+def test_resume_after_the_driver_is_killed(train_data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    cmd = [str(BIN / "mammo-ray"), "tune", "--data", str(train_data_dir), "--out", str(out), "--backbones", "simplecnn",
+           "--freeze-ratios", "0", "0.5", "--lr-bounds", "1e-4:1e-3", "1e-3:1e-2", "--epochs", "6",
+           "--cpus-per-trial", "2"]  # one trial at a time: some finish before the kill, some don't
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    finished_before: set[str] = set()
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        finished_before = {p.parent.name for p in (out / "tune" / "sweep").glob("*/checkpoint_000005")}
+        if finished_before:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver (and the local Ray it started) die
+    proc.wait()
+    assert finished_before, "no trial finished before the kill"
+    assert not (out / "results.csv").exists()
+    lines_before = {d: len((out / "tune" / "sweep" / d / "result.json").read_text().splitlines()) for d in finished_before}
+
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_results(out)
+    assert len(rows) == 4 and {x["status"] for x in rows} == {"TERMINATED"}
+    trial_dirs = sorted(p.name for p in (out / "tune" / "sweep").iterdir() if p.is_dir())
+    assert len(trial_dirs) == 4  # the same four trials, none created anew
+    for d in finished_before:  # finished trials were not run again
+        assert len((out / "tune" / "sweep" / d / "result.json").read_text().splitlines()) == lines_before[d] == 6
+
+
+@pytest.mark.cluster
+def test_trials_run_on_both_nodes_of_a_cluster(train_data_dir, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        run_sweep(str(train_data_dir), str(tmp_path / "sweep"), small_sweep(epochs=2))
+        used = {r["node_id"] for r in read_results(tmp_path / "sweep")}
+        assert used == node_ids and len(used) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.parametrize("yaml_text,argv,needle", [
+    ("backbones: [simplecnn]\nfreeze_ratio: [0.5]\n", [], "unknown SweepConfig key(s) freeze_ratio"),
+    ("backbones: [simplecnn]\nfreeze_ratios: []\n", [], "freeze_ratios: the grid is empty"),
+    ("backbones: [simplecnn]\nlr_bounds: [[0.01, 0.001]]\n", [], "lr_bounds: [0.01, 0.001] needs 0 < base_lr < max_lr"),
+    ("backbones: [simplecnn]\n", ["--gpus-per-trial", "1"], "gpus_per_trial=1.0: no node has that many GPUs"),
+    ("backbones: [simplecnn]\n", ["--resume"], "holds no sweep to resume"),
+])
+def test_bad_sweeps_are_refused_before_any_trial(yaml_text, argv, needle, ray_local, train_data_dir, tmp_path, capsys):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml_text)
+    code = main(["tune", "--data", str(train_data_dir), "--out", str(tmp_path / "out"), "--config", str(cfg), *argv])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not list((tmp_path / "out").glob("tune/sweep/*/checkpoint_*"))
