@@ -173,3 +173,26 @@ def test_bad_sweeps_are_refused_before_any_trial(yaml_text, argv, needle, ray_lo
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
     assert not list((tmp_path / "out").glob("tune/sweep/*/checkpoint_*"))
+
+
+def test_asha_scheduler_sweep_finishes(ray_local, train_data_dir, tmp_path):
+    summary = run_sweep(str(train_data_dir), str(tmp_path / "asha"),
+                        small_sweep(scheduler="asha", epochs=4, grace_period=1, lr_bounds=((1e-4, 1e-3),)))
+    rows = read_results(tmp_path / "asha")
+    assert summary["errors"] == 0 and len(rows) == 2
+    assert all(1 <= int(r["epochs_run"]) <= 4 for r in rows)
+
+
+@pytest.mark.parametrize("name", ["sweep-paper.yaml", "sweep-cpu.yaml"])
+def test_shipped_sweep_files_are_valid(name):
+    sweep = SweepConfig.load(str(REPO / "jobs" / name))
+    assert sweep.grid_size >= 4
+
+
+def test_tune_job_smoke_test(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    r = subprocess.run([sys.executable, str(REPO / "jobs" / "tune.py"), "--smoke-test", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 trials, 0 errors" in r.stdout and "| simplecnn | 0.5 |" in r.stdout
+    assert (tmp_path / "sweep" / "table.md").exists()
