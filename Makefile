@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick venv clean
+.PHONY: demo test test-quick venv browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,14 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/mammo-ray demo --out demo-output
 
-test: venv
+# The report test opens report.html in a real headless browser: Debian's chromium.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "install chromium (e.g. sudo apt-get install chromium) for the HTML report test" >&2; exit 1; fi; }
+
+test: venv browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-quick: venv

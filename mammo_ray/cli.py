@@ -226,6 +226,37 @@ def _run_tune(args) -> int:
     return 0 if summary["errors"] == 0 else 1
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate checkpoints on the test split and external sets, with a report")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", nargs="+", help="checkpoint file(s)")
+    src.add_argument("--sweep", help="a `mammo-ray tune` output: every group's best checkpoint")
+    p.add_argument("--data", required=True, help="the preprocessed training data (val/ for the threshold, test/)")
+    p.add_argument("--external", nargs="*", default=[], help="external sets: preprocessed folders or raw images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", choices=("youden", "sensitivity", "fixed"), default="youden",
+                   help="how the decision threshold is chosen on val (fixed: 0.5)")
+    p.add_argument("--target-sensitivity", type=float, default=0.9)
+    p.add_argument("--allow-spec-mismatch", action="store_true")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs")
+    p.add_argument("--distributed", choices=("auto", "always", "never"), default="auto",
+                   help="score with a Ray Data actor pool (auto: sets of 20,000+ images)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_evaluate(args) -> int:
+    from mammo_ray.evaluate.run import run_evaluate, sweep_checkpoints
+
+    checkpoints = sweep_checkpoints(args.sweep) if args.sweep else args.checkpoint
+    run_evaluate(checkpoints, data=args.data, externals=args.external, out=args.out,
+                 threshold_method=args.threshold, target_sensitivity=args.target_sensitivity,
+                 allow_spec_mismatch=args.allow_spec_mismatch, n_boot=args.n_boot, seed=args.seed,
+                 distributed=args.distributed)
+    print(open(os.path.join(args.out, "report.md")).read().split("\n## ")[0])
+    print(f"report: {os.path.join(args.out, 'report.html')}")
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on synthetic phantoms on a local Ray")
     p.add_argument("--out", default="demo-output")
@@ -271,7 +302,7 @@ def _run_demo(args) -> int:
 
 COMMANDS = {"synth": (_add_synth, _run_synth), "preprocess": (_add_preprocess, _run_preprocess),
             "train": (_add_train, _run_train), "lr-find": (_add_lr_find, _run_lr_find),
-            "tune": (_add_tune, _run_tune),
+            "tune": (_add_tune, _run_tune), "evaluate": (_add_evaluate, _run_evaluate),
             "demo": (_add_demo, _run_demo)}
 
 

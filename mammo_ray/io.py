@@ -17,9 +17,16 @@ def is_uri(path: str) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _filesystem_for(prefix: str) -> pafs.FileSystem:
+def _filesystem_for(prefix: str, _env: tuple) -> pafs.FileSystem:
     fs, _ = pafs.FileSystem.from_uri(prefix)
     return fs
+
+
+def _env_key() -> tuple:
+    # a cached filesystem is only reused while the endpoint and credentials it was built
+    # from are unchanged (Arrow reads them from the environment when it is created)
+    return tuple(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION",
+                                             "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS"))
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
@@ -34,7 +41,7 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
         if scheme == "file":
             return pafs.LocalFileSystem(), "/" + rest.lstrip("/")
         bucket = rest.split("/", 1)[0]
-        fs = _filesystem_for(f"{scheme}://{bucket}")
+        fs = _filesystem_for(f"{scheme}://{bucket}", _env_key())
         return fs, rest.rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(path)
 

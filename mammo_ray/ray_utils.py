@@ -10,6 +10,14 @@ logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 
+CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_")
+
+
+def credential_env() -> dict[str, str]:
+    """The usual object-store variables (``AWS_*``, GCS) of this process, to forward to workers."""
+    return {k: v for k, v in os.environ.items() if k.startswith(CREDENTIAL_PREFIXES)}
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
              quiet: bool = True) -> None:
     """Initialise Ray once per process (no-op when already connected).
@@ -24,7 +32,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(include_dashboard=False, log_to_driver=True)
+    kwargs: dict = dict(include_dashboard=False, log_to_driver=True)
+    creds = credential_env()
+    if creds:
+        # object-store credentials/endpoint of the driver reach every worker of this job
+        kwargs["runtime_env"] = {"env_vars": creds}
     if quiet:
         kwargs["logging_level"] = logging.WARNING
     if address:

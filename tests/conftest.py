@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +67,66 @@ def listening_beyond_loopback() -> list[str]:
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
     return [line for line in out if any(k in line for k in ("raylet", "gcs_server", "ray::", "plasma"))
             and not any(a in line for a in (" 127.0.0.1:", " [::1]:", " [::ffff:127.0.0.1]:"))]
+
+
+S3_BUCKET = "mammo-test-bucket"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """moto's S3 server on 127.0.0.1, credentials in the usual environment variables."""
+    port = _free_port()
+    exe = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto_server did not start")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import boto3
+
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=S3_BUCKET)
+    try:
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+
+
+@pytest.fixture(scope="session")
+def train_data_dir(tmp_path_factory, _ray_session) -> Path:
+    """300 phantoms (256x208, four formats) preprocessed to 96x96 uint8 with CLAHE."""
+    import ray
+
+    from mammo_ray.config import PreprocessConfig
+    from mammo_ray.data.pipeline import run_preprocess
+    from mammo_ray.data.synth import write_phantoms
+    from mammo_ray.ray_utils import init_ray
+
+    raw = tmp_path_factory.mktemp("train-phantoms")
+    write_phantoms(str(raw), 300, seed=11, height=256, width=208)
+    out = tmp_path_factory.mktemp("train-data") / "data"
+    if not ray.is_initialized():
+        init_ray(num_cpus=2)
+    summary = run_preprocess([str(raw)], str(out), PreprocessConfig.load(size=96, ratios=(0.7, 0.2, 0.1)))
+    assert summary["rows"] == 300
+    return out

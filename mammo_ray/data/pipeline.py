@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -134,9 +133,6 @@ def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- driver side
-CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_")
-
-
 def _remote_env(paths: list[str]) -> dict[str, Any]:
     """Object-store credentials and endpoint from the driver's environment, for the tasks.
 
@@ -144,9 +140,11 @@ def _remote_env(paths: list[str]) -> dict[str, Any]:
     forwarding the usual ``AWS_*`` / GCS variables through ``runtime_env`` makes
     ``s3://`` inputs work the same from a laptop and from a job. Local paths: nothing.
     """
+    from mammo_ray.ray_utils import credential_env
+
     if not any(mio.is_uri(p) for p in paths):
         return {}
-    env = {k: v for k, v in os.environ.items() if k.startswith(CREDENTIAL_PREFIXES)}
+    env = credential_env()
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
@@ -247,8 +245,8 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
     _check_output(out, overwrite)
     mio.makedirs(out)
     init_ray(address)
-    if not cfg.external:
-        _probe_patients(listing.records, cfg)
+    # patient ids group the split and drive patient-level bootstrap (external sets too)
+    _probe_patients(listing.records, cfg)
     _assign(listing.records, cfg)
     logger.info("%d inputs: %d to process, %d refused while listing", listing.inputs, len(listing.records), len(listing.errors))
 

@@ -75,20 +75,19 @@ def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, An
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        restored = checkpoint.to_directory(os.path.join(work, "restored"))
+        restored = checkpoint.to_directory(tempfile.mkdtemp(prefix="mammo-restored-"))
         for name in ("last.pt", "best.pt"):
             if os.path.exists(os.path.join(restored, name)):
                 shutil.copy(os.path.join(restored, name), os.path.join(work, name))
+        shutil.rmtree(restored, ignore_errors=True)
         resume = os.path.join(work, "last.pt")
         logger.info("trial restored from its checkpoint (epoch in %s)", resume)
 
     def on_epoch(metrics: dict[str, Any], out: str | None) -> None:
-        with tempfile.TemporaryDirectory(prefix="mammo-ckpt-") as d:
-            for name in ("last.pt", "best.pt"):
-                if os.path.exists(os.path.join(out, name)):
-                    shutil.copy(os.path.join(out, name), os.path.join(d, name))
-            tune.report(_finite({**metrics, "restored": resume is not None, "node_id": node_id}),
-                        checkpoint=tune.Checkpoint.from_directory(d))
+        # fit() has just written last.pt/best.pt into `out`: Tune persists that folder as the
+        # epoch's checkpoint (one copy, into the storage path; no staging copy of our own)
+        tune.report(_finite({**metrics, "restored": resume is not None, "node_id": node_id}),
+                    checkpoint=tune.Checkpoint.from_directory(out))
 
     try:
         fit(cfg, spec, train, val, out=work, resume=resume, on_epoch=on_epoch)

@@ -196,3 +196,25 @@ def test_tune_job_smoke_test(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 trials, 0 errors" in r.stdout and "| simplecnn | 0.5 |" in r.stdout
     assert (tmp_path / "sweep" / "table.md").exists()
+
+
+def test_sweep_storage_on_s3(s3_server, train_data_dir):
+    """Tune's experiment state, checkpoints and every output on an S3-protocol server (moto)."""
+    import ray
+
+    from tests.conftest import S3_BUCKET
+
+    if ray.is_initialized():
+        ray.shutdown()  # restart so the job's workers get the S3 endpoint and credentials
+    try:
+        out = f"s3://{S3_BUCKET}/sweeps/one"
+        summary = run_sweep(str(train_data_dir), out, small_sweep(epochs=2, freeze_ratios=(0.5,),
+                                                                   lr_bounds=((1e-3, 1e-2),)))
+        assert summary["trials"] == 1 and summary["errors"] == 0
+        keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket=S3_BUCKET, Prefix="sweeps/one/")["Contents"]}
+        for name in ("results.csv", "table.md", "auc_vs_freezing.png", "best/overall/checkpoint.pt",
+                     "best/simplecnn-r0.5/checkpoint.pt"):
+            assert f"sweeps/one/{name}" in keys, name
+        assert any("/checkpoint_000001/last.pt" in k for k in keys)
+    finally:
+        ray.shutdown()

@@ -1,0 +1,1 @@
+"""Evaluation: metrics with bootstrap confidence intervals, thresholds chosen on validation, report."""

@@ -1,0 +1,89 @@
+"""Scoring a preprocessed split: in-process batches, or a Ray Data actor pool for large sets
+(the model is loaded once per actor; GPU actors when the cluster has GPUs)."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from mammo_ray.data.parquet import split_files
+
+logger = logging.getLogger(__name__)
+
+DISTRIBUTED_MIN_ROWS = 20_000
+
+
+class ScoreActor:
+    """Ray Data callable class: loads a checkpoint once, scores batches of Parquet rows."""
+
+    def __init__(self, checkpoint: str, batch_size: int = 64) -> None:
+        import torch
+
+        from mammo_ray.train.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
+        from mammo_ray.train.loop import resolve_device
+
+        state = load_checkpoint(checkpoint)
+        self.spec = checkpoint_spec(state)
+        self.device = resolve_device("auto")
+        self.model = model_from_checkpoint(state).to(self.device).to(memory_format=torch.channels_last)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from mammo_ray.train.data import SplitArrays
+        from mammo_ray.train.loop import predict
+
+        n = len(batch["image_id"])
+        h, w, dtype = int(batch["height"][0]), int(batch["width"][0]), np.dtype(str(batch["dtype"][0]))
+        pixels = np.stack([np.frombuffer(p, dtype=dtype).reshape(h, w) for p in batch["pixels"]]) if n else \
+            np.zeros((0, h, w), dtype)
+        arrays = SplitArrays(pixels=pixels, labels=np.zeros(n, np.int64), image_ids=list(batch["image_id"]),
+                             patient_keys=[None] * n, split="")
+        scores = predict(self.model, arrays, spec=self.spec, device=self.device, batch_size=self.batch_size)
+        return {"image_id": np.asarray(batch["image_id"]), "probability": scores.astype(np.float32)}
+
+
+def score_distributed(checkpoint: str, folder: str, split: str, *, batch_size: int = 64,
+                      actors: int | None = None) -> dict[str, float]:
+    """image_id -> probability for every row of a split, scored by a Ray Data actor pool."""
+    import ray
+
+    from mammo_ray import io as mio
+    from mammo_ray.ray_utils import init_ray
+
+    init_ray()
+    files = split_files(folder, split)
+    fs, _ = mio.resolve(files[0])
+    paths = [mio.resolve(f)[1] for f in files]
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    # CPU-only: leave one CPU for the Parquet read tasks, or actors holding every CPU would
+    # starve the reads that feed them (a deadlock on small clusters)
+    n_actors = actors or (gpus if gpus else max(1, int(resources.get("CPU", 1)) - 1))
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "pixels", "height", "width", "dtype"])
+    ds = ds.map_batches(ScoreActor, fn_constructor_kwargs={"checkpoint": checkpoint, "batch_size": batch_size},
+                        batch_size=batch_size, concurrency=n_actors, num_gpus=1 if gpus else 0,
+                        num_cpus=0 if gpus else 1, batch_format="numpy")
+    out: dict[str, float] = {}
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        out.update(zip(batch["image_id"].tolist(), batch["probability"].astype(float).tolist()))
+    return out
+
+
+def score_split(model: Any, arrays, *, spec, device, checkpoint: str, folder: str, split: str,
+                distributed: str = "auto", batch_size: int = 64) -> np.ndarray:
+    """Scores in ``arrays`` order; Ray Data when ``distributed`` is ``always`` or the split is
+    large (``auto``: at least DISTRIBUTED_MIN_ROWS rows), else batched in this process."""
+    from mammo_ray.train.loop import predict
+
+    if distributed not in ("auto", "always", "never"):
+        raise ValueError(f"distributed={distributed!r}: use one of auto, always, never")
+    use_ray = distributed == "always" or (distributed == "auto" and len(arrays) >= DISTRIBUTED_MIN_ROWS)
+    if not use_ray:
+        return predict(model, arrays, spec=spec, device=device, batch_size=batch_size)
+    logger.info("scoring %d rows of %s/%s with a Ray Data actor pool", len(arrays), folder, split)
+    scores = score_distributed(checkpoint, folder, split, batch_size=batch_size)
+    missing = [i for i in arrays.image_ids if i not in scores]
+    if missing:
+        raise RuntimeError(f"{len(missing)} rows of {folder}/{split} came back without a score")
+    return np.asarray([scores[i] for i in arrays.image_ids], dtype=np.float32)

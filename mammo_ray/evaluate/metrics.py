@@ -1,0 +1,575 @@
+"""Metrics of a benign (0) / malignant (1) classifier: point estimates, decision thresholds,
+calibration, bootstrap confidence intervals and breast/exam-level aggregation.
+
+scikit-learn computes the point estimates (ROC/PR AUC, curves, confusion matrix, Brier score);
+this module adds what it lacks: threshold selection, ECE and reliability bins, the (cluster)
+bootstrap and aggregation. Undefined values are ``None`` with a reason, never a silent 0.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+METRIC_NAMES = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc",
+                "sensitivity_at_90_specificity", "brier", "ece")
+THRESHOLD_METHODS = ("youden", "sensitivity", "fixed")
+AGGREGATIONS = ("max", "mean")
+MAX_CURVE_POINTS = 200
+
+# Why each metric can be undefined (used for bootstrap replicates, where the cause is known
+# from the metric alone).
+_UNDEFINED_CAUSE = {
+    "precision": "no positive predictions",
+    "recall": "no malignant cases",
+    "specificity": "no benign cases",
+    "f1": "no malignant cases and no positive predictions",
+    "roc_auc": "only one class",
+    "pr_auc": "only one class",
+    "sensitivity_at_90_specificity": "only one class",
+}
+_RANKING = ("roc_auc", "pr_auc", "sensitivity_at_90_specificity")
+
+# Sensitivity/specificity are ratios of counts, and 1 - FPR can land one ulp below the target
+# (1 - 0.7 == 0.30000000000000004 but 1 - 0.3 < 0.7 in floating point). The tolerance is far
+# below 1/n for any real data set, so it never admits a genuinely lower operating point.
+_TOL = 1e-12
+
+# Bootstrap replicates are processed in chunks of at most this many (replicate x image) weights,
+# so memory stays ~10 MB per array whatever n_boot and n are.
+_CHUNK_ELEMENTS = 1_000_000
+
+
+# --------------------------------------------------------------------------- validation
+
+def _as_arrays(labels: Iterable[Any], scores: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (labels int64 0/1, scores float64 in [0, 1]) of equal, non-zero length.
+
+    Raises:
+        ValueError: on shape, length, label or score problems (the message names the problem).
+    """
+    y = np.asarray(labels)
+    try:
+        s = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"scores must be numbers in [0, 1]: {e}") from None
+    if y.ndim != 1 or s.ndim != 1:
+        raise ValueError(f"labels and scores must be 1-D, got shapes {y.shape} and {s.shape}")
+    if len(y) != len(s):
+        raise ValueError(f"labels has {len(y)} entries but scores has {len(s)}: lengths must match")
+    if len(y) == 0:
+        raise ValueError("labels and scores are empty: need at least one image")
+    try:
+        yf = y.astype(np.float64)
+        bad = ~((yf == 0) | (yf == 1))
+    except (TypeError, ValueError):
+        bad = np.ones(len(y), dtype=bool)
+    if bad.any():
+        examples = [y[i].item() if hasattr(y[i], "item") else y[i] for i in np.flatnonzero(bad)[:5]]
+        raise ValueError(f"labels must be 0 (benign) or 1 (malignant); {int(bad.sum())} are not, e.g. {examples}")
+    finite = np.isfinite(s)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"scores must be finite; {int((~finite).sum())} are NaN or inf (first: index {i}, {s[i]})")
+    if s.min() < 0.0 or s.max() > 1.0:
+        raise ValueError(f"scores must be probabilities in [0, 1]; found min {s.min():g}, max {s.max():g}")
+    return yf.astype(np.int64), s
+
+
+def _check_threshold(threshold: float) -> float:
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold={threshold!r}: must be a number") from None
+    if not math.isfinite(t):
+        raise ValueError(f"threshold={threshold!r}: must be finite")
+    return t
+
+
+def _check_n_bins(n_bins: int) -> int:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins={n_bins!r}: must be an integer >= 1")
+    return int(n_bins)
+
+
+def _one_class_reason(y: np.ndarray, what: str = "labels") -> str:
+    return f"only one class ({'malignant' if y[0] == 1 else 'benign'}) in {what}"
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    return bool(y.min() == 0 and y.max() == 1)
+
+
+def _is_missing(key: Any) -> bool:
+    # NaN counts as missing too: a pandas column of patient ids holds NaN, not None, for gaps.
+    return key is None or (isinstance(key, float) and math.isnan(key))
+
+
+# --------------------------------------------------------------------------- thresholds
+
+def choose_threshold(labels: Iterable[int], scores: Iterable[float], *, method: str = "youden",
+                     target_sensitivity: float = 0.9, fixed: float = 0.5) -> dict[str, Any]:
+    """Decision threshold chosen on the VALIDATION split (never on test).
+
+    Args:
+        labels, scores: validation labels (0/1) and malignancy probabilities.
+        method: "youden" (max TPR - FPR over roc_curve thresholds), "sensitivity" (the highest
+            threshold whose sensitivity >= target_sensitivity) or "fixed" (returns ``fixed``).
+        target_sensitivity: in (0, 1], for method "sensitivity".
+        fixed: in [0, 1]; also the fallback when labels hold one class only.
+
+    Returns:
+        {"threshold": float, "method": str, "reason": str | None}. With one class in labels,
+        youden/sensitivity are undefined: method becomes "fixed" and reason says why.
+        Predicted positive means score >= threshold.
+
+    Raises:
+        ValueError: unknown method, out-of-range options, or invalid labels/scores.
+    """
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"threshold_method={method!r}: use one of {', '.join(THRESHOLD_METHODS)}")
+    if not 0.0 < float(target_sensitivity) <= 1.0:
+        raise ValueError(f"target_sensitivity={target_sensitivity!r}: must be in (0, 1]")
+    if not 0.0 <= float(fixed) <= 1.0:
+        raise ValueError(f"fixed={fixed!r}: must be in [0, 1]")
+    y, s = _as_arrays(labels, scores)
+    if method == "fixed":
+        return {"threshold": float(fixed), "method": "fixed", "reason": None}
+    if not _both_classes(y):
+        return {"threshold": float(fixed), "method": "fixed",
+                "reason": f"{_one_class_reason(y, 'validation labels')}: the {method} threshold is undefined, "
+                          f"so the fixed threshold {float(fixed):g} is used"}
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    # thresholds[0] is +inf ("nothing positive"), not an operating point anyone would deploy.
+    fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]
+    if method == "youden":
+        # Youden's J = sensitivity + specificity - 1 = TPR - FPR (Youden 1950, Cancer 3:32).
+        # Thresholds decrease along the curve, so the first index at the maximum is the highest
+        # threshold among ties: the same J with the fewest recalls. Ties are compared with _TOL
+        # because equal J from different fractions can differ by an ulp (2/3 - 0 < 1 - 1/3).
+        j = tpr - fpr
+        i = int(np.argmax(j >= j.max() - _TOL))
+    else:
+        # TPR never decreases as the threshold decreases, so the first index meeting the target
+        # is the highest such threshold; TPR is 1 at the lowest score, so one always exists.
+        i = int(np.argmax(tpr >= float(target_sensitivity) - _TOL))
+    return {"threshold": float(thr[i]), "method": method, "reason": None}
+
+
+# --------------------------------------------------------------------------- point estimates
+
+def sensitivity_at_specificity(labels: Iterable[int], scores: Iterable[float], *,
+                               specificity: float = 0.9) -> float | None:
+    """Highest sensitivity over thresholds whose specificity is >= ``specificity``.
+
+    Only thresholds actually on the ROC curve count: a point interpolated between two of them is
+    reachable only by randomizing decisions, so it is not reported.
+
+    Returns:
+        The sensitivity, or None when labels hold one class (the ROC curve is undefined).
+
+    Raises:
+        ValueError: specificity outside [0, 1] or invalid labels/scores.
+    """
+    if not 0.0 <= float(specificity) <= 1.0:
+        raise ValueError(f"specificity={specificity!r}: must be in [0, 1]")
+    y, s = _as_arrays(labels, scores)
+    if not _both_classes(y):
+        return None
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    ok = (1.0 - fpr) >= float(specificity) - _TOL  # the +inf threshold (FPR 0) always qualifies
+    return float(tpr[ok].max())
+
+
+def _bin_index(s: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-width bins on [0, 1]: bin b holds edges[b] <= s < edges[b+1]; the last is closed."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, n_bins - 1)
+    return idx, edges
+
+
+def expected_calibration_error(labels: Iterable[int], scores: Iterable[float], *, n_bins: int = 10) -> float:
+    """ECE with ``n_bins`` equal-width bins (Guo et al. 2017, "On Calibration of Modern Neural
+    Networks"): sum over bins of (bin count / n) * |mean score - fraction malignant|.
+
+    scikit-learn has no ECE. This is the binary, positive-class form (calibration of P(malignant),
+    the same bins as ``reliability_curve``), not Guo's top-label-confidence form.
+
+    Raises:
+        ValueError: n_bins < 1 or invalid labels/scores.
+    """
+    n_bins = _check_n_bins(n_bins)
+    y, s = _as_arrays(labels, scores)
+    idx, _ = _bin_index(s, n_bins)
+    # (n_b / n) * |sum_b(s)/n_b - sum_b(y)/n_b| == |sum_b(s - y)| / n, with no empty-bin division.
+    gap = np.bincount(idx, weights=s - y, minlength=n_bins)
+    return float(np.abs(gap).sum() / len(y))
+
+
+def reliability_curve(labels: Iterable[int], scores: Iterable[float], *, n_bins: int = 10) -> dict[str, list]:
+    """Reliability-diagram bins (the bins of ``expected_calibration_error``).
+
+    Returns:
+        {"bin_lower", "bin_upper", "mean_score", "fraction_positive", "count"}: lists of n_bins
+        python numbers; empty bins have count 0 and None means.
+
+    Raises:
+        ValueError: n_bins < 1 or invalid labels/scores.
+    """
+    n_bins = _check_n_bins(n_bins)
+    y, s = _as_arrays(labels, scores)
+    idx, edges = _bin_index(s, n_bins)
+    count = np.bincount(idx, minlength=n_bins)
+    s_sum = np.bincount(idx, weights=s, minlength=n_bins)
+    y_sum = np.bincount(idx, weights=y, minlength=n_bins)
+    return {
+        "bin_lower": [float(e) for e in edges[:-1]],
+        "bin_upper": [float(e) for e in edges[1:]],
+        "mean_score": [float(a / c) if c else None for a, c in zip(s_sum, count)],
+        "fraction_positive": [float(a / c) if c else None for a, c in zip(y_sum, count)],
+        "count": [int(c) for c in count],
+    }
+
+
+def binary_metrics(labels: Iterable[int], scores: Iterable[float], *, threshold: float) -> dict[str, Any]:
+    """Every METRIC_NAMES entry for one set; threshold-dependent ones at ``threshold``
+    (predicted malignant when score >= threshold).
+
+    Returns:
+        {metric: float | None for METRIC_NAMES, "undefined": {metric: reason}, "n", "n_pos",
+        "n_neg", "threshold", "confusion": {"tp", "fp", "tn", "fn"}}. ece uses 10 equal-width
+        bins; brier comes from scikit-learn.
+
+    Raises:
+        ValueError: invalid labels/scores or a non-finite threshold.
+    """
+    y, s = _as_arrays(labels, scores)
+    t = _check_threshold(threshold)
+    pred = (s >= t).astype(np.int64)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
+    n, n_pos, n_neg = len(y), tp + fn, tn + fp
+    out: dict[str, Any] = dict.fromkeys(METRIC_NAMES)
+    undefined: dict[str, str] = {}
+    out["accuracy"] = (tp + tn) / n
+    # Undefined ratios are None, not scikit-learn's zero_division=0: a 0 would read as a real
+    # (terrible) result in the report and drag bootstrap intervals down.
+    if tp + fp:
+        out["precision"] = tp / (tp + fp)
+    else:
+        undefined["precision"] = _UNDEFINED_CAUSE["precision"]
+    if n_pos:
+        out["recall"] = tp / n_pos
+    else:
+        undefined["recall"] = _UNDEFINED_CAUSE["recall"]
+    if n_neg:
+        out["specificity"] = tn / n_neg
+    else:
+        undefined["specificity"] = _UNDEFINED_CAUSE["specificity"]
+    # F1 = 2TP / (2TP + FP + FN): equals the harmonic mean of precision and recall where both are
+    # defined, and is still defined (0) when nothing is predicted positive but malignant cases exist.
+    if 2 * tp + fp + fn:
+        out["f1"] = 2 * tp / (2 * tp + fp + fn)
+    else:
+        undefined["f1"] = _UNDEFINED_CAUSE["f1"]
+    if n_pos and n_neg:
+        out["roc_auc"] = float(roc_auc_score(y, s))
+        out["pr_auc"] = float(average_precision_score(y, s))
+        out["sensitivity_at_90_specificity"] = sensitivity_at_specificity(y, s, specificity=0.9)
+    else:
+        for m in _RANKING:
+            undefined[m] = _one_class_reason(y)
+    out["brier"] = float(brier_score_loss(y, s, pos_label=1))
+    out["ece"] = expected_calibration_error(y, s, n_bins=10)
+    out.update({"undefined": undefined, "n": n, "n_pos": n_pos, "n_neg": n_neg, "threshold": t,
+                "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn}})
+    return out
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+def _group_codes(groups: Iterable[Any], n: int) -> tuple[np.ndarray, int]:
+    """Integer code per row; None/NaN entries each get a code of their own."""
+    groups = list(groups)
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries but labels has {n}: lengths must match")
+    codes = np.empty(n, dtype=np.int64)
+    seen: dict[Any, int] = {}
+    k = 0
+    for i, g in enumerate(groups):
+        if _is_missing(g):
+            codes[i] = k
+            k += 1
+            continue
+        try:
+            c = seen.get(g)
+        except TypeError:
+            raise ValueError(f"groups[{i}]={g!r}: group keys must be hashable (str, int, tuple)") from None
+        if c is None:
+            c = seen[g] = k
+            k += 1
+        codes[i] = c
+    return codes, k
+
+
+def _replicate_metrics(y: np.ndarray, s: np.ndarray, w: np.ndarray, *, threshold: float,
+                       metrics: Sequence[str]) -> dict[str, np.ndarray]:
+    """Metrics of many bootstrap replicates at once; NaN where undefined.
+
+    A replicate is a weight vector (how often each image was drawn), so each replicate's metrics
+    are weighted sums over the ORIGINAL images: one sort serves every replicate and the ROC/PR
+    sums become a cumulative sum along rows. Calling scikit-learn per replicate would cost
+    ~1-2 ms x 4 metrics x 1000 replicates; this is the same arithmetic (trapezoidal ROC AUC,
+    step-wise average precision as in ``average_precision_score``) for the whole matrix.
+
+    Args:
+        w: (replicates, n) float counts.
+    """
+    yf = y.astype(np.float64)
+    total = w.sum(axis=1)
+    n_pos = w @ yf
+    n_neg = total - n_pos
+    pred = (s >= threshold).astype(np.float64)
+    tp = w @ (yf * pred)
+    fp = w @ ((1.0 - yf) * pred)
+    fn, tn = n_pos - tp, n_neg - fp
+    nan = np.nan
+    out: dict[str, np.ndarray] = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if "accuracy" in metrics:
+            out["accuracy"] = (tp + tn) / total
+        if "precision" in metrics:
+            out["precision"] = np.where(tp + fp > 0, tp / (tp + fp), nan)
+        if "recall" in metrics:
+            out["recall"] = np.where(n_pos > 0, tp / n_pos, nan)
+        if "specificity" in metrics:
+            out["specificity"] = np.where(n_neg > 0, tn / n_neg, nan)
+        if "f1" in metrics:
+            d = 2 * tp + fp + fn
+            out["f1"] = np.where(d > 0, 2 * tp / d, nan)
+        if "brier" in metrics:
+            out["brier"] = (w @ (s - yf) ** 2) / total
+        if "ece" in metrics:
+            idx, _ = _bin_index(s, 10)
+            onehot = np.zeros((len(s), 10))
+            onehot[np.arange(len(s)), idx] = s - yf
+            out["ece"] = np.abs(w @ onehot).sum(axis=1) / total
+        if any(m in metrics for m in _RANKING):
+            order = np.argsort(-s, kind="mergesort")
+            s_desc = s[order]
+            # Last position of each run of equal scores: ties form one ROC step (as roc_curve).
+            ends = np.r_[np.flatnonzero(np.diff(s_desc)), len(s) - 1]
+            w_desc, y_desc = w[:, order], yf[order]
+            tps = np.cumsum(w_desc * y_desc, axis=1)[:, ends]
+            fps = np.cumsum(w_desc * (1.0 - y_desc), axis=1)[:, ends]
+            zero = np.zeros((len(w), 1))
+            tpr = np.hstack([zero, tps / n_pos[:, None]])
+            fpr = np.hstack([zero, fps / n_neg[:, None]])
+            both = (n_pos > 0) & (n_neg > 0)
+            if "roc_auc" in metrics:
+                auc = np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2.0, axis=1)
+                out["roc_auc"] = np.where(both, auc, nan)
+            if "pr_auc" in metrics:
+                # AP = sum_k (R_k - R_{k-1}) P_k. Thresholds none of whose images were drawn have
+                # 0/0 precision but also zero recall step, so they contribute 0.
+                d = tps + fps
+                prec = np.divide(tps, d, out=np.zeros_like(tps), where=d > 0)
+                out["pr_auc"] = np.where(both, np.sum(np.diff(tpr, axis=1) * prec, axis=1), nan)
+            if "sensitivity_at_90_specificity" in metrics:
+                ok = (1.0 - fpr) >= 0.9 - _TOL
+                sens = np.where(ok, tpr, -np.inf).max(axis=1)
+                out["sensitivity_at_90_specificity"] = np.where(both, sens, nan)
+    return out
+
+
+def _check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown or not metrics:
+        raise ValueError(f"metrics={list(metrics)!r}: use one or more of {', '.join(METRIC_NAMES)}")
+    return metrics
+
+
+def bootstrap_ci(labels: Iterable[int], scores: Iterable[float], *, threshold: float,
+                 groups: Iterable[Any] | None = None, n_boot: int = 1000, alpha: float = 0.05,
+                 seed: int = 0, metrics: Iterable[str] = METRIC_NAMES) -> dict[str, Any]:
+    """Percentile bootstrap (1 - alpha) confidence intervals (Efron & Tibshirani 1993, ch. 13).
+
+    With ``groups`` (patient keys, one per image; None entries count as their own group), GROUPS
+    are resampled with replacement and contribute all their images (cluster bootstrap: images of
+    one patient are correlated, so resampling images would make intervals too narrow). Otherwise
+    images are resampled. scikit-learn has no bootstrap.
+
+    Replicates where a metric is undefined are skipped for it; if fewer than half are defined,
+    its interval is None with a reason.
+
+    Returns:
+        {metric: {"low", "high", "n_valid", "reason"}, "_resampled": "patients" | "images",
+        "_n_boot": n_boot}.
+
+    Raises:
+        ValueError: n_boot < 1, alpha outside (0, 1), unknown metrics, mismatched groups or
+            invalid labels/scores.
+    """
+    y, s = _as_arrays(labels, scores)
+    t = _check_threshold(threshold)
+    metrics = _check_metrics(metrics)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot={n_boot!r}: must be an integer >= 1")
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha={alpha!r}: must be in (0, 1)")
+    n = len(y)
+    if groups is None:
+        unit, n_units, resampled = np.arange(n), n, "images"
+    else:
+        (unit, n_units), resampled = _group_codes(groups, n), "patients"
+    rng = np.random.default_rng(seed)
+    values = {m: np.empty(n_boot) for m in metrics}
+    chunk = max(1, min(n_boot, _CHUNK_ELEMENTS // n))
+    for start in range(0, n_boot, chunk):
+        r = min(chunk, n_boot - start)
+        # One draw per replicate (the draws do not depend on the chunk size); a unit drawn k
+        # times gives all its images weight k.
+        counts = np.stack([np.bincount(rng.integers(0, n_units, size=n_units), minlength=n_units)
+                           for _ in range(r)])
+        vals = _replicate_metrics(y, s, counts[:, unit].astype(np.float64), threshold=t, metrics=metrics)
+        for m in metrics:
+            values[m][start:start + r] = vals[m]
+    out: dict[str, Any] = {}
+    for m in metrics:
+        v = values[m][~np.isnan(values[m])]
+        if 2 * len(v) < n_boot:
+            out[m] = {"low": None, "high": None, "n_valid": int(len(v)),
+                      "reason": f"{m} defined in only {len(v)} of {n_boot} bootstrap replicates "
+                                f"(the rest: {_UNDEFINED_CAUSE.get(m, 'undefined')}); "
+                                "an interval needs at least half"}
+        else:
+            low, high = np.quantile(v, [alpha / 2.0, 1.0 - alpha / 2.0])
+            out[m] = {"low": float(low), "high": float(high), "n_valid": int(len(v)), "reason": None}
+    out["_resampled"] = resampled
+    out["_n_boot"] = int(n_boot)
+    return out
+
+
+# --------------------------------------------------------------------------- aggregation
+
+def aggregate(labels: Iterable[int], scores: Iterable[float], keys: Iterable[Any], *,
+              how: str = "max") -> tuple[np.ndarray, np.ndarray, list]:
+    """Breast- or exam-level aggregation of image rows.
+
+    Rows are grouped by key (e.g. (patient_key, laterality) for breast level, patient_key for
+    exam level); a group's score is the max or mean of its scores and its label the max of its
+    labels (a breast is malignant if any view is). Rows whose key is None (or NaN) are left out.
+
+    Returns:
+        (labels int64, scores float64, group_keys) in order of first appearance; empty when every
+        key is None.
+
+    Raises:
+        ValueError: how not in ("max", "mean"), mismatched lengths, unhashable keys or invalid
+            labels/scores.
+    """
+    if how not in AGGREGATIONS:
+        raise ValueError(f"how={how!r}: use one of {', '.join(AGGREGATIONS)}")
+    y, s = _as_arrays(labels, scores)
+    keys = list(keys)
+    if len(keys) != len(y):
+        raise ValueError(f"keys has {len(keys)} entries but labels has {len(y)}: lengths must match")
+    seen: dict[Any, int] = {}
+    group_keys: list = []
+    rows: list[int] = []
+    codes: list[int] = []
+    for i, k in enumerate(keys):
+        if _is_missing(k):
+            continue
+        try:
+            c = seen.get(k)
+        except TypeError:
+            raise ValueError(f"keys[{i}]={k!r}: keys must be hashable (str, int, tuple)") from None
+        if c is None:
+            c = seen[k] = len(group_keys)
+            group_keys.append(k)
+        rows.append(i)
+        codes.append(c)
+    g = len(group_keys)
+    if not g:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64), []
+    r, c = np.asarray(rows), np.asarray(codes)
+    lab = np.zeros(g, dtype=np.int64)
+    np.maximum.at(lab, c, y[r])
+    if how == "max":
+        sc = np.full(g, -np.inf)
+        np.maximum.at(sc, c, s[r])
+    else:
+        sc = np.bincount(c, weights=s[r], minlength=g) / np.bincount(c, minlength=g)
+    return lab, sc, group_keys
+
+
+# --------------------------------------------------------------------------- one set, JSON-ready
+
+def _json_floats(a: np.ndarray) -> list[float | None]:
+    # JSON has no inf/NaN (roc_curve's first threshold is +inf): those become None.
+    return [float(x) if math.isfinite(x) else None for x in a]
+
+
+def _downsample(n_points: int, max_points: int = MAX_CURVE_POINTS) -> np.ndarray:
+    """Evenly spaced indices keeping both ends, at most max_points of them."""
+    if n_points <= max_points:
+        return np.arange(n_points)
+    return np.unique(np.linspace(0, n_points - 1, max_points).round().astype(np.int64))
+
+
+def evaluate_set(labels: Iterable[int], scores: Iterable[float], *, threshold: float,
+                 groups: Iterable[Any] | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """binary_metrics + bootstrap_ci + reliability_curve + ROC/PR curve points for one set.
+
+    Args:
+        threshold: chosen on validation (``choose_threshold``) and applied unchanged here.
+        groups: patient keys for the cluster bootstrap (see ``bootstrap_ci``).
+        n_boot: bootstrap replicates; 0 skips the bootstrap ("ci" is None).
+
+    Returns:
+        A JSON-ready dict (python floats/ints/None/str only): "n", "n_pos", "n_neg", "threshold",
+        "metrics" {METRIC_NAMES: float | None}, "undefined" {metric: reason}, "confusion",
+        "ci" (bootstrap_ci output or None), "reliability", "roc" {"fpr", "tpr", "thresholds"} and
+        "pr" {"precision", "recall", "thresholds"} (at most 200 points each; None with one class;
+        a threshold with no finite value, e.g. ROC's first, is None).
+
+    Raises:
+        ValueError: invalid inputs (see the functions above) or n_boot < 0.
+    """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ValueError(f"n_boot={n_boot!r}: must be an integer >= 0 (0 skips the bootstrap)")
+    y, s = _as_arrays(labels, scores)
+    bm = binary_metrics(y, s, threshold=threshold)
+    res: dict[str, Any] = {
+        "n": bm["n"], "n_pos": bm["n_pos"], "n_neg": bm["n_neg"], "threshold": bm["threshold"],
+        "metrics": {m: (None if bm[m] is None else float(bm[m])) for m in METRIC_NAMES},
+        "undefined": dict(bm["undefined"]),
+        "confusion": dict(bm["confusion"]),
+        "ci": bootstrap_ci(y, s, threshold=threshold, groups=groups, n_boot=int(n_boot), seed=seed)
+        if n_boot > 0 else None,
+        "reliability": reliability_curve(y, s, n_bins=10),
+        "roc": None,
+        "pr": None,
+    }
+    if _both_classes(y):
+        fpr, tpr, thr = roc_curve(y, s)
+        i = _downsample(len(fpr))
+        res["roc"] = {"fpr": _json_floats(fpr[i]), "tpr": _json_floats(tpr[i]), "thresholds": _json_floats(thr[i])}
+        prec, rec, thr = precision_recall_curve(y, s)
+        # precision_recall_curve's last point (recall 0, precision 1) has no threshold.
+        thr = np.r_[thr, np.nan]
+        i = _downsample(len(prec))
+        res["pr"] = {"precision": _json_floats(prec[i]), "recall": _json_floats(rec[i]),
+                     "thresholds": _json_floats(thr[i])}
+    return res

@@ -1,0 +1,82 @@
+"""Figures of the evaluation report (matplotlib, Agg): ROC and PR curves with every set
+overlaid, confusion matrices, reliability diagram. Each function returns PNG bytes."""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+
+def _figure(size=(5, 4)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size, dpi=110)
+    return plt, fig, ax
+
+
+def _png(plt, fig) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def roc_figure(curves: dict[str, dict[str, Any]], title: str) -> bytes:
+    """``curves``: set name -> evaluate_set() output (uses its roc curve and AUC)."""
+    plt, fig, ax = _figure()
+    for name, res in curves.items():
+        roc = res.get("roc")
+        if not roc:
+            continue
+        auc = res["metrics"].get("roc_auc")
+        ax.plot(roc["fpr"], roc["tpr"], label=f"{name} (AUC {auc:.3f})" if auc is not None else name)
+    ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(plt, fig)
+
+
+def pr_figure(curves: dict[str, dict[str, Any]], title: str) -> bytes:
+    plt, fig, ax = _figure()
+    for name, res in curves.items():
+        pr = res.get("pr")
+        if not pr:
+            continue
+        ap = res["metrics"].get("pr_auc")
+        ax.plot(pr["recall"], pr["precision"], label=f"{name} (AP {ap:.3f})" if ap is not None else name)
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize=8, loc="lower left")
+    return _png(plt, fig)
+
+
+def confusion_figure(confusion: dict[str, int], title: str) -> bytes:
+    plt, fig, ax = _figure((3.4, 3.0))
+    m = np.array([[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]])
+    ax.imshow(m, cmap="Blues")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["benign", "malignant"], yticklabels=["benign", "malignant"],
+           xlabel="predicted", ylabel="true", title=title)
+    return _png(plt, fig)
+
+
+def reliability_figure(curves: dict[str, dict[str, Any]], title: str) -> bytes:
+    plt, fig, ax = _figure()
+    for name, res in curves.items():
+        rel = res.get("reliability")
+        if not rel:
+            continue
+        pts = [(m, f) for m, f, c in zip(rel["mean_score"], rel["fraction_positive"], rel["count"]) if c]
+        if pts:
+            xs, ys = zip(*pts)
+            ece = res["metrics"].get("ece")
+            ax.plot(xs, ys, marker="o", label=f"{name} (ECE {ece:.3f})" if ece is not None else name)
+    ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=0.8)
+    ax.set(xlabel="mean predicted probability", ylabel="fraction malignant", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8, loc="upper left")
+    return _png(plt, fig)

@@ -1,0 +1,114 @@
+"""``report.md`` and a self-contained ``report.html`` (figures embedded as data URIs)."""
+from __future__ import annotations
+
+import base64
+import html
+from typing import Any
+
+from mammo_ray import io as mio
+from mammo_ray.evaluate import plots
+
+TABLE_METRICS = (("roc_auc", "AUC"), ("accuracy", "accuracy"), ("precision", "precision"), ("recall", "sensitivity"),
+                 ("specificity", "specificity"), ("f1", "F1"), ("pr_auc", "PR AUC"),
+                 ("sensitivity_at_90_specificity", "sens@90%spec"), ("ece", "ECE"), ("brier", "Brier"))
+
+
+def _fmt(res: dict[str, Any] | None, key: str) -> str:
+    if not res or res.get("metrics") is None:
+        return "n/a"
+    value = res["metrics"].get(key)
+    if value is None:
+        return "n/a"
+    ci = (res.get("ci") or {}).get(key) or {}
+    if ci.get("low") is not None and ci.get("high") is not None:
+        return f"{value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+    return f"{value:.3f}"
+
+
+def table_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for ck in report["checkpoints"]:
+        for name, res in ck["sets"].items():
+            rows.append([ck["backbone"], f"{ck['freeze_ratio']:g}", name, str(res.get("n", "")),
+                         *[_fmt(res, k) for k, _ in TABLE_METRICS]])
+    return rows
+
+
+def figures(report: dict[str, Any]) -> dict[str, bytes]:
+    out = {}
+    for ck in report["checkpoints"]:
+        scored = {n: r for n, r in ck["sets"].items() if r.get("metrics") is not None}
+        tag = ck["tag"]
+        if scored:
+            out[f"{tag}-roc.png"] = plots.roc_figure(scored, f"ROC: {tag}")
+            out[f"{tag}-pr.png"] = plots.pr_figure(scored, f"Precision-recall: {tag}")
+            out[f"{tag}-reliability.png"] = plots.reliability_figure(scored, f"Reliability: {tag}")
+        for name, res in scored.items():
+            out[f"{tag}-{name}-confusion.png"] = plots.confusion_figure(res["confusion"], f"{name} @ {ck['threshold']['threshold']:.3f}")
+    return out
+
+
+def write_report(report: dict[str, Any], out: str) -> None:
+    figs = figures(report)
+    for name, data in figs.items():
+        mio.write_bytes(mio.join(out, "figures", name), data)
+    header = ["backbone", "freezing", "set", "n", *[label for _, label in TABLE_METRICS]]
+    rows = table_rows(report)
+    md = ["# Evaluation report", "",
+          "Values are point estimates with 95% bootstrap confidence intervals "
+          "(patients resampled when patient ids exist). The decision threshold of each checkpoint "
+          "was chosen on the validation split and applied unchanged to every set.", "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    for ck in report["checkpoints"]:
+        t = ck["threshold"]
+        md += ["", f"## {ck['tag']}", "",
+               f"- checkpoint: `{ck['checkpoint']}` ({ck['backbone']}, freezing ratio {ck['freeze_ratio']:g}, epoch {ck['epoch']})",
+               f"- threshold: {t['threshold']:.4f} ({t['method']}, chosen on val, n={t['n_val']})"
+               + (f"; {t['reason']}" if t.get("reason") else ""),
+               f"- preprocessing spec (from the checkpoint): `{ck['spec']}`"]
+        for name, res in ck["sets"].items():
+            md.append(f"- {name}: {res.get('how')} ({res.get('source')}, split {res.get('split')})")
+            if res.get("metrics") is None:
+                md.append(f"  - metrics skipped: {res.get('reason')}")
+            for metric, reason in (res.get("undefined") or {}).items():
+                md.append(f"  - {metric} undefined: {reason}")
+        for note in ck.get("notes", []):
+            md.append(f"- note: {note}")
+        for name in figs:
+            if name.startswith(ck["tag"] + "-"):
+                md.append(f"![{name}](figures/{name})")
+    mio.write_bytes(mio.join(out, "report.md"), ("\n".join(md) + "\n").encode())
+    mio.write_bytes(mio.join(out, "report.html"), render_html(report, header, rows, figs).encode())
+
+
+def render_html(report: dict[str, Any], header: list[str], rows: list[list[str]], figs: dict[str, bytes]) -> str:
+    esc = html.escape
+    parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'><title>mammo_ray evaluation</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}th{background:#f3f3f3}"
+             "img{max-width:480px;margin:6px}</style></head><body>",
+             "<h1>Evaluation report</h1>",
+             "<p>95% bootstrap confidence intervals (patients resampled when patient ids exist); "
+             "thresholds chosen on validation, never on test.</p>",
+             "<table id='paper-table'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
+    parts.append("</table>")
+    for ck in report["checkpoints"]:
+        t = ck["threshold"]
+        parts.append(f"<h2>{esc(ck['tag'])}</h2><ul><li>checkpoint <code>{esc(ck['checkpoint'])}</code>, "
+                     f"{esc(ck['backbone'])}, freezing ratio {ck['freeze_ratio']:g}, epoch {ck['epoch']}</li>"
+                     f"<li>threshold {t['threshold']:.4f} ({esc(t['method'])}, chosen on val)</li>"
+                     f"<li>spec <code>{esc(str(ck['spec']))}</code></li>")
+        for name, res in ck["sets"].items():
+            parts.append(f"<li>{esc(name)}: {esc(str(res.get('how')))}"
+                         + (f" &mdash; metrics skipped: {esc(str(res.get('reason')))}" if res.get("metrics") is None else "")
+                         + "</li>")
+        parts.append("</ul><div>")
+        for name, data in figs.items():
+            if name.startswith(ck["tag"] + "-"):
+                b64 = base64.b64encode(data).decode()
+                parts.append(f"<img alt='{esc(name)}' src='data:image/png;base64,{b64}'>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,190 @@
+"""The evaluation stage: best checkpoints on the test split and on external sets.
+
+The decision threshold is chosen on the validation split of the training data and applied
+unchanged to test and external sets. Every external set is read (or, when given as raw
+images, preprocessed) with the spec stored in the checkpoint, so a model never sees pixels
+prepared differently from its training data.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from mammo_ray import io as mio
+from mammo_ray.config import PreprocessConfig, to_dict
+from mammo_ray.data.parquet import SPLIT_DIRS, read_spec, split_files
+
+logger = logging.getLogger(__name__)
+
+
+def _has_parquet(folder: str) -> bool:
+    return any(split_files(folder, s) for s in SPLIT_DIRS)
+
+
+def sweep_checkpoints(sweep_dir: str) -> list[str]:
+    """Every group's best checkpoint of a sweep (``best/<backbone>-r<ratio>/checkpoint.pt``)."""
+    best = mio.join(sweep_dir, "best")
+    if not mio.exists(best):
+        raise ValueError(f"--sweep {sweep_dir}: no best/ folder (not a finished `mammo-ray tune` output)")
+    found = sorted(p for p, _ in mio.list_files(best) if p.endswith("checkpoint.pt") and "/overall/" not in p)
+    if not found:
+        raise ValueError(f"--sweep {sweep_dir}: best/ holds no group checkpoints")
+    return found
+
+
+def _check_spec(folder: str, spec, ckpt: str, allow_mismatch: bool) -> str | None:
+    data_spec = read_spec(folder)
+    if data_spec == spec:
+        return None
+    diff = {k: (v, getattr(data_spec, k)) for k, v in to_dict(spec).items() if to_dict(data_spec)[k] != v}
+    message = (f"{folder} was preprocessed with another spec than checkpoint {ckpt}: "
+               + ", ".join(f"{k} {b!r} (data) vs {a!r} (checkpoint)" for k, (a, b) in diff.items()))
+    if not allow_mismatch:
+        raise ValueError(message + "; re-preprocess it or pass --allow-spec-mismatch")
+    logger.warning("%s (allowed by --allow-spec-mismatch)", message)
+    return message
+
+
+def prepare_external(path: str, spec, out: str, name: str) -> tuple[str, str]:
+    """An external set as a Parquet folder made with ``spec``: used as is when it already is
+    one (checked later), otherwise preprocessed now into ``out/preprocessed/<name>``."""
+    if mio.is_dir(path) and _has_parquet(path):
+        return path, "preprocessed folder"
+    from mammo_ray.data.pipeline import run_preprocess
+
+    dest = mio.join(out, "preprocessed", name)
+    cfg = PreprocessConfig(spec=spec, external=True)
+    summary = run_preprocess([path], dest, cfg, overwrite=True)
+    if summary["rows"] == 0:
+        raise ValueError(f"--external {path}: no image could be preprocessed (see {dest}/errors.csv)")
+    return dest, "preprocessed here with the checkpoint's spec"
+
+
+def _split_arrays(folder: str, split: str):
+    from mammo_ray.train.data import load_split
+
+    from mammo_ray.data.parquet import read_split
+
+    arrays = load_split(folder, split)
+
+    meta = read_split(folder, split, columns=["image_id", "laterality", "view"]).to_pylist()
+    return arrays, meta
+
+
+def _set_result(labels: np.ndarray, scores: np.ndarray, groups: list, meta: list[dict], *, threshold: float,
+                n_boot: int, seed: int) -> dict[str, Any]:
+    from mammo_ray.evaluate.metrics import aggregate, evaluate_set
+
+    if (labels < 0).any():
+        return {"metrics": None, "reason": f"{int((labels < 0).sum())} of {len(labels)} images have no label: "
+                                          "scores written, metrics skipped", "n": int(len(labels))}
+    groups_or_none = groups if any(g is not None for g in groups) else None
+    res = evaluate_set(labels, scores, threshold=threshold, groups=groups_or_none, n_boot=n_boot, seed=seed)
+    levels = {}
+    if groups_or_none and any(m.get("laterality") for m in meta):
+        breast_keys = [(g, m.get("laterality")) if g is not None and m.get("laterality") else None
+                       for g, m in zip(groups, meta)]
+        for level, keys in (("breast", breast_keys), ("exam", list(groups))):
+            for how in ("max", "mean"):
+                lab, sc, _ = aggregate(labels, scores, keys, how=how)
+                if len(lab):
+                    levels[f"{level}_{how}"] = evaluate_set(lab, sc, threshold=threshold, n_boot=0, seed=seed)["metrics"]
+    res["aggregated"] = levels
+    return res
+
+
+def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str, threshold_method: str = "youden",
+                        target_sensitivity: float = 0.9, allow_spec_mismatch: bool = False, n_boot: int = 1000,
+                        seed: int = 0, batch_size: int = 64, distributed: str = "auto") -> dict[str, Any]:
+    """Scores, threshold (on val) and metrics of one checkpoint on test and every external set."""
+    import torch
+
+    from mammo_ray.evaluate.inference import score_split
+    from mammo_ray.evaluate.metrics import choose_threshold
+    from mammo_ray.train.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
+    from mammo_ray.train.loop import predict, resolve_device
+
+    state = load_checkpoint(ckpt)
+    spec = checkpoint_spec(state)
+    model = model_from_checkpoint(state)
+    device = resolve_device("auto")
+    model = model.to(device).to(memory_format=torch.channels_last)
+    notes = []
+    mismatch = _check_spec(data, spec, ckpt, allow_spec_mismatch)
+    if mismatch:
+        notes.append(mismatch)
+    if not split_files(data, "val") or not split_files(data, "test"):
+        raise ValueError(f"--data {data}: needs val/ (to choose the threshold) and test/ splits")
+    val, _ = _split_arrays(data, "val")
+    val_scores = predict(model, val, spec=spec, device=device, batch_size=batch_size)
+    thr = choose_threshold(val.labels, val_scores, method=threshold_method, target_sensitivity=target_sensitivity)
+    sets: dict[str, dict[str, Any]] = {}
+    sources = [("test", data, "test", "training data's test split")]
+    for path in externals:
+        name = "external-" + os.path.basename(os.path.normpath(path))
+        folder, how = prepare_external(path, spec, out, name)
+        split = "external" if split_files(folder, "external") else next(s for s in SPLIT_DIRS if split_files(folder, s))
+        sources.append((name, folder, split, how))
+    tag = _checkpoint_tag(state, ckpt)
+    for name, folder, split, how in sources:
+        if folder != data:
+            mismatch = _check_spec(folder, spec, ckpt, allow_spec_mismatch)
+            if mismatch:
+                notes.append(mismatch)
+        arrays, meta = _split_arrays(folder, split)
+        scores = score_split(model, arrays, spec=spec, device=device, checkpoint=ckpt, folder=folder, split=split,
+                             distributed=distributed, batch_size=batch_size)
+        _write_scores(mio.join(out, "scores", tag, f"{name}.csv"), arrays, scores, thr["threshold"])
+        res = _set_result(arrays.labels, scores, arrays.patient_keys, meta, threshold=thr["threshold"],
+                          n_boot=n_boot, seed=seed)
+        res.update({"source": folder, "split": split, "how": how})
+        sets[name] = res
+    return {"checkpoint": ckpt, "tag": tag, "backbone": state["backbone"], "freeze_ratio": state["freeze_ratio"],
+            "epoch": state["epoch"], "train_metrics": state["metrics"], "spec": state["spec"],
+            "threshold": {**thr, "chosen_on": "val", "n_val": int(len(val))}, "sets": sets, "notes": notes}
+
+
+def _checkpoint_tag(state: dict[str, Any], path: str) -> str:
+    parent = os.path.basename(os.path.dirname(os.path.normpath(path)))
+    return parent if parent and parent not in (".", "") else f"{state['backbone']}-r{state['freeze_ratio']:g}"
+
+
+def _write_scores(path: str, arrays, scores: np.ndarray, threshold: float) -> None:
+    import csv
+    import io as _io
+
+    buf = _io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image_id", "label", "probability", "predicted"])
+    for iid, lab, s in zip(arrays.image_ids, arrays.labels, scores):
+        w.writerow([iid, int(lab), f"{float(s):.6f}", int(s >= threshold)])
+    mio.write_bytes(path, buf.getvalue().encode())
+
+
+def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out: str, **kwargs: Any) -> dict[str, Any]:
+    """Evaluate every checkpoint; write ``metrics.json``, ``report.md``, ``report.html`` and figures."""
+    from mammo_ray.evaluate.report import write_report
+
+    if not checkpoints:
+        raise ValueError("no checkpoint to evaluate: give --checkpoint PATH... or --sweep DIR")
+    for e in externals:
+        if not mio.exists(e):
+            raise ValueError(f"--external {e} does not exist")
+    mio.makedirs(out)
+    results = [evaluate_checkpoint(c, data=data, externals=externals, out=out, **kwargs) for c in checkpoints]
+    report = {"data": data, "externals": externals, "checkpoints": results}
+    mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(report, indent=2, default=_json_default).encode())
+    write_report(report, out)
+    return report
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")

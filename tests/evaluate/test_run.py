@@ -1,0 +1,198 @@
+"""The evaluation stage end to end: phantoms -> preprocess -> small sweep -> evaluate on test and an
+external set with another acquisition look; the report opens in headless Chromium."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from mammo_ray.cli import main
+from mammo_ray.config import PreprocessConfig, SweepConfig
+from mammo_ray.data.pipeline import run_preprocess
+from mammo_ray.data.synth import write_phantoms
+from mammo_ray.evaluate.run import run_evaluate, sweep_checkpoints
+from mammo_ray.train.sweep import run_sweep
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(train_data_dir, tmp_path_factory, _ray_session):
+    import ray
+
+    from mammo_ray.ray_utils import init_ray
+
+    if not ray.is_initialized():
+        init_ray(num_cpus=2)
+    out = tmp_path_factory.mktemp("eval-sweep") / "sweep"
+    sweep = SweepConfig(backbones=("simplecnn",), freeze_ratios=(0.0, 0.5), lr_bounds=((1e-3, 1e-2),), epochs=4,
+                        batch_size=32, train={"optimizer": "adamw"})
+    summary = run_sweep(str(train_data_dir), str(out), sweep)
+    assert summary["errors"] == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def external_raw(tmp_path_factory) -> Path:
+    """Another 'site': other seed, lower contrast, more noise, other formats (raw images)."""
+    out = tmp_path_factory.mktemp("external-raw")
+    write_phantoms(str(out), 40, seed=77, height=256, width=208, contrast=0.8, noise=1.5,
+                   formats=("dcm-rle", "jpg", "dcm-mono1"))
+    return out
+
+
+def test_end_to_end_report(ray_local, sweep_dir, train_data_dir, external_raw, tmp_path):
+    out = tmp_path / "eval"
+    ckpts = sweep_checkpoints(str(sweep_dir))
+    assert len(ckpts) == 2
+    report = run_evaluate(ckpts, data=str(train_data_dir), externals=[str(external_raw)], out=str(out), n_boot=200)
+    for name in ("metrics.json", "report.md", "report.html"):
+        assert (out / name).stat().st_size > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["checkpoints"]) == 2
+    for ck in metrics["checkpoints"]:
+        assert set(ck["sets"]) == {"test", f"external-{external_raw.name}"}
+        assert ck["threshold"]["chosen_on"] == "val"
+        ext = ck["sets"][f"external-{external_raw.name}"]
+        assert ext["how"] == "preprocessed here with the checkpoint's spec"
+        for res in ck["sets"].values():
+            m, ci = res["metrics"], res["ci"]
+            assert ci["_resampled"] == "patients"  # phantom DICOMs/manifests carry patient ids
+            for key in ("roc_auc", "accuracy"):
+                assert ci[key]["low"] <= m[key] + 1e-9 and m[key] - 1e-9 <= ci[key]["high"]
+            # the threshold chosen on val is the one applied: recount from the scores file
+            with open(out / "scores" / ck["tag"] / f"{'test' if res['split'] == 'test' else 'external-' + external_raw.name}.csv") as f:
+                rows = list(csv.DictReader(f))
+            t = ck["threshold"]["threshold"]
+            tp = sum(1 for r in rows if int(r["label"]) == 1 and float(r["probability"]) >= t)
+            assert tp == res["confusion"]["tp"] and len(rows) == res["n"]
+        # the external set was preprocessed with the checkpoint's spec
+        from mammo_ray.data.parquet import read_spec
+        from mammo_ray.config import PreprocessSpec, from_mapping
+
+        assert read_spec(ext["source"]) == from_mapping(PreprocessSpec, ck["spec"])
+    figures = list((out / "figures").glob("*.png"))
+    assert len(figures) == 2 * (3 + 2)  # per checkpoint: ROC, PR, reliability + 2 confusion matrices
+    assert report["checkpoints"][0]["sets"]["test"]["metrics"]["roc_auc"] is not None
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "chromium is not installed (.ci/run installs Debian's chromium)"
+    return exe
+
+
+def test_report_html_opens_in_headless_chromium(ray_local, sweep_dir, train_data_dir, tmp_path):
+    out = tmp_path / "eval"
+    run_evaluate(sweep_checkpoints(str(sweep_dir))[:1], data=str(train_data_dir), externals=[], out=str(out), n_boot=50)
+    artefacts = REPO / "artifacts"
+    artefacts.mkdir(exist_ok=True)
+    shot = artefacts / "report.png"
+    shot.unlink(missing_ok=True)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chrome'}"]
+    url = (out / "report.html").as_uri()
+    r = subprocess.run([_chromium(), *flags, "--window-size=1280,1600", f"--screenshot={shot}", url],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert shot.stat().st_size > 20_000
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0 and "id=\"paper-table\"" in dom.stdout
+    assert dom.stdout.count("data:image/png;base64,") == 4  # ROC, PR, reliability, 1 confusion: self-contained
+
+
+def test_unlabeled_external_gets_scores_and_no_metrics(ray_local, sweep_dir, train_data_dir, external_raw, tmp_path):
+    ext = tmp_path / "unlabeled"
+    run_preprocess([str(external_raw)], str(ext), PreprocessConfig.load(size=96, external=True, unlabeled=True))
+    report = run_evaluate(sweep_checkpoints(str(sweep_dir))[:1], data=str(train_data_dir), externals=[str(ext)],
+                          out=str(tmp_path / "eval"), n_boot=50)
+    res = report["checkpoints"][0]["sets"]["external-unlabeled"]
+    assert res["metrics"] is None and "no label" in res["reason"]
+    assert (tmp_path / "eval" / "scores").rglob("external-unlabeled.csv")
+
+
+def test_one_class_set_reports_undefined_auc(ray_local, sweep_dir, train_data_dir, tmp_path):
+    one = tmp_path / "benign-only"
+    shutil.copytree(train_data_dir, one)
+    for f in (one / "test").glob("*.parquet"):
+        t = pq.read_table(f)
+        pq.write_table(t.filter(pc.equal(t["label"], 0)), f)
+    report = run_evaluate(sweep_checkpoints(str(sweep_dir))[:1], data=str(one), externals=[], out=str(tmp_path / "e"),
+                          n_boot=50)
+    res = report["checkpoints"][0]["sets"]["test"]
+    assert res["metrics"]["roc_auc"] is None and "one class" in res["undefined"]["roc_auc"]
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["checkpoints"][0]["sets"]["test"]["metrics"]["roc_auc"] is None
+
+
+def test_spec_mismatch_is_an_error_unless_allowed(ray_local, sweep_dir, train_data_dir, external_raw, tmp_path, capsys):
+    other = tmp_path / "other-spec"
+    run_preprocess([str(external_raw)], str(other), PreprocessConfig.load(size=96, external=True, equalize="global"))
+    ckpt = sweep_checkpoints(str(sweep_dir))[0]
+    code = main(["evaluate", "--checkpoint", ckpt, "--data", str(train_data_dir), "--external", str(other),
+                 "--out", str(tmp_path / "e"), "--n-boot", "20"])
+    err = capsys.readouterr().err
+    assert code == 2 and "equalize 'global' (data) vs 'clahe' (checkpoint)" in err and "--allow-spec-mismatch" in err
+    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(train_data_dir), "--external", str(other),
+                 "--out", str(tmp_path / "e"), "--n-boot", "20", "--allow-spec-mismatch"]) == 0
+
+
+def test_bad_checkpoints_and_externals(ray_local, train_data_dir, tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    import torch
+
+    torch.save({"state_dict": {}}, foreign)
+    assert main(["evaluate", "--checkpoint", str(foreign), "--data", str(train_data_dir), "--out", str(tmp_path / "e")]) == 2
+    assert "not a mammo_ray checkpoint" in capsys.readouterr().err
+    assert main(["evaluate", "--sweep", str(tmp_path), "--data", str(train_data_dir), "--out", str(tmp_path / "e")]) == 2
+    assert "no best/ folder" in capsys.readouterr().err
+
+def test_external_folder_without_parquet_or_images(ray_local, sweep_dir, train_data_dir, tmp_path, capsys):
+    empty = tmp_path / "empty-ext"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("nothing here")
+    ckpt = sweep_checkpoints(str(sweep_dir))[0]
+    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(train_data_dir), "--external", str(empty),
+                 "--out", str(tmp_path / "e"), "--n-boot", "20"]) == 2
+    assert "no image could be preprocessed" in capsys.readouterr().err
+
+
+def test_distributed_scoring_matches_in_process(ray_local, sweep_dir, train_data_dir):
+    import torch
+
+    from mammo_ray.evaluate.inference import score_split
+    from mammo_ray.train.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
+    from mammo_ray.train.data import load_split
+
+    ckpt = sweep_checkpoints(str(sweep_dir))[0]
+    state = load_checkpoint(ckpt)
+    spec, model = checkpoint_spec(state), model_from_checkpoint(state)
+    arrays = load_split(str(train_data_dir), "test")
+    kw = dict(spec=spec, device=torch.device("cpu"), checkpoint=ckpt, folder=str(train_data_dir), split="test")
+    local = score_split(model, arrays, distributed="never", **kw)
+    remote = score_split(model, arrays, distributed="always", **kw)
+    assert remote.shape == local.shape == (len(arrays),)
+    np.testing.assert_allclose(remote, local, atol=1e-5)
+
+
+def test_breast_and_exam_level_aggregation():
+    from mammo_ray.evaluate.run import _set_result
+
+    labels = np.array([0, 0, 1, 1, 0, 0])
+    scores = np.array([0.1, 0.3, 0.9, 0.2, 0.4, 0.35])
+    groups = ["p1", "p1", "p2", "p2", "p3", "p3"]
+    meta = [{"laterality": lat} for lat in ("L", "L", "R", "R", "L", "R")]
+    res = _set_result(labels, scores, groups, meta, threshold=0.5, n_boot=0, seed=0)
+    exam = res["aggregated"]["exam_max"]
+    # exam max: p1 0.3 (benign), p2 0.9 (malignant), p3 0.4 (benign) -> perfectly separated
+    assert exam["roc_auc"] == 1.0
+    breast = res["aggregated"]["breast_mean"]
+    assert breast["roc_auc"] == 1.0  # p2-R mean 0.55 above every benign breast mean
