@@ -25,6 +25,10 @@ def _fmt(res: dict[str, Any] | None, key: str) -> str:
     return f"{value:.3f}"
 
 
+def _plain(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for ck in report["checkpoints"]:
@@ -73,6 +77,10 @@ def write_report(report: dict[str, Any], out: str) -> None:
                 md.append(f"  - metrics skipped: {res.get('reason')}")
             for metric, reason in (res.get("undefined") or {}).items():
                 md.append(f"  - {metric} undefined: {reason}")
+            for level, m in (res.get("aggregated") or {}).items():
+                auc = "n/a" if m.get("roc_auc") is None else f"{m['roc_auc']:.3f}"
+                md.append(f"  - {level.replace('_', '-level, ')} over views: AUC {auc}, "
+                          f"sensitivity {_plain(m.get('recall'))}, specificity {_plain(m.get('specificity'))}")
         for note in ck.get("notes", []):
             md.append(f"- note: {note}")
         for name in figs:
