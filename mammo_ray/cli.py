@@ -200,26 +200,17 @@ def _add_tune(sub) -> None:
 
 
 def _run_tune(args) -> int:
-    from mammo_ray.config import SweepConfig, load_yaml
+    from mammo_ray.config import SweepConfig
     from mammo_ray.train.sweep import run_sweep
 
     if args.resume and args.config is None and os.path.exists(os.path.join(args.out, "sweep.yaml")):
-        args.config = os.path.join(args.out, "sweep.yaml")
+        args.config = os.path.join(args.out, "sweep.yaml")  # the interrupted sweep's own file
     over = {"backbones": args.backbones, "freeze_ratios": args.freeze_ratios, "lr_bounds": args.lr_bounds,
             "clr_modes": args.clr_modes, "epochs": args.epochs, "batch_size": args.batch_size,
             "num_samples": args.num_samples, "scheduler": args.scheduler, "cpus_per_trial": args.cpus_per_trial,
             "gpus_per_trial": args.gpus_per_trial, "max_failures": args.max_failures}
     over = {k: (tuple(v) if isinstance(v, list) else v) for k, v in over.items()}
     sweep = SweepConfig.load(args.config, **over)
-    if not args.resume:
-        from mammo_ray import io as mio
-        import yaml
-
-        from mammo_ray.config import to_dict
-
-        mio.makedirs(args.out)
-        mio.write_bytes(mio.join(args.out, "sweep.yaml"), yaml.safe_dump(to_dict(sweep), sort_keys=False).encode())
-    del load_yaml
     summary = run_sweep(args.data, args.out, sweep, resume=args.resume, address=args.address)
     print(open(os.path.join(args.out, "table.md")).read() if not args.out.startswith(("s3://", "gs://")) else "")
     print(f"{summary['trials']} trials, {summary['errors']} errors; outputs in {args.out}")

@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from typing import Any
 
+import yaml
+
 from mammo_ray import io as mio
 from mammo_ray.config import SweepConfig, TrainConfig, to_dict
 
@@ -137,6 +139,9 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
     spec, train, val = load_training_data(data_dir)
     init_ray(address)
     check_resources(sweep)
+    if not resume:  # the sweep's own file: `--resume` reads it back, outputs describe themselves
+        mio.makedirs(out)
+        mio.write_bytes(mio.join(out, "sweep.yaml"), yaml.safe_dump(to_dict(sweep), sort_keys=False).encode())
     logger.info("sweep: %d grid points x %d samples on %s; train %d, val %d images", sweep.grid_size,
                 sweep.num_samples, ", ".join(sweep.backbones), len(train), len(val))
     trainable = tune.with_resources(
@@ -210,7 +215,7 @@ def write_outputs(grid, out: str, sweep: SweepConfig) -> dict[str, Any]:
     public = [{k: r[k] for k in RESULT_FIELDS if k != "checkpoint"} for r in rows]
     _write_csv(mio.join(out, "results.csv"), public)
     mio.write_bytes(mio.join(out, "table.md"), table_markdown(table_rows).encode())
-    mio.write_bytes(mio.join(out, "sweep.yaml"), __import__("yaml").safe_dump(to_dict(sweep), sort_keys=False).encode())
+    mio.write_bytes(mio.join(out, "sweep.yaml"), yaml.safe_dump(to_dict(sweep), sort_keys=False).encode())
     plot_auc_vs_freezing(rows, mio.join(out, "auc_vs_freezing.png"))
     summary = {"trials": len(rows), "errors": sum(r["status"] == "ERROR" for r in rows),
                "best": {k: overall[k] for k in RESULT_FIELDS if k != "checkpoint"} if overall else None}

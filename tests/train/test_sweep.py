@@ -126,7 +126,9 @@ def test_resume_after_the_driver_is_killed(train_data_dir, tmp_path):
     assert not (out / "results.csv").exists()
     lines_before = {d: len((out / "tune" / "sweep" / d / "result.json").read_text().splitlines()) for d in finished_before}
 
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    # no grid flags: --resume reads the interrupted sweep's own sweep.yaml
+    resume = [str(BIN / "mammo-ray"), "tune", "--data", str(train_data_dir), "--out", str(out), "--resume"]
+    r = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_results(out)
     assert len(rows) == 4 and {x["status"] for x in rows} == {"TERMINATED"}
