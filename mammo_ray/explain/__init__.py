@@ -1,0 +1,1 @@
+"""Explanations: CAMs from pytorch-grad-cam, mapped back to the source geometry, and scored."""
