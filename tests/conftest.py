@@ -72,27 +72,57 @@ def listening_beyond_loopback() -> list[str]:
 S3_BUCKET = "mammo-test-bucket"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def s3_server(monkeypatch):
-    """moto's S3 server on 127.0.0.1, credentials in the usual environment variables."""
-    port = _free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
+def wait_for_port(port: int, *, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Wait until something accepts connections on 127.0.0.1:port (False on timeout or if
+    ``proc`` exited first)."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
+            return True
         except OSError:
+            if proc is not None and proc.poll() is not None:
+                return False
             time.sleep(0.2)
-    else:
+    return False
+
+
+@pytest.fixture
+def two_node_cluster():
+    """A ray.cluster_utils.Cluster on loopback: a 1-CPU head and a 1-CPU worker, connected.
+    Shuts the session's local Ray down first; the ray_local fixture restarts it when needed."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """moto's S3 server on 127.0.0.1, credentials in the usual environment variables."""
+    port = free_port()
+    exe = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not wait_for_port(port, timeout=30, proc=proc):
         proc.kill()
         pytest.fail("moto_server did not start")
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -4,24 +4,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, wait_for_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -30,7 +22,7 @@ def ray_head(tmp_path):
     import shutil
     import tempfile
 
-    port = _free_port()
+    port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: AF_UNIX paths are <= 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -40,16 +32,9 @@ def ray_head(tmp_path):
                              "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start failed: {(tmp_path / 'head.log').read_text()[-2000:]}")
-            time.sleep(0.5)
     try:
+        if not wait_for_port(port, timeout=60, proc=proc):
+            pytest.fail(f"ray start failed: {(tmp_path / 'head.log').read_text()[-2000:]}")
         yield address, env
     finally:
         # the head's gcs/raylet/workers share the process group started for it: stop all

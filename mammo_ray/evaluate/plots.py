@@ -26,32 +26,31 @@ def _png(plt, fig) -> bytes:
     return buf.getvalue()
 
 
-def roc_figure(curves: dict[str, dict[str, Any]], title: str) -> bytes:
-    """``curves``: set name -> evaluate_set() output (uses its roc curve and AUC)."""
+def _curve_figure(curves: dict[str, dict[str, Any]], *, curve: str, x: str, y: str, metric: str, short: str,
+                  title: str, xlabel: str, ylabel: str, legend_loc: str, diagonal: bool) -> bytes:
     plt, fig, ax = _figure()
     for name, res in curves.items():
-        roc = res.get("roc")
-        if not roc:
+        points = res.get(curve)
+        if not points:
             continue
-        auc = res["metrics"].get("roc_auc")
-        ax.plot(roc["fpr"], roc["tpr"], label=f"{name} (AUC {auc:.3f})" if auc is not None else name)
-    ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=8, loc="lower right")
+        value = res["metrics"].get(metric)
+        ax.plot(points[x], points[y], label=f"{name} ({short} {value:.3f})" if value is not None else name)
+    if diagonal:
+        ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=0.8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize=8, loc=legend_loc)
     return _png(plt, fig)
+
+
+def roc_figure(curves: dict[str, dict[str, Any]], title: str) -> bytes:
+    """``curves``: set name -> evaluate_set() output (uses its roc curve and AUC)."""
+    return _curve_figure(curves, curve="roc", x="fpr", y="tpr", metric="roc_auc", short="AUC", title=title,
+                         xlabel="1 - specificity", ylabel="sensitivity", legend_loc="lower right", diagonal=True)
 
 
 def pr_figure(curves: dict[str, dict[str, Any]], title: str) -> bytes:
-    plt, fig, ax = _figure()
-    for name, res in curves.items():
-        pr = res.get("pr")
-        if not pr:
-            continue
-        ap = res["metrics"].get("pr_auc")
-        ax.plot(pr["recall"], pr["precision"], label=f"{name} (AP {ap:.3f})" if ap is not None else name)
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title=title, xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=8, loc="lower left")
-    return _png(plt, fig)
+    return _curve_figure(curves, curve="pr", x="recall", y="precision", metric="pr_auc", short="AP", title=title,
+                         xlabel="recall (sensitivity)", ylabel="precision", legend_loc="lower left", diagonal=False)
 
 
 def confusion_figure(confusion: dict[str, int], title: str) -> bytes:

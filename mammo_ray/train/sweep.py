@@ -184,7 +184,8 @@ def _best_state(result) -> tuple[dict[str, Any] | None, str | None]:
 
 def write_outputs(grid, out: str, sweep: SweepConfig) -> dict[str, Any]:
     """``results.csv``, ``table.md``, ``best/<backbone>-r<ratio>/checkpoint.pt``,
-    ``best/overall/checkpoint.pt``, ``auc_vs_freezing.png``, ``sweep.yaml``."""
+    ``best/overall/checkpoint.pt``, ``auc_vs_freezing.png``, ``summary.json`` (``sweep.yaml`` is
+    written by ``run_sweep`` when the sweep starts)."""
     rows, files = [], {}
     for result in grid:
         config = result.config or {}
@@ -215,7 +216,6 @@ def write_outputs(grid, out: str, sweep: SweepConfig) -> dict[str, Any]:
     public = [{k: r[k] for k in RESULT_FIELDS if k != "checkpoint"} for r in rows]
     _write_csv(mio.join(out, "results.csv"), public)
     mio.write_bytes(mio.join(out, "table.md"), table_markdown(table_rows).encode())
-    mio.write_bytes(mio.join(out, "sweep.yaml"), yaml.safe_dump(to_dict(sweep), sort_keys=False).encode())
     plot_auc_vs_freezing(rows, mio.join(out, "auc_vs_freezing.png"))
     summary = {"trials": len(rows), "errors": sum(r["status"] == "ERROR" for r in rows),
                "best": {k: overall[k] for k in RESULT_FIELDS if k != "checkpoint"} if overall else None}

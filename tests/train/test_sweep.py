@@ -139,25 +139,13 @@ def test_resume_after_the_driver_is_killed(train_data_dir, tmp_path):
 
 
 @pytest.mark.cluster
-def test_trials_run_on_both_nodes_of_a_cluster(train_data_dir, tmp_path):
+def test_trials_run_on_both_nodes_of_a_cluster(two_node_cluster, train_data_dir, tmp_path):
     import ray
-    from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
-                                                            "include_dashboard": False})
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    try:
-        node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        run_sweep(str(train_data_dir), str(tmp_path / "sweep"), small_sweep(epochs=2))
-        used = {r["node_id"] for r in read_results(tmp_path / "sweep")}
-        assert used == node_ids and len(used) == 2
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    run_sweep(str(train_data_dir), str(tmp_path / "sweep"), small_sweep(epochs=2))
+    used = {r["node_id"] for r in read_results(tmp_path / "sweep")}
+    assert used == node_ids and len(used) == 2
 
 
 @pytest.mark.parametrize("yaml_text,argv,needle", [
