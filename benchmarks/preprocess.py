@@ -14,10 +14,10 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 import mammo_ray  # noqa: F401  (loopback-only Ray)
+from mammo_ray.memory import PeakMemory
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -30,41 +30,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes, seconds")
     return p
-
-
-class PeakMemory:
-    """Samples the summed RSS of this process and every Ray worker process (every 0.25 s)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.psutil, self.peak, self._stop = psutil, 0, threading.Event()
-
-    def _total(self) -> int:
-        total = 0
-        for proc in self.psutil.process_iter(["name", "cmdline", "memory_info"]):
-            try:
-                name = proc.info["name"] or ""
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if proc.pid == os.getpid() or name.startswith("ray::") or "default_worker.py" in cmd:
-                    total += proc.info["memory_info"].rss
-            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, TypeError):
-                continue
-        return total
-
-    def __enter__(self):
-        def loop():
-            while not self._stop.is_set():
-                self.peak = max(self.peak, self._total())
-                time.sleep(0.25)
-
-        self._thread = threading.Thread(target=loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def make_archive(root: str, n: int, distinct: int, height: int, width: int) -> str:

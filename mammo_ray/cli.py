@@ -248,6 +248,43 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+def _add_explain(sub) -> None:
+    from mammo_ray.explain.cam import CAM_METHODS
+
+    p = sub.add_parser("explain", help="score and Grad-CAM an image archive with a Ray Data batch job")
+    p.add_argument("inputs", nargs="+", help="folders, DICOM trees, CSV manifests or files (local or s3://...)")
+    p.add_argument("--checkpoint", required=True, help="a mammo-ray checkpoint (train/tune best)")
+    p.add_argument("--out", required=True, help="output folder or URI")
+    p.add_argument("--method", choices=CAM_METHODS, default="gradcam")
+    p.add_argument("--target-layer", help="dotted module path (default: the backbone's registered CAM layer)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per CAM batch")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per CAM actor (default: 1 when the cluster has GPUs)")
+    p.add_argument("--workers", type=int, help="CAM actors (default: one per GPU, or CPUs - 1)")
+    p.add_argument("--preview-size", type=int, default=512, help="long side of the overlay PNGs")
+    p.add_argument("--heatmap-max-side", type=int, default=0,
+                   help="long side of the heatmap PNGs (default 0: the source image's own size)")
+    p.add_argument("--threshold", type=float, help="decision threshold (default: the checkpoint's val threshold)")
+    p.add_argument("--annotations", help="CSV of lesions (path/image_id + lesion_x,lesion_y,lesion_r or mask_path)")
+    p.add_argument("--top", type=int, default=16, help="overlays on overview.png")
+    p.add_argument("--resume", action="store_true", help="continue a killed or partial run in --out")
+    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+
+
+def _run_explain(args) -> int:
+    from mammo_ray.explain.job import ExplainOptions, run_explain
+
+    opts = ExplainOptions(method=args.method, target_layer=args.target_layer, batch_size=args.batch_size,
+                          gpus_per_worker=args.gpus_per_worker, workers=args.workers, preview_size=args.preview_size,
+                          heatmap_max_side=args.heatmap_max_side, threshold=args.threshold,
+                          annotations=args.annotations, top_n=args.top)
+    summary = run_explain(args.inputs, args.checkpoint, args.out, opts, resume=args.resume, address=args.address)
+    print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "images_per_second", "threshold")}))
+    if "localization" in summary:
+        print(f"localization: {json.dumps(summary['localization'])}")
+    print(f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']} -> {args.out}")
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on synthetic phantoms on a local Ray")
     p.add_argument("--out", default="demo-output")
@@ -294,7 +331,7 @@ def _run_demo(args) -> int:
 COMMANDS = {"synth": (_add_synth, _run_synth), "preprocess": (_add_preprocess, _run_preprocess),
             "train": (_add_train, _run_train), "lr-find": (_add_lr_find, _run_lr_find),
             "tune": (_add_tune, _run_tune), "evaluate": (_add_evaluate, _run_evaluate),
-            "demo": (_add_demo, _run_demo)}
+            "explain": (_add_explain, _run_explain), "demo": (_add_demo, _run_demo)}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -18,6 +18,22 @@ def credential_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(CREDENTIAL_PREFIXES)}
 
 
+def remote_args(paths: list[str]) -> dict:
+    """``runtime_env`` for Ray Data operators that touch ``paths``: the driver's object-store
+    credentials and endpoint when any path is a URI, nothing for local paths.
+
+    Workers of a running Ray do not see variables set in the driver after they started;
+    forwarding the usual ``AWS_*`` / GCS variables makes ``s3://`` work the same from a
+    laptop and from a submitted job.
+    """
+    from mammo_ray import io as mio
+
+    if not any(mio.is_uri(p) for p in paths):
+        return {}
+    env = credential_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
              quiet: bool = True) -> None:
     """Initialise Ray once per process (no-op when already connected).

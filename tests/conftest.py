@@ -160,3 +160,31 @@ def train_data_dir(tmp_path_factory, _ray_session) -> Path:
     summary = run_preprocess([str(raw)], str(out), PreprocessConfig.load(size=96, ratios=(0.7, 0.2, 0.1)))
     assert summary["rows"] == 300
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(train_data_dir, tmp_path_factory) -> Path:
+    """simplecnn trained on the 96 px phantom set (val AUC >= 0.9): what explain tests explain."""
+    from mammo_ray.config import TrainConfig
+    from mammo_ray.train.data import load_training_data
+    from mammo_ray.train.loop import fit
+
+    out = tmp_path_factory.mktemp("trained")
+    spec, train, val = load_training_data(str(train_data_dir))
+    cfg = TrainConfig(backbone="simplecnn", epochs=12, batch_size=32, optimizer="adamw", base_lr=1e-4, max_lr=3e-3,
+                      step_size_epochs=2, patience=0)
+    result = fit(cfg, spec, train, val, out=str(out))
+    assert result.best_metrics["val_auc"] >= 0.9, result.best_metrics
+    return out / "best.pt"
+
+
+def copies_archive(src: Path, dst: Path, n: int) -> Path:
+    """An archive of ``n`` files: hard links to ``src``'s images under distinct names (distinct
+    paths, hence distinct image ids), in its class folders."""
+    files = sorted(p for p in src.rglob("*") if p.suffix in (".png", ".dcm", ".jpg"))
+    for i in range(n):
+        f = files[i % len(files)]
+        target = dst / f.parent.name / f"c{i:06d}{f.suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(f, target)
+    return dst

@@ -67,13 +67,15 @@ def _error(path: str, reason: str) -> dict:
     return {"path": path, "image_id": image_id(path), "reason": reason}
 
 
-def discover(inputs: list[str], *, unlabeled: bool = False) -> Listing:
+def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: bool = False) -> Listing:
     """List every input.
 
     Args:
         inputs: folders (class sub-folders ``benign/``, ``malignant/``, or an unlabeled
             tree such as a DICOM archive), ``.csv`` manifests, or single image files.
         unlabeled: ignore class folders and manifest labels (label -1).
+        labels_optional: a manifest without a ``label`` column is unlabeled instead of an
+            error (scoring an archive needs no labels; they are kept when present).
 
     Raises:
         ValueError: an input that does not exist (before any work starts).
@@ -86,7 +88,7 @@ def discover(inputs: list[str], *, unlabeled: bool = False) -> Listing:
         if mio.is_dir(inp):
             _discover_folder(inp, unlabeled, listing)
         elif _ext(inp) == ".csv":
-            _discover_manifest(inp, unlabeled, listing)
+            _discover_manifest(inp, unlabeled, listing, labels_optional)
         else:
             path = inp if mio.is_uri(inp) else os.path.abspath(inp)
             listing.records.append(_record(path, UNLABELED))
@@ -131,10 +133,12 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root + "/")
 
 
-def _discover_manifest(manifest: str, unlabeled: bool, listing: Listing) -> None:
+def _discover_manifest(manifest: str, unlabeled: bool, listing: Listing, labels_optional: bool = False) -> None:
     text = mio.read_bytes(manifest).decode("utf-8-sig")
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip() for c in (reader.fieldnames or [])]
+    if labels_optional and "label" not in columns:
+        unlabeled = True
     needed = ["path"] + ([] if unlabeled else ["label"])
     missing = [c for c in needed if c not in columns]
     if missing:

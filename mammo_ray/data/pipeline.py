@@ -29,6 +29,7 @@ from mammo_ray.data.inputs import CLASS_NAMES, Listing, discover, needs_header_p
 from mammo_ray.data.parquet import SPLIT_DIRS, rows_to_table, write_table
 from mammo_ray.data.split import assign_splits
 from mammo_ray.data.transforms import preprocess_image
+from mammo_ray.ray_utils import remote_args
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,12 @@ def _node_id() -> str:
         return "local"
 
 
-def process_record(rec: dict, cfg: PreprocessConfig) -> tuple[dict | None, dict]:
-    """Read, decode and transform one input. Returns (Parquet row or None, status row)."""
+def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = False) -> tuple[dict | None, dict]:
+    """Read, decode and transform one input. Returns (Parquet row or None, status row).
+
+    ``keep_source``: the row also carries the decoded source image as ``source_pixels`` (an
+    array, not a Parquet column) for overlays drawn at the source geometry.
+    """
     status = {"image_id": rec["image_id"], "path": rec["path"], "split": rec["split"],
               "label": int(rec["label"]), "status": "error", "reason": "", "warning": "", "inverted": False}
     t0 = time.perf_counter()
@@ -87,6 +92,8 @@ def process_record(rec: dict, cfg: PreprocessConfig) -> tuple[dict | None, dict]
         "pixels": pixels.tobytes(), "height": pixels.shape[0], "width": pixels.shape[1],
         "dtype": str(pixels.dtype), **geom,
     }
+    if keep_source:
+        row["source_pixels"] = dec.pixels
     status.update(status="ok", warning=warning, inverted=geom["inverted"], seconds=time.perf_counter() - t0)
     return row, status
 
@@ -133,21 +140,6 @@ def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- driver side
-def _remote_env(paths: list[str]) -> dict[str, Any]:
-    """Object-store credentials and endpoint from the driver's environment, for the tasks.
-
-    Workers of a running Ray do not see variables set in the driver after they started;
-    forwarding the usual ``AWS_*`` / GCS variables through ``runtime_env`` makes
-    ``s3://`` inputs work the same from a laptop and from a job. Local paths: nothing.
-    """
-    from mammo_ray.ray_utils import credential_env
-
-    if not any(mio.is_uri(p) for p in paths):
-        return {}
-    env = credential_env()
-    return {"runtime_env": {"env_vars": env}} if env else {}
-
-
 def _check_output(out: str, overwrite: bool) -> None:
     existing = [p for p in ("summary.json", "preprocess.yaml", *SPLIT_DIRS) if mio.exists(mio.join(out, p))]
     if not existing:
@@ -169,7 +161,7 @@ def _probe_patients(records: list[dict], cfg: PreprocessConfig) -> None:
     todo = [r for r in records if needs_header_probe(r)]
     if not todo:
         return
-    env = _remote_env([r["path"] for r in todo[:1]])
+    env = remote_args([r["path"] for r in todo[:1]])
     ds = ray.data.from_items([{"path": r["path"]} for r in todo],
                              override_num_blocks=max(1, min(len(todo), math.ceil(len(todo) / 256))))
     found = {}
@@ -216,7 +208,8 @@ def _summarize(listing: Listing, statuses: pd.DataFrame, cfg: PreprocessConfig, 
     }
 
 
-def _write_errors(out: str, rows: list[dict]) -> None:
+def write_errors(out: str, rows: list[dict]) -> None:
+    """``errors.csv``: one line per input that gave no row (path, image_id, reason), sorted by path."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["path", "image_id", "reason"], lineterminator="\n")
     writer.writeheader()
@@ -260,7 +253,7 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
         ds = ray.data.from_items(listing.records, override_num_blocks=max(1, math.ceil(n / cfg.batch_size)))
         ds = ds.map_batches(process_batch, batch_format="pandas", batch_size=cfg.batch_size,
                             fn_kwargs={"cfg": cfg, "out": out}, num_cpus=1,
-                            **_remote_env([*inputs, out]))
+                            **remote_args([*inputs, out]))
         for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
             frames.append(batch)
     statuses = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(RESULT_COLUMNS))
@@ -268,7 +261,7 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
         raise RuntimeError(f"{len(listing.records)} records sent but {len(statuses)} results came back: work was lost or duplicated")
 
     failed = statuses[statuses["status"] != "ok"][["path", "image_id", "reason"]].to_dict("records")
-    _write_errors(out, listing.errors + failed)
+    write_errors(out, listing.errors + failed)
     summary = _summarize(listing, statuses, cfg, time.perf_counter() - t0)
     config_out = to_dict(cfg)
     config_out.pop("patient_salt")  # the salt would let anyone re-derive patient keys

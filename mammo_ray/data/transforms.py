@@ -246,3 +246,17 @@ def map_to_original(arr: np.ndarray, geometry: dict[str, Any]) -> np.ndarray:
     if g["flipped"]:
         out = out[:, ::-1]
     return np.ascontiguousarray(out)
+
+
+def scale_geometry(geometry: dict[str, Any], factor: float) -> dict[str, Any]:
+    """The geometry of the source image scaled by ``factor`` (a preview of it): with it,
+    :func:`map_to_original` maps straight onto the preview instead of the full-size source."""
+    g = dict(geometry)
+    if factor == 1.0:
+        return g
+    h, w = max(1, round(g["orig_height"] * factor)), max(1, round(g["orig_width"] * factor))
+    y0, y1 = round(g["crop_y0"] * factor), round(g["crop_y1"] * factor)
+    x0, x1 = round(g["crop_x0"] * factor), round(g["crop_x1"] * factor)
+    g.update(orig_height=h, orig_width=w, crop_y0=min(y0, h - 1), crop_x0=min(x0, w - 1),
+             crop_y1=min(max(y1, y0 + 1), h), crop_x1=min(max(x1, x0 + 1), w))
+    return g

@@ -62,7 +62,7 @@ def score_distributed(checkpoint: str, folder: str, split: str, *, batch_size: i
     n_actors = actors or (gpus if gpus else max(1, int(resources.get("CPU", 1)) - 1))
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "pixels", "height", "width", "dtype"])
     ds = ds.map_batches(ScoreActor, fn_constructor_kwargs={"checkpoint": checkpoint, "batch_size": batch_size},
-                        batch_size=batch_size, concurrency=n_actors, num_gpus=1 if gpus else 0,
+                        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=1 if gpus else 0,
                         num_cpus=0 if gpus else 1, batch_format="numpy")
     out: dict[str, float] = {}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):

@@ -2,10 +2,18 @@
 
 The target layer comes from the backbone registry (overridable). Hooks are released and the
 model's train/eval mode restored by a context manager, whatever happens inside.
+
+Speed: pytorch-grad-cam's plain use back-propagates through the whole network and computes
+every weight's gradient, although a CAM only needs d(score)/d(target activation). With
+``stop_at_target`` (the default) parameters are taken out of autograd for the duration and a
+forward hook hands the layers after the target a fresh leaf copy of the target's output: the
+part before the target builds no graph (as fast as inference) and the backward pass runs
+only through the head. The CAM maths is still pytorch-grad-cam's, on the same activations
+and gradients (a test checks the maps match the plain use).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import numpy as np
@@ -24,44 +32,109 @@ def _cam_class(method: str):
     return classes[method]
 
 
+def check_method(method: str) -> str:
+    """``method`` if offered, else a ValueError listing the offered ones."""
+    if method not in CAM_METHODS:
+        raise ValueError(f"method={method!r}: use one of {', '.join(CAM_METHODS)}")
+    return method
+
+
+def resolve_target_layer(backbone: str, target_layer: str | None = None) -> str:
+    """The layer to explain: ``target_layer`` if given, else the backbone's registered one.
+
+    Raises:
+        ValueError: the backbone has no CAM layer and none was given.
+    """
+    from mammo_ray.models.registry import get_backbone
+
+    if target_layer:
+        return target_layer
+    layer = get_backbone(backbone).cam_layer
+    if not layer:
+        raise ValueError(f"backbone {backbone!r} has no CAM target layer in the registry: pass --target-layer "
+                         f"(a module whose output is a (N, C, H, W) feature map)")
+    return layer
+
+
+def _leaf_hook(module, inputs, output):
+    # A fresh leaf: nothing before the target layer is in the graph, backward stops here.
+    # float(): under bf16 autocast pytorch-grad-cam's .numpy() would fail on bf16 tensors.
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+        return output.detach().float().requires_grad_(True)
+    return None
+
+
 @contextmanager
 def cam_extractor(model: torch.nn.Module, backbone: str, method: str = "gradcam", *,
-                  target_layer: str | None = None) -> Iterator:
+                  target_layer: str | None = None, stop_at_target: bool = True) -> Iterator:
     """Yield a pytorch-grad-cam object on the backbone's CAM layer (or ``target_layer``).
 
     Raises:
         ValueError: an unknown method, or a target layer the model does not have.
     """
-    from mammo_ray.models.registry import get_backbone, get_submodule
+    from mammo_ray.models.registry import get_submodule
 
     cls = _cam_class(method)
-    layer = get_submodule(model, target_layer or get_backbone(backbone).cam_layer)
+    layer = get_submodule(model, resolve_target_layer(backbone, target_layer))
     was_training = model.training
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    handle = None
     model.eval()
-    cam = cls(model=model, target_layers=[layer])
     try:
-        yield cam
+        if stop_at_target:
+            for p, _ in grad_flags:
+                p.requires_grad_(False)
+            # prepend: pytorch-grad-cam's own hooks must see (and hook) the leaf
+            handle = layer.register_forward_hook(_leaf_hook, prepend=True)
+        cam = cls(model=model, target_layers=[layer])
+        try:
+            yield cam
+        finally:
+            # pytorch-grad-cam's own __exit__ swallows exceptions; release the hooks explicitly
+            cam.activations_and_grads.release()
     finally:
-        # pytorch-grad-cam's own __exit__ swallows exceptions; release the hooks explicitly
-        cam.activations_and_grads.release()
+        if handle is not None:
+            handle.remove()
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
         model.train(was_training)
 
 
 def score_and_cam(model: torch.nn.Module, backbone: str, x: torch.Tensor, *, method: str = "gradcam",
-                  target_layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  target_layer: str | None = None, stop_at_target: bool = True,
+                  amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Malignancy probabilities and CAMs (B, H, W) in [0, 1] for a normalized batch, from one
-    forward pass (pytorch-grad-cam keeps that pass's outputs)."""
+    forward pass (pytorch-grad-cam keeps that pass's outputs). ``amp``: bf16/fp16 autocast on
+    CUDA (ignored on CPU)."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    with cam_extractor(model, backbone, method, target_layer=target_layer) as cam:
-        maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)] * x.shape[0])  # the malignancy logit
+    from mammo_ray.train.loop import _autocast
+
+    device = next(model.parameters()).device
+    with cam_extractor(model, backbone, method, target_layer=target_layer, stop_at_target=stop_at_target) as cam:
+        with (_autocast(device, True) if amp else nullcontext()):
+            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)] * x.shape[0])  # the malignancy logit
         probs = torch.sigmoid(cam.outputs[:, 0].detach().float()).cpu().numpy()
     maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     return probs, np.clip(maps, 0.0, 1.0)
 
 
-def localization(cam: np.ndarray, *, x: float, y: float, r: float) -> dict[str, float | bool]:
-    """How well a CAM (in the source geometry) points at a lesion given as a circle.
+def top_energy_fraction(cam: np.ndarray, top: float = 0.05) -> float:
+    """Share of a CAM's total mass held by its ``top`` fraction of pixels (how focused it is:
+    about ``top`` for a flat map, near 1 for a single hot spot)."""
+    flat = cam.ravel()
+    total = float(flat.sum())
+    if total <= 0:
+        return 0.0
+    k = max(1, int(round(top * flat.size)))
+    top_mass = np.partition(flat, flat.size - k)[flat.size - k:].sum(dtype=np.float64)
+    return float(min(1.0, top_mass / flat.sum(dtype=np.float64)))  # float32 sums can exceed 1 by an ulp
+
+
+def localization(cam: np.ndarray, *, x: float | None = None, y: float | None = None, r: float | None = None,
+                 mask: np.ndarray | None = None) -> dict[str, float | bool]:
+    """How well a CAM (in the source geometry) points at a lesion given as a circle (centre
+    ``x``, ``y``, radius ``r`` in pixels) or a boolean ``mask`` of the CAM's shape.
 
     Returns:
         pointing_hit: the CAM's peak lies inside the lesion (pointing game, Zhang et al. 2018);
@@ -69,8 +142,13 @@ def localization(cam: np.ndarray, *, x: float, y: float, r: float) -> dict[str, 
         area_fraction: the lesion's share of the image, the chance level of both.
     """
     h, w = cam.shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    inside = (xx - x) ** 2 + (yy - y) ** 2 <= r ** 2
+    if mask is not None:
+        inside = np.asarray(mask, bool)
+        if inside.shape != cam.shape:
+            raise ValueError(f"lesion mask shape {inside.shape} differs from the CAM's {cam.shape}")
+    else:
+        yy, xx = np.ogrid[0:h, 0:w]
+        inside = (xx - x) ** 2 + (yy - y) ** 2 <= r ** 2
     py, px = np.unravel_index(int(np.argmax(cam)), cam.shape)
     total = float(cam.sum())
     return {"pointing_hit": bool(inside[py, px]), "energy_inside": float(cam[inside].sum() / total) if total > 0 else 0.0,

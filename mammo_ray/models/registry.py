@@ -43,7 +43,8 @@ class BackboneSpec:
         weights_enum: the torchvision ImageNet weights, e.g. ``"ResNet50_Weights.IMAGENET1K_V2"``
             (None when the backbone has no ImageNet weights).
         head: dotted path of the final ``nn.Linear``, replaced by a ``num_outputs`` Linear.
-        cam_layer: dotted path of the Grad-CAM target layer (last spatial feature map).
+        cam_layer: dotted path of the Grad-CAM target layer (last spatial feature map), or
+            None for a backbone without one (explanations then need an explicit layer).
         units: ordered freezable units ``(name, module)`` of a *built* model; their parameters
             are disjoint and, with the head side, cover every parameter of the model.
         first_conv: dotted path of the input convolution, folded to ``in_chans=1``.
@@ -54,7 +55,7 @@ class BackboneSpec:
     builder: Callable[..., nn.Module]
     weights_enum: str | None
     head: str
-    cam_layer: str
+    cam_layer: str | None
     units: Callable[[nn.Module], Units]
     first_conv: str
     description: str = ""

@@ -152,9 +152,13 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | N
     """Loss-free validation metrics; AUC is None when only one class is present (undefined)."""
     from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
+    from mammo_ray.evaluate.metrics import choose_threshold
+
     auc = float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else None
     pred = (probs >= 0.5).astype(int)
-    return {"val_auc": auc, "val_accuracy": float((pred == labels).mean()),
+    # the Youden threshold on val travels in the checkpoint: explain's predicted labels use it
+    return {"val_auc": auc, "val_threshold": float(choose_threshold(labels, probs)["threshold"]),
+            "val_accuracy": float((pred == labels).mean()),
             "val_precision": float(precision_score(labels, pred, zero_division=0)),
             "val_recall": float(recall_score(labels, pred, zero_division=0)),
             "val_f1": float(f1_score(labels, pred, zero_division=0))}

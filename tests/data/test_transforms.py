@@ -1,6 +1,7 @@
 """Transforms: crop, orientation, resize modes, equalization, dtype, inversion, geometry."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -155,6 +156,31 @@ def test_map_to_original_puts_a_point_back_where_it_was(side, mode):
     by, bx = np.unravel_index(np.argmax(back), back.shape)
     assert abs(by - py) <= 4 and abs(bx - px) <= 4
     assert back.min() >= 0 and back.max() <= 1
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_map_to_original_at_a_preview_scale(side):
+    """A scaled geometry maps straight onto a preview of the source: the same map as mapping to
+    full size and then shrinking, and the point lands at the scaled place."""
+    from mammo_ray.data.transforms import scale_geometry
+
+    img, _ = breast(side=side, marker=False)
+    py, px = 200, (60 if side == "left" else 240)
+    spec = PreprocessSpec(size=(96, 80), equalize="none")
+    _, geom = preprocess_image(img, spec)
+    x_or = (img.shape[1] - 1 - px) if geom["flipped"] else px
+    heat = np.zeros(spec.size, np.float32)
+    heat[round((py - geom["crop_y0"]) * geom["scale_y"]) + geom["pad_top"],
+         round((x_or - geom["crop_x0"]) * geom["scale_x"]) + geom["pad_left"]] = 1.0
+    heat = cv2.GaussianBlur(heat, (9, 9), 2)
+    f = 0.25
+    small = map_to_original(heat, scale_geometry(geom, f))
+    assert small.shape == (round(img.shape[0] * f), round(img.shape[1] * f))
+    by, bx = np.unravel_index(np.argmax(small), small.shape)
+    assert abs(by - py * f) <= 2 and abs(bx - px * f) <= 2
+    full = cv2.resize(map_to_original(heat, geom), small.shape[::-1], interpolation=cv2.INTER_AREA)
+    assert np.abs(full - small).max() < 0.25 * heat.max()
+    assert scale_geometry(geom, 1.0) == geom
 
 
 def test_clahe_on_16_bit_matches_8_bit_and_does_not_amplify_noise():

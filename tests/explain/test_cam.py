@@ -97,3 +97,32 @@ def test_trained_model_cam_points_at_phantom_lesions(tmp_path):
     chance = np.mean([s["area_fraction"] for s in scores])
     print(f"pointing game {hit_rate:.2f} vs chance {chance:.3f}")
     assert hit_rate >= max(0.3, 5 * chance), (hit_rate, chance)
+
+
+@pytest.mark.parametrize("backbone", ["simplecnn", "resnet18", "efficientnet_b0"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam"])
+def test_backward_stopped_at_target_layer_gives_the_same_maps(backbone, method):
+    """The fast path (no graph before the target layer, no weight gradients) gives the maps and
+    scores of pytorch-grad-cam's plain use, leaves no .grad behind and restores requires_grad."""
+    torch.manual_seed(1)
+    model = build_model(backbone).eval()
+    x = torch.randn(2, 1, 64, 64)
+    p_plain, m_plain = score_and_cam(model, backbone, x, method=method, stop_at_target=False)
+    model.zero_grad(set_to_none=True)
+    p_fast, m_fast = score_and_cam(model, backbone, x, method=method, stop_at_target=True)
+    np.testing.assert_allclose(p_fast, p_plain, atol=1e-6)
+    np.testing.assert_allclose(m_fast, m_plain, atol=1e-5)
+    assert m_fast.max() > 0
+    assert all(p.grad is None for p in model.parameters())  # backward never reached a weight
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_top_energy_fraction():
+    from mammo_ray.explain.cam import top_energy_fraction
+
+    flat = np.ones((20, 20), np.float32)
+    assert top_energy_fraction(flat) == pytest.approx(0.05)
+    spot = np.zeros((20, 20), np.float32)
+    spot[3, 4] = 0.7
+    assert top_energy_fraction(spot) == 1.0
+    assert top_energy_fraction(np.zeros((5, 5), np.float32)) == 0.0

@@ -1,0 +1,628 @@
+"""The explain batch job: score and Grad-CAM every image of an archive with Ray Data.
+
+    list -> read + decode + preprocess with the checkpoint's spec (CPU tasks)
+         -> score + CAM in an actor pool (the model loaded once per actor; GPU when there is one)
+         -> map the CAM back to the source geometry, write heatmap + overlay PNGs and one
+            Parquet part per batch (CPU tasks)
+
+Output folder::
+
+    explain.yaml            what produced the results (checkpoint sha256, method, layer, inputs...)
+    scores.parquet/         a Parquet dataset, one part per batch (``pd.read_parquet`` reads it)
+    heatmaps/ab/<id>.png    16-bit CAM in [0, 1] at the source image's geometry
+    overlays/ab/<id>.png    CAM over the source image at the preview size
+    overview.png            the highest-scoring overlays on one sheet
+    errors.csv, summary.json, localization.json (when annotations are given)
+
+Nothing is lost and nothing is done twice: a batch's Parquet part is written last and is its
+commit; ``--resume`` skips every image that already has a row (in ``scores.parquet`` or in
+the error parts), a retried task rewrites its own part (named by a hash of its image ids),
+and the job ends by checking that every input has exactly one row or one error.
+File names are image ids (a hash of the source path), never patient identifiers.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import posixpath
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from mammo_ray import io as mio
+from mammo_ray.config import PreprocessConfig, PreprocessSpec
+from mammo_ray.data.transforms import GEOMETRY_FIELDS
+from mammo_ray.explain.cam import check_method, localization, resolve_target_layer, top_energy_fraction
+
+logger = logging.getLogger(__name__)
+
+SCORES = "scores.parquet"
+ERROR_PARTS = "_errors"
+IDENTITY_FILE = "explain.yaml"
+# explain.yaml keys that must match for --resume to continue a folder
+IDENTITY_KEYS = ("checkpoint_sha256", "backbone", "method", "target_layer", "threshold", "preview_size",
+                 "heatmap_max_side", "inputs")
+SCORE_COLUMNS = ("image_id", "source_path", "label", "probability", "predicted", "threshold",
+                 "cam_peak_x", "cam_peak_y", "cam_peak_value", "cam_top5_energy", "orig_height", "orig_width",
+                 "heatmap_path", "overlay_path", "pointing_hit", "energy_inside", "lesion_area_fraction",
+                 "warning", "node_id", "seconds_preprocess", "seconds_cam", "seconds_write")
+
+
+class OutputInUseError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """How to explain. ``workers``: size of the CAM actor pool (default: one per GPU, or the
+    CPUs less one on CPU-only clusters, so the read tasks keep a core)."""
+
+    method: str = "gradcam"
+    target_layer: str | None = None
+    batch_size: int = 32
+    gpus_per_worker: float | None = None
+    workers: int | None = None
+    preview_size: int = 512
+    heatmap_max_side: int = 0
+    threshold: float | None = None
+    annotations: str | None = None
+    top_n: int = 16
+    prep_batch_size: int = 8
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        for name in ("batch_size", "preview_size", "top_n", "prep_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.heatmap_max_side < 0:
+            raise ValueError(f"heatmap_max_side={self.heatmap_max_side!r}: 0 (the source's size) or a side in pixels")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers={self.workers!r}: must be >= 1")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r}: must be >= 0")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold!r}: must be in [0, 1]")
+
+
+# ----------------------------------------------------------------------------- worker side
+def _display_uint8(img: np.ndarray) -> np.ndarray:
+    """A source image windowed for display (0.5-99.5th percentile to 0-255)."""
+    f = img.astype(np.float32)
+    lo, hi = np.percentile(f, (0.5, 99.5))
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((f - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+
+
+def _scale_for(h: int, w: int, side: int) -> float:
+    return 1.0 if side <= 0 else min(1.0, side / max(h, w))
+
+
+# typed placeholders for failed rows, so every batch column converts to one Arrow type
+_EMPTY_GEOMETRY = {k: (False if k in ("inverted", "flipped") else 0.0 if k.startswith("scale") else 0)
+                   for k in GEOMETRY_FIELDS}
+
+
+def prepare_batch(batch: pd.DataFrame, *, cfg: PreprocessConfig, preview_size: int) -> pd.DataFrame:
+    """CPU task: decode and preprocess each input with the checkpoint's spec, plus a display
+    preview of the source at the preview size. Failed inputs stay in the batch as errors."""
+    import cv2
+
+    from mammo_ray.data.pipeline import _node_id, process_record
+
+    cv2.setNumThreads(1)  # a task per core already; OpenCV's pool would oversubscribe
+    rows = []
+    for rec in batch.to_dict("records"):
+        rec = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
+        rec.setdefault("split", "external")
+        t0 = time.perf_counter()
+        row, status = process_record(rec, cfg, keep_source=True)
+        out = {"image_id": rec["image_id"], "source_path": rec["path"], "label": int(rec["label"]),
+               "status": status["status"], "reason": status["reason"], "warning": status["warning"] or "",
+               "pixels": b"", "height": 0, "width": 0, "dtype": "", "preview": b"", "preview_height": 0,
+               "preview_width": 0, **_EMPTY_GEOMETRY}
+        if row is not None:
+            src = row.pop("source_pixels")
+            f = _scale_for(*src.shape, preview_size)
+            small = src if f == 1.0 else cv2.resize(src, (max(1, round(src.shape[1] * f)), max(1, round(src.shape[0] * f))),
+                                                    interpolation=cv2.INTER_AREA)
+            prev = _display_uint8(small)
+            out.update({k: row[k] for k in ("pixels", "height", "width", "dtype", *GEOMETRY_FIELDS)})
+            out.update(preview=prev.tobytes(), preview_height=prev.shape[0], preview_width=prev.shape[1])
+        out["seconds_preprocess"] = time.perf_counter() - t0
+        out["prep_node_id"] = _node_id()
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+class CamActor:
+    """Ray Data callable class: loads the checkpoint once, then scores and CAMs batches."""
+
+    def __init__(self, checkpoint: str, method: str, target_layer: str | None, amp: bool = True) -> None:
+        import torch
+
+        from mammo_ray.train.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
+        from mammo_ray.train.loop import resolve_device
+
+        state = load_checkpoint(checkpoint)
+        self.spec: PreprocessSpec = checkpoint_spec(state)
+        self.backbone = state["backbone"]
+        self.device = resolve_device("auto")
+        self.model = model_from_checkpoint(state).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.method, self.target_layer, self.amp = method, target_layer, amp
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import torch
+
+        from mammo_ray.data.pipeline import _node_id
+        from mammo_ray.explain.cam import score_and_cam
+
+        t0 = time.perf_counter()
+        ok = np.flatnonzero(batch["status"].to_numpy() == "ok")
+        n = len(batch)
+        probs = np.full(n, np.nan, np.float32)
+        cams: list[bytes] = [b""] * n
+        cam_h = np.zeros(n, np.int64)
+        cam_w = np.zeros(n, np.int64)
+        if len(ok):
+            first = batch.iloc[ok[0]]
+            dtype = np.dtype(first["dtype"])
+            px = np.stack([np.frombuffer(batch["pixels"].iat[i], dtype=dtype).reshape(int(batch["height"].iat[i]),
+                                                                                      int(batch["width"].iat[i]))
+                           for i in ok])
+            top = float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
+            x = torch.from_numpy(px).to(self.device).unsqueeze(1).float().div_(top).sub_(self.spec.mean).div_(self.spec.std)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            p, maps = score_and_cam(self.model, self.backbone, x, method=self.method, target_layer=self.target_layer,
+                                    amp=self.amp)
+            for j, i in enumerate(ok):
+                probs[i] = p[j]
+                cams[i] = maps[j].astype(np.float16).tobytes()
+                cam_h[i], cam_w[i] = maps[j].shape
+        per_image = (time.perf_counter() - t0) / max(len(ok), 1)
+        out = batch.drop(columns=["pixels"])
+        out["probability"] = probs
+        out["cam"] = cams
+        out["cam_height"] = cam_h
+        out["cam_width"] = cam_w
+        out["seconds_cam"] = np.where(batch["status"].to_numpy() == "ok", per_image, 0.0)
+        out["node_id"] = _node_id()
+        return out
+
+
+def _png(img: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def shard_path(kind: str, image_id: str) -> str:
+    """Relative path of an image's output file: two-character shards keep folders small."""
+    return f"{kind}/{image_id[:2]}/{image_id}.png"
+
+
+def overlay_image(preview: np.ndarray, heat: np.ndarray, peak: tuple[int, int] | None = None) -> np.ndarray:
+    """BGR overlay of a CAM (in [0, 1], the preview's shape) on a uint8 grey preview, with
+    pytorch-grad-cam's colouring; the peak marked by a small circle."""
+    import cv2
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = np.repeat((preview.astype(np.float32) / 255.0)[:, :, None], 3, axis=2)
+    vis = show_cam_on_image(rgb, heat.astype(np.float32), use_rgb=False, image_weight=0.6)
+    if peak is not None:
+        r = max(3, round(0.02 * max(heat.shape)))
+        cv2.circle(vis, (int(peak[0]), int(peak[1])), r, (255, 255, 255), max(1, r // 3), cv2.LINE_AA)
+    return vis
+
+
+def _lesion_scores(heat: np.ndarray, f_heat: float, ann: dict | None) -> dict[str, Any]:
+    empty = {"pointing_hit": None, "energy_inside": None, "lesion_area_fraction": None}
+    if not ann:
+        return empty
+    if ann.get("mask_path"):
+        import cv2
+
+        from mammo_ray.data.decode import decode_bytes
+
+        mask = decode_bytes(mio.read_bytes(ann["mask_path"]), min_side=1).pixels
+        mask = cv2.resize((mask > 0).astype(np.uint8), (heat.shape[1], heat.shape[0]), interpolation=cv2.INTER_NEAREST)
+        res = localization(heat, mask=mask > 0)
+    else:
+        res = localization(heat, x=ann["x"] * f_heat, y=ann["y"] * f_heat, r=max(ann["r"] * f_heat, 0.5))
+    return {"pointing_hit": res["pointing_hit"], "energy_inside": res["energy_inside"],
+            "lesion_area_fraction": res["area_fraction"]}
+
+
+def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size: int, heatmap_max_side: int,
+                annotations: dict[str, dict]) -> pd.DataFrame:
+    """CPU task: map each CAM back to the source geometry, write its heatmap and overlay, then
+    the batch's Parquet part (scores) and error part; return one status row per input."""
+    import cv2
+
+    from mammo_ray.data.transforms import map_to_original, scale_geometry
+
+    cv2.setNumThreads(1)
+    rows, errors, statuses = [], [], []
+    for rec in batch.to_dict("records"):
+        t0 = time.perf_counter()
+        status = {"image_id": rec["image_id"], "path": rec["source_path"], "status": rec["status"],
+                  "reason": rec["reason"], "node_id": rec.get("node_id", ""), "prep_node_id": rec.get("prep_node_id", "")}
+        if rec["status"] == "ok":
+            try:
+                geom = {k: rec[k] for k in GEOMETRY_FIELDS}
+                cam = np.frombuffer(rec["cam"], np.float16).reshape(int(rec["cam_height"]), int(rec["cam_width"]))
+                cam = cam.astype(np.float32)
+                h, w = int(geom["orig_height"]), int(geom["orig_width"])
+                f_heat = _scale_for(h, w, heatmap_max_side)
+                heat = np.clip(map_to_original(cam, scale_geometry(geom, f_heat)), 0.0, 1.0)
+                py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+                preview = np.frombuffer(rec["preview"], np.uint8).reshape(int(rec["preview_height"]), int(rec["preview_width"]))
+                f_prev = preview.shape[0] / h
+                pheat = np.clip(map_to_original(cam, scale_geometry(geom, f_prev)), 0.0, 1.0)
+                if pheat.shape != preview.shape:  # rounding of the preview's size
+                    pheat = cv2.resize(pheat, (preview.shape[1], preview.shape[0]), interpolation=cv2.INTER_LINEAR)
+                hp, op = shard_path("heatmaps", rec["image_id"]), shard_path("overlays", rec["image_id"])
+                mio.write_bytes(mio.join(out, hp), _png(np.round(heat * 65535).astype(np.uint16)))
+                vis = overlay_image(preview, pheat, (px * f_prev / f_heat, py * f_prev / f_heat))
+                mio.write_bytes(mio.join(out, op), _png(vis))
+                prob = float(rec["probability"])
+                rows.append({
+                    "image_id": rec["image_id"], "source_path": rec["source_path"], "label": int(rec["label"]),
+                    "probability": prob, "predicted": int(prob >= threshold), "threshold": float(threshold),
+                    "cam_peak_x": float(px / f_heat), "cam_peak_y": float(py / f_heat),
+                    "cam_peak_value": float(heat[py, px]), "cam_top5_energy": top_energy_fraction(heat, 0.05),
+                    "orig_height": h, "orig_width": w, "heatmap_path": hp, "overlay_path": op,
+                    **_lesion_scores(heat, f_heat, annotations.get(rec["image_id"])),
+                    "warning": rec["warning"], "node_id": rec["node_id"],
+                    "seconds_preprocess": float(rec["seconds_preprocess"]), "seconds_cam": float(rec["seconds_cam"]),
+                    "seconds_write": time.perf_counter() - t0,
+                })
+            except Exception as exc:  # one bad image (e.g. an unreadable mask) must not stop the archive
+                logger.warning("writing outputs failed for %s", rec["source_path"], exc_info=True)
+                status.update(status="error", reason=f"writing outputs failed: {type(exc).__name__}: {exc}".splitlines()[0])
+        if status["status"] != "ok":
+            errors.append({"image_id": rec["image_id"], "path": rec["source_path"], "reason": status["reason"]})
+        statuses.append(status)
+    import pyarrow as pa
+
+    ids = sorted(r["image_id"] for r in batch.to_dict("records"))
+    digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20]
+    if errors:
+        _write_parquet(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), mio.join(out, ERROR_PARTS, f"part-{digest}.parquet"))
+    # the scores part is written last: its presence commits the batch (see the module doc)
+    if rows:
+        _write_parquet(pa.Table.from_pylist(rows, schema=SCORE_SCHEMA), mio.join(out, SCORES, f"part-{digest}.parquet"))
+    return pd.DataFrame(statuses, columns=["image_id", "path", "status", "reason", "node_id", "prep_node_id"])
+
+
+def _schemas():
+    import pyarrow as pa
+
+    score = pa.schema([
+        ("image_id", pa.string()), ("source_path", pa.string()), ("label", pa.int8()),
+        ("probability", pa.float32()), ("predicted", pa.int8()), ("threshold", pa.float32()),
+        ("cam_peak_x", pa.float32()), ("cam_peak_y", pa.float32()), ("cam_peak_value", pa.float32()),
+        ("cam_top5_energy", pa.float32()), ("orig_height", pa.int32()), ("orig_width", pa.int32()),
+        ("heatmap_path", pa.string()), ("overlay_path", pa.string()),
+        ("pointing_hit", pa.bool_()), ("energy_inside", pa.float32()), ("lesion_area_fraction", pa.float32()),
+        ("warning", pa.string()), ("node_id", pa.string()),
+        ("seconds_preprocess", pa.float32()), ("seconds_cam", pa.float32()), ("seconds_write", pa.float32()),
+    ])
+    errors = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("reason", pa.string())])
+    return score, errors
+
+
+SCORE_SCHEMA, ERROR_SCHEMA = _schemas()
+
+
+def _write_parquet(table, path: str) -> None:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    mio.write_bytes(path, buf.getvalue())  # atomic for local paths; S3 objects appear whole
+
+
+# ----------------------------------------------------------------------------- driver side
+def _parts(out: str, folder: str) -> list[str]:
+    base = mio.join(out, folder)
+    if not mio.exists(base):
+        return []
+    return sorted(p for p, _ in mio.list_files(base) if p.endswith(".parquet"))
+
+
+def read_parts(out: str, folder: str, columns: list[str]) -> pd.DataFrame:
+    """The rows of every committed part of ``scores.parquet`` or the error parts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = SCORE_SCHEMA if folder == SCORES else ERROR_SCHEMA
+    tables = []
+    for p in _parts(out, folder):
+        fs, inner = mio.resolve(p)
+        tables.append(pq.read_table(inner, filesystem=fs, columns=columns))
+    if not tables:
+        return pa.schema([schema.field(c) for c in columns]).empty_table().to_pandas()
+    return pa.concat_tables(tables).to_pandas()
+
+
+def checkpoint_sha256(path: str) -> str:
+    return hashlib.sha256(mio.read_bytes(path)).hexdigest()
+
+
+def load_annotations(path: str, records: list[dict]) -> tuple[dict[str, dict], dict[str, int]]:
+    """Lesion annotations keyed by image id.
+
+    A CSV with ``path`` (relative to the CSV's folder, or absolute/URI) or ``image_id``, and
+    either ``lesion_x``, ``lesion_y``, ``lesion_r`` (source pixels) or ``mask_path`` (an image,
+    non-zero inside the lesion, of the source's size). Rows without a lesion are skipped.
+
+    Raises:
+        ValueError: missing columns or a malformed value (names the line).
+    """
+    text = mio.read_bytes(path).decode("utf-8-sig")
+    reader = csv.DictReader(io.StringIO(text))
+    cols = set(reader.fieldnames or [])
+    if not ({"path", "image_id"} & cols) or not ({"lesion_x", "lesion_y", "lesion_r"} <= cols or "mask_path" in cols):
+        raise ValueError(f"annotations {path}: need a path or image_id column and lesion_x, lesion_y, lesion_r or "
+                         f"mask_path columns; found {', '.join(sorted(cols)) or 'none'}")
+    root = posixpath.dirname(path) if mio.is_uri(path) else os.path.dirname(os.path.abspath(path))
+    by_path = {r["path"]: r["image_id"] for r in records}
+    ids = {r["image_id"] for r in records}
+    found: dict[str, dict] = {}
+    unmatched = skipped = 0
+    for lineno, row in enumerate(reader, start=2):
+        iid = (row.get("image_id") or "").strip()
+        if not iid:
+            raw = (row.get("path") or "").strip()
+            full = raw if (mio.is_uri(raw) or os.path.isabs(raw)) else (
+                posixpath.join(root, raw) if mio.is_uri(root) else os.path.normpath(os.path.join(root, raw)))
+            iid = by_path.get(full, "")
+        if iid not in ids:
+            unmatched += 1
+            continue
+        mask = (row.get("mask_path") or "").strip()
+        if mask:
+            full = mask if (mio.is_uri(mask) or os.path.isabs(mask)) else (
+                posixpath.join(root, mask) if mio.is_uri(root) else os.path.normpath(os.path.join(root, mask)))
+            found[iid] = {"mask_path": full}
+            continue
+        vals = [(row.get(k) or "").strip() for k in ("lesion_x", "lesion_y", "lesion_r")]
+        if not any(vals):
+            skipped += 1
+            continue
+        try:
+            x, y, r = (float(v) for v in vals)
+        except ValueError:
+            raise ValueError(f"annotations {path} line {lineno}: lesion_x/lesion_y/lesion_r {vals} are not numbers") from None
+        if not (r > 0 and math.isfinite(x) and math.isfinite(y)):
+            raise ValueError(f"annotations {path} line {lineno}: lesion_r={r} must be > 0 with finite lesion_x, lesion_y")
+        found[iid] = {"x": x, "y": y, "r": r}
+    return found, {"annotated": len(found), "unmatched_rows": unmatched, "rows_without_lesion": skipped}
+
+
+def _identity(checkpoint: str, state: dict, opts: ExplainOptions, layer: str, threshold: float,
+              inputs: list[str]) -> dict[str, Any]:
+    return {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256(checkpoint), "backbone": state["backbone"],
+            "method": opts.method, "target_layer": layer, "threshold": float(threshold),
+            "preview_size": int(opts.preview_size), "heatmap_max_side": int(opts.heatmap_max_side),
+            "inputs": list(inputs), "spec": state["spec"]}
+
+
+def _check_output(out: str, identity: dict, resume: bool) -> bool:
+    """Refuse a folder holding other results; True when resuming previous results."""
+    path = mio.join(out, IDENTITY_FILE)
+    if not mio.exists(path):
+        stray = [p for p in (SCORES, ERROR_PARTS, "summary.json") if mio.exists(mio.join(out, p))]
+        if stray:
+            raise OutputInUseError(f"--out {out} holds results without {IDENTITY_FILE} ({', '.join(stray)}): use another folder")
+        return False
+    previous = yaml.safe_load(mio.read_bytes(path)) or {}
+    differ = [k for k in IDENTITY_KEYS if previous.get(k) != identity[k]]
+    if not resume:
+        what = ("another checkpoint's results (sha256 " + str(previous.get("checkpoint_sha256", "?"))[:12] + ")"
+                if "checkpoint_sha256" in differ else "explain results")
+        raise OutputInUseError(f"--out {out} already holds {what}: pass --resume to continue them, or use another folder")
+    if differ:
+        raise OutputInUseError(f"--out {out}: --resume needs the same run, but {', '.join(differ)} differ from its "
+                               f"{IDENTITY_FILE}: use another folder")
+    return True
+
+
+def _check_layer(state: dict, layer: str) -> None:
+    """The target layer exists and gives a (N, C, H, W) map (a dry forward on a tiny input)."""
+    import torch
+
+    from mammo_ray.models.registry import get_submodule
+    from mammo_ray.train.checkpoint import checkpoint_spec, model_from_checkpoint
+
+    model = model_from_checkpoint(state)
+    module = get_submodule(model, layer)
+    seen: list[tuple] = []
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape) if isinstance(o, torch.Tensor) else ()))
+    h, w = checkpoint_spec(state).size
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, h, w))
+    finally:
+        handle.remove()
+    if not seen or len(seen[0]) != 4:
+        raise ValueError(f"--target-layer {layer!r}: its output has shape {seen[0] if seen else 'none'}, a CAM needs a "
+                         f"(N, C, H, W) feature map (e.g. the backbone's last conv block)")
+
+
+def contact_sheet(out: str, scores: pd.DataFrame, *, n: int = 16, cols: int = 4, tile: int = 256) -> int:
+    """``overview.png``: the ``n`` highest-scoring overlays, captioned with their probability."""
+    import cv2
+
+    top = scores.sort_values(["probability", "image_id"], ascending=[False, True]).head(n)
+    tiles = []
+    for r in top.itertuples():
+        img = cv2.imdecode(np.frombuffer(mio.read_bytes(mio.join(out, r.overlay_path)), np.uint8), cv2.IMREAD_COLOR)
+        f = tile / max(img.shape[:2])
+        img = cv2.resize(img, (max(1, round(img.shape[1] * f)), max(1, round(img.shape[0] * f))), interpolation=cv2.INTER_AREA)
+        canvas = np.zeros((tile, tile, 3), np.uint8)
+        y0, x0 = (tile - img.shape[0]) // 2, (tile - img.shape[1]) // 2
+        canvas[y0:y0 + img.shape[0], x0:x0 + img.shape[1]] = img
+        cv2.putText(canvas, f"p={r.probability:.2f} {r.image_id[:8]}", (4, tile - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (255, 255, 255), 1, cv2.LINE_AA)
+        tiles.append(canvas)
+    if not tiles:
+        return 0
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    grid = np.vstack([np.hstack(tiles[i:i + cols]) for i in range(0, len(tiles), cols)])
+    mio.write_bytes(mio.join(out, "overview.png"), _png(grid))
+    return len(top)
+
+
+def _localization_summary(scores: pd.DataFrame, ann_counts: dict[str, int], method: str, layer: str) -> dict[str, Any]:
+    done = scores[scores["pointing_hit"].notna()]
+
+    def block(df: pd.DataFrame) -> dict[str, Any]:
+        if not len(df):
+            return {"n": 0}
+        return {"n": int(len(df)), "pointing_game": float(df["pointing_hit"].astype(float).mean()),
+                "energy_inside": float(df["energy_inside"].mean()),
+                "chance": float(df["lesion_area_fraction"].mean()),
+                "pointing_game_over_chance": (float(df["pointing_hit"].astype(float).mean() / df["lesion_area_fraction"].mean())
+                                              if df["lesion_area_fraction"].mean() > 0 else None)}
+
+    names = {-1: "unlabeled", 0: "benign", 1: "malignant"}
+    return {"method": method, "target_layer": layer, **ann_counts, "all": block(done),
+            "by_label": {names[int(k)]: block(g) for k, g in done.groupby("label")},
+            "note": "pointing_game: share of images whose CAM peak lies inside the lesion; energy_inside: mean share of "
+                    "CAM mass inside it; chance: mean lesion area fraction (the expected value of both for a random map)",
+            "per_image": "scores.parquet columns pointing_hit, energy_inside, lesion_area_fraction"}
+
+
+def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptions | None = None, *,
+                resume: bool = False, address: str | None = None) -> dict[str, Any]:
+    """Score and explain every input image; see the module doc for the outputs.
+
+    Returns:
+        The summary (also written to ``out/summary.json``).
+
+    Raises:
+        ValueError: bad options, a checkpoint or layer that cannot be explained, or an output
+            folder holding other results (all before any work starts).
+        RuntimeError: the final accounting (one row or one error per input) fails.
+    """
+    import ray
+
+    from mammo_ray.data.inputs import discover
+    from mammo_ray.data.pipeline import write_errors
+    from mammo_ray.ray_utils import remote_args
+    from mammo_ray.ray_utils import init_ray
+    from mammo_ray.train.checkpoint import load_checkpoint
+
+    opts = opts or ExplainOptions()
+    t0 = time.perf_counter()
+    state = load_checkpoint(checkpoint)
+    layer = resolve_target_layer(state["backbone"], opts.target_layer)
+    _check_layer(state, layer)
+    stored = (state.get("metrics") or {}).get("val_threshold")
+    threshold = opts.threshold if opts.threshold is not None else (float(stored) if stored is not None else 0.5)
+    threshold_source = "--threshold" if opts.threshold is not None else ("checkpoint val_threshold (Youden on val)"
+                                                                         if stored is not None else "0.5 (the checkpoint has no val threshold)")
+    listing = discover(list(inputs), labels_optional=True)
+    identity = _identity(checkpoint, state, opts, layer, threshold, inputs)
+    resumed = _check_output(out, identity, resume)
+    annotations, ann_counts = load_annotations(opts.annotations, listing.records) if opts.annotations else ({}, {})
+    mio.makedirs(out)
+    mio.write_bytes(mio.join(out, IDENTITY_FILE), yaml.safe_dump(identity, sort_keys=False).encode())
+
+    done: set[str] = set()
+    if resumed:
+        done = set(read_parts(out, SCORES, ["image_id"])["image_id"]) | set(read_parts(out, ERROR_PARTS, ["image_id"])["image_id"])
+    todo = [r for r in listing.records if r["image_id"] not in done]
+    logger.info("%d inputs: %d to explain, %d already done, %d refused while listing", listing.inputs, len(todo),
+                len(listing.records) - len(todo), len(listing.errors))
+
+    statuses = []
+    t_job = time.perf_counter()
+    if todo:
+        init_ray(address)
+        t_job = time.perf_counter()  # images/s of the pipeline itself, not of starting a local Ray
+        ray.data.DataContext.get_current().op_resource_reservation_enabled = False  # see data/pipeline.py
+        resources = ray.cluster_resources()
+        gpus = float(resources.get("GPU", 0))
+        gpw = opts.gpus_per_worker if opts.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+        if gpw > 0 and gpw > gpus:
+            raise ValueError(f"--gpus-per-worker {gpw:g}: the cluster has {gpus:g} GPU(s)")
+        cpus = int(resources.get("CPU", 1))
+        # CPU-only: leave a CPU to the read/preprocess tasks or the pool starves its own input
+        workers = opts.workers or (max(1, int(gpus // gpw)) if gpw else max(1, cpus - 1))
+        cfg = PreprocessConfig(spec=state["spec"], external=True, unlabeled=True)
+        env = remote_args([*inputs, out, checkpoint])
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / opts.prep_batch_size)))
+        ds = ds.map_batches(prepare_batch, batch_format="pandas", batch_size=opts.prep_batch_size,
+                            fn_kwargs={"cfg": cfg, "preview_size": opts.preview_size}, num_cpus=1, **env)
+        ds = ds.map_batches(CamActor, batch_format="pandas", batch_size=opts.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=workers),
+                            fn_constructor_kwargs={"checkpoint": checkpoint, "method": opts.method,
+                                                   "target_layer": layer, "amp": opts.amp},
+                            num_gpus=gpw, num_cpus=0 if gpw else 1, **env)
+        ds = ds.map_batches(write_batch, batch_format="pandas", batch_size=opts.batch_size, num_cpus=1,
+                            fn_kwargs={"out": out, "threshold": threshold, "preview_size": opts.preview_size,
+                                       "heatmap_max_side": opts.heatmap_max_side, "annotations": annotations}, **env)
+        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+            statuses.append(batch)
+    job_seconds = time.perf_counter() - t_job
+    status = pd.concat(statuses, ignore_index=True) if statuses else pd.DataFrame(
+        columns=["image_id", "path", "status", "reason", "node_id", "prep_node_id"])
+
+    # ---- the accounting: every input has exactly one score row or one error
+    scores = read_parts(out, SCORES, ["image_id", "label", "probability", "predicted", "overlay_path", "pointing_hit",
+                                      "energy_inside", "lesion_area_fraction"])
+    part_errors = read_parts(out, ERROR_PARTS, ["image_id", "path", "reason"])
+    dup = int(scores["image_id"].duplicated().sum()) + int(part_errors["image_id"].duplicated().sum())
+    both = set(scores["image_id"]) & set(part_errors["image_id"])
+    expected = {r["image_id"] for r in listing.records}
+    got = set(scores["image_id"]) | set(part_errors["image_id"])
+    missing, extra = expected - got, got - expected
+    errors = listing.errors + part_errors.to_dict("records")
+    write_errors(out, errors)
+    if len(scores):
+        contact_sheet(out, scores, n=opts.top_n)
+    seconds = time.perf_counter() - t0
+    processed = len(status)
+    summary = {
+        "inputs": listing.inputs, "rows": int(len(scores)), "errors": len(errors),
+        "balanced": listing.inputs == len(scores) + len(errors) and not (dup or both or missing or extra),
+        "processed_this_run": processed, "resumed": resumed, "skipped_as_done": len(listing.records) - len(todo),
+        "checkpoint": checkpoint, "backbone": state["backbone"], "method": opts.method, "target_layer": layer,
+        "threshold": threshold, "threshold_source": threshold_source,
+        "predicted_malignant": int(scores["predicted"].sum()), "cam_nodes": dict(Counter(status["node_id"])) if processed else {},
+        "preprocess_nodes": dict(Counter(status["prep_node_id"])) if processed else {},
+        "seconds": round(seconds, 3),
+        "images_per_second": round(processed / job_seconds, 2) if processed and job_seconds > 0 else None,
+    }
+    if annotations:
+        loc = _localization_summary(scores, ann_counts, opts.method, layer)
+        mio.write_bytes(mio.join(out, "localization.json"), json.dumps(loc, indent=2).encode())
+        summary["localization"] = {k: loc["all"].get(k) for k in ("n", "pointing_game", "energy_inside", "chance")}
+    mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    line = f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']}"
+    if not summary["balanced"]:
+        raise RuntimeError(f"nothing-lost check failed: {line}; duplicates={dup} in_both={len(both)} "
+                           f"missing={len(missing)} unexpected={len(extra)}")
+    logger.info("nothing lost: %s", line)
+    return summary

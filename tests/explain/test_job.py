@@ -1,0 +1,272 @@
+"""The explain batch job: outputs at the source geometry, localization against phantom lesions,
+resume after a killed driver, a killed actor, flat memory, and the bad-input refusals."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from mammo_ray.explain.job import (SCORE_COLUMNS, SCORES, ExplainOptions, OutputInUseError, load_annotations,
+                                   run_explain)
+from tests.conftest import REPO, copies_archive
+
+
+def _bad_inputs(root: Path) -> Path:
+    root.mkdir()
+    (root / "truncated.png").write_bytes(cv2.imencode(".png", np.full((64, 64), 90, np.uint8))[1].tobytes()[:60])
+    (root / "garbage.dcm").write_bytes(b"not a dicom at all" * 20)
+    (root / "empty.jpg").write_bytes(b"")
+    return root
+
+
+def _read_scores(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / SCORES)
+
+
+def test_outputs_at_source_geometry_and_cam_hits_lesions(ray_local, trained_checkpoint, phantom_dir, tmp_path):
+    from mammo_ray.train.checkpoint import load_checkpoint
+
+    bad = _bad_inputs(tmp_path / "bad")
+    out = tmp_path / "explain"
+    opts = ExplainOptions(preview_size=128, batch_size=16, annotations=str(phantom_dir / "labels.csv"))
+    summary = run_explain([str(phantom_dir), str(bad)], str(trained_checkpoint), str(out), opts)
+
+    assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (63, 60, 3)
+    errors = pd.read_csv(out / "errors.csv")
+    assert sorted(Path(p).name for p in errors["path"]) == ["empty.jpg", "garbage.dcm", "truncated.png"]
+    assert errors["reason"].str.len().gt(0).all()
+
+    scores = _read_scores(out)
+    assert list(scores.columns) == list(SCORE_COLUMNS)
+    assert len(scores) == 60 and scores["image_id"].is_unique
+    stored = load_checkpoint(str(trained_checkpoint))["metrics"]["val_threshold"]
+    assert scores["threshold"].iloc[0] == pytest.approx(stored) and summary["threshold"] == pytest.approx(stored)
+    assert ((scores["probability"] >= scores["threshold"]).astype(int) == scores["predicted"]).all()
+    assert scores["probability"].between(0, 1).all()
+    # Grad-CAM keeps positive evidence for the malignancy logit only: a confidently benign image
+    # can have an all-zero map; images called malignant have a focused one (top 5% of pixels
+    # hold well over 5% of the mass)
+    assert scores["cam_top5_energy"].between(0, 1).all()
+    called = scores[scores["predicted"] == 1]
+    assert len(called) >= 10 and (called["cam_top5_energy"] > 0.1).all(), called["cam_top5_energy"].describe()
+
+    labels = pd.read_csv(phantom_dir / "labels.csv")
+    for row in scores.itertuples():
+        heat = cv2.imread(str(out / row.heatmap_path), cv2.IMREAD_UNCHANGED)
+        # the source images are 256x208: heatmaps have exactly that geometry, 16-bit, in [0, 1]
+        assert heat.shape == (256, 208) and heat.dtype == np.uint16
+        values = heat / 65535.0
+        assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
+        assert (row.orig_height, row.orig_width) == (256, 208)
+        py, px = int(round(row.cam_peak_y)), int(round(row.cam_peak_x))
+        assert values[py, px] == pytest.approx(row.cam_peak_value, abs=1e-4)
+        overlay = cv2.imread(str(out / row.overlay_path))
+        assert overlay.shape == (128, 104, 3)  # preview: long side 128, the source's aspect
+    # no patient identifiers anywhere in names or values
+    patient_ids = set(labels["patient_id"])
+    names = [p.name for p in out.rglob("*")]
+    assert not any(pid in n for pid in patient_ids for n in names)
+    text = scores.astype(str).to_csv()
+    assert not any(pid in text for pid in patient_ids)
+
+    overview = cv2.imread(str(out / "overview.png"))
+    assert overview.shape == (1024, 1024, 3)  # 16 tiles of 256, 4 columns
+
+    loc = json.loads((out / "localization.json").read_text())
+    assert loc["annotated"] == 60 and loc["all"]["n"] == 60
+    mal = loc["by_label"]["malignant"]
+    print(f"pointing game (malignant) {mal['pointing_game']:.2f} vs chance {mal['chance']:.3f}; "
+          f"energy inside {mal['energy_inside']:.3f}")
+    assert mal["pointing_game"] >= max(0.25, 5 * mal["chance"]), mal
+    assert mal["energy_inside"] > 2 * mal["chance"], mal
+
+
+def _parts(out: Path) -> list[Path]:
+    return sorted((out / SCORES).glob("part-*.parquet")) if (out / SCORES).is_dir() else []
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "mammo_ray.cli", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+
+
+@pytest.mark.slow
+def test_killed_driver_then_resume_gives_one_row_per_input(trained_checkpoint, phantom_dir, tmp_path):
+    archive = copies_archive(phantom_dir, tmp_path / "archive", 240)
+    out = tmp_path / "explain"
+    args = ["explain", str(archive), "--checkpoint", str(trained_checkpoint), "--out", str(out), "--batch-size", "8",
+            "--preview-size", "96"]
+    proc = _cli(args)
+    deadline = time.monotonic() + 240
+    while len(_parts(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the job ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    done_before = len(pd.concat([pd.read_parquet(p) for p in _parts(out)]))
+    assert 0 < done_before < 240
+
+    again = _cli(args)  # without --resume: refused, nothing touched
+    text, _ = again.communicate(timeout=120)
+    assert again.returncode == 2 and "already holds explain results: pass --resume" in text, text
+
+    resumed = _cli([*args, "--resume"])
+    text, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, text[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["balanced"] and summary["rows"] == 240 and summary["errors"] == 0
+    assert summary["resumed"] and summary["skipped_as_done"] == done_before
+    assert summary["processed_this_run"] == 240 - done_before
+    scores = _read_scores(out)
+    assert len(scores) == 240 and scores["image_id"].is_unique  # no duplicates, no gaps
+    from mammo_ray.data.inputs import discover
+
+    assert set(scores["image_id"]) == {r["image_id"] for r in discover([str(archive)]).records}
+
+
+def _cam_actor_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if "CamActor" in " ".join(p.info["cmdline"] or []) and "MapWorker" in " ".join(p.info["cmdline"] or [])}
+
+
+@pytest.mark.slow
+def test_killed_actor_still_accounts_for_every_input(ray_local, trained_checkpoint, phantom_dir, tmp_path):
+    archive = copies_archive(phantom_dir, tmp_path / "archive", 200)
+    (archive / "benign" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "explain"
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not killed:
+            pids = _cam_actor_pids()
+            if pids and len(_parts(out)) >= 2:
+                pid = sorted(pids)[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run_explain([str(archive)], str(trained_checkpoint), str(out),
+                          ExplainOptions(batch_size=8, preview_size=96))
+    thread.join()
+    assert killed, "no CamActor process was found to kill"
+    assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (201, 200, 1)
+    scores = _read_scores(out)
+    assert len(scores) == 200 and scores["image_id"].is_unique
+
+
+@pytest.mark.slow
+def test_memory_is_flat_in_the_archive_size(ray_local, trained_checkpoint, phantom_dir, tmp_path):
+    from mammo_ray.memory import PeakMemory
+
+    peaks = {}
+    for n in (100, 500, 2000):  # 100: warm-up (worker processes started, imports done)
+        archive = copies_archive(phantom_dir, tmp_path / f"archive-{n}", n)
+        with PeakMemory() as mem:
+            summary = run_explain([str(archive)], str(trained_checkpoint), str(tmp_path / f"out-{n}"),
+                                  ExplainOptions(preview_size=96, heatmap_max_side=128))
+        assert summary["balanced"] and summary["rows"] == n
+        peaks[n] = mem.peak
+    ratio = peaks[2000] / peaks[500]
+    print(f"peak RSS (driver + Ray workers): 500 images {peaks[500] / 2**20:.0f} MB, 2000 images "
+          f"{peaks[2000] / 2**20:.0f} MB, ratio {ratio:.3f}")
+    assert ratio <= 1.10, peaks
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_method_lists_the_offered_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"method='gradcam3': use one of gradcam, gradcam\+\+, xgradcam, layercam, "
+                                         r"eigencam, hirescam"):
+        ExplainOptions(method="gradcam3")
+    r = subprocess.run([sys.executable, "-m", "mammo_ray.cli", "explain", str(tmp_path), "--checkpoint", "x.pt",
+                        "--out", str(tmp_path / "o"), "--method", "gradcam3"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "invalid choice: 'gradcam3'" in r.stderr and "hirescam" in r.stderr
+
+
+def test_checkpoint_without_cam_layer_and_non_spatial_layer_are_refused(trained_checkpoint, phantom_dir, tmp_path,
+                                                                         monkeypatch):
+    from mammo_ray.models import registry
+
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match=r"--target-layer 'head': its output has shape \(1, 1\)"):
+        run_explain([str(phantom_dir)], str(trained_checkpoint), str(out), ExplainOptions(target_layer="head"))
+    monkeypatch.setitem(registry.BACKBONES, "simplecnn", dataclasses.replace(registry.BACKBONES["simplecnn"], cam_layer=None))
+    with pytest.raises(ValueError, match="backbone 'simplecnn' has no CAM target layer in the registry: pass --target-layer"):
+        run_explain([str(phantom_dir)], str(trained_checkpoint), str(out))
+    assert not out.exists()  # refused before any output
+
+
+def test_folder_of_another_checkpoint_is_refused(ray_local, trained_checkpoint, phantom_dir, tmp_path):
+    import torch
+
+    from mammo_ray.train.checkpoint import load_checkpoint
+
+    small = tmp_path / "small"
+    (small / "benign").mkdir(parents=True)
+    for p in sorted((phantom_dir / "benign").glob("*.png"))[:3]:
+        os.link(p, small / "benign" / p.name)
+    out = tmp_path / "o"
+    run_explain([str(small)], str(trained_checkpoint), str(out), ExplainOptions(preview_size=64))
+    state = load_checkpoint(str(trained_checkpoint))
+    state["epoch"] += 1  # another checkpoint of the same backbone
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    with pytest.raises(OutputInUseError, match="already holds another checkpoint's results .*pass --resume"):
+        run_explain([str(small)], str(other), str(out), ExplainOptions(preview_size=64))
+    with pytest.raises(OutputInUseError, match="--resume needs the same run, but checkpoint_sha256 differ"):
+        run_explain([str(small)], str(other), str(out), ExplainOptions(preview_size=64), resume=True)
+    with pytest.raises(OutputInUseError, match="method differ"):
+        run_explain([str(small)], str(trained_checkpoint), str(out), ExplainOptions(method="eigencam", preview_size=64),
+                    resume=True)
+    # the same run resumed: nothing left to do, still balanced
+    summary = run_explain([str(small)], str(trained_checkpoint), str(out), ExplainOptions(preview_size=64), resume=True)
+    assert summary["balanced"] and summary["rows"] == 3 and summary["processed_this_run"] == 0
+
+
+def test_annotations_circles_masks_and_bad_rows(tmp_path):
+    from mammo_ray.explain.job import _lesion_scores
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    mask = np.zeros((40, 30), np.uint8)
+    mask[10:20, 5:15] = 255
+    cv2.imwrite(str(tmp_path / "a_mask.png"), mask)
+    records = [{"path": str(tmp_path / "a.png"), "image_id": "ida"}, {"path": str(tmp_path / "b.png"), "image_id": "idb"}]
+    (tmp_path / "ann.csv").write_text("path,lesion_x,lesion_y,lesion_r,mask_path\na.png,,,,a_mask.png\n"
+                                      "b.png,20,30,4,\nzzz.png,1,1,1,\n")
+    found, counts = load_annotations(str(tmp_path / "ann.csv"), records)
+    assert found["idb"] == {"x": 20.0, "y": 30.0, "r": 4.0} and found["ida"]["mask_path"].endswith("a_mask.png")
+    assert counts == {"annotated": 2, "unmatched_rows": 1, "rows_without_lesion": 0}
+    heat = np.zeros((40, 30), np.float32)
+    heat[15, 10] = 1.0  # inside the mask
+    hit = _lesion_scores(heat, 1.0, found["ida"])
+    assert hit["pointing_hit"] and hit["energy_inside"] == pytest.approx(1.0)
+    assert hit["lesion_area_fraction"] == pytest.approx(100 / 1200)
+    # a circle given in source pixels, heatmap at half the source size
+    half = np.zeros((20, 15), np.float32)
+    half[15, 10] = 1.0  # source (x=20, y=30) / 2
+    assert _lesion_scores(half, 0.5, found["idb"])["pointing_hit"]
+
+    (tmp_path / "bad.csv").write_text("path,lesion_x,lesion_y,lesion_r\na.png,12,abc,3\n")
+    with pytest.raises(ValueError, match=r"bad.csv line 2: lesion_x/lesion_y/lesion_r \['12', 'abc', '3'\] are not numbers"):
+        load_annotations(str(tmp_path / "bad.csv"), records)
+    (tmp_path / "cols.csv").write_text("path,x,y\na.png,1,2\n")
+    with pytest.raises(ValueError, match="need a path or image_id column and lesion_x, lesion_y, lesion_r or mask_path"):
+        load_annotations(str(tmp_path / "cols.csv"), records)
