@@ -159,9 +159,8 @@ class CamActor:
         self.spec: PreprocessSpec = checkpoint_spec(state)
         self.backbone = state["backbone"]
         self.device = resolve_device("auto")
-        self.model = model_from_checkpoint(state).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # channels_last: faster convolutions on GPU and on CPU (oneDNN), ~1.4x for resnet50 here
+        self.model = model_from_checkpoint(state).to(self.device).to(memory_format=torch.channels_last)
         self.method, self.target_layer, self.amp = method, target_layer, amp
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -185,8 +184,7 @@ class CamActor:
                            for i in ok])
             top = float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
             x = torch.from_numpy(px).to(self.device).unsqueeze(1).float().div_(top).sub_(self.spec.mean).div_(self.spec.std)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
             p, maps = score_and_cam(self.model, self.backbone, x, method=self.method, target_layer=self.target_layer,
                                     amp=self.amp)
             for j, i in enumerate(ok):
