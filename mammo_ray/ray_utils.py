@@ -14,8 +14,22 @@ CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_")
 
 
 def credential_env() -> dict[str, str]:
-    """The usual object-store variables (``AWS_*``, GCS) of this process, to forward to workers."""
-    return {k: v for k, v in os.environ.items() if k.startswith(CREDENTIAL_PREFIXES)}
+    """The usual object-store variables (``AWS_*``, GCS) of this process, to forward to workers.
+
+    Inside a submitted job (``ray job submit``), variables the job's own ``runtime_env``
+    already sets are left out: its workers have them, and Ray refuses a ``ray.init``
+    runtime_env that repeats a key of the job's.
+    """
+    import json
+
+    job_env: dict = {}
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if raw:
+        try:
+            job_env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            job_env = {}
+    return {k: v for k, v in os.environ.items() if k.startswith(CREDENTIAL_PREFIXES) and k not in job_env}
 
 
 def remote_args(paths: list[str]) -> dict:
