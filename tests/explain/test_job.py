@@ -270,3 +270,34 @@ def test_annotations_circles_masks_and_bad_rows(tmp_path):
     (tmp_path / "cols.csv").write_text("path,x,y\na.png,1,2\n")
     with pytest.raises(ValueError, match="need a path or image_id column and lesion_x, lesion_y, lesion_r or mask_path"):
         load_annotations(str(tmp_path / "cols.csv"), records)
+
+
+@pytest.mark.slow
+def test_explain_s3_in_s3_out(ray_local, s3_server, phantom_dir, trained_checkpoint):
+    """Archive, checkpoint, annotations and outputs on s3:// (moto on loopback), then a resume."""
+    from mammo_ray.explain.job import read_parts
+    from tests.conftest import S3_BUCKET as BUCKET
+
+    files = sorted(p for p in phantom_dir.rglob("*") if p.is_file() and p.suffix != ".csv")[:16]
+    for p in files:
+        s3_server.upload_file(str(p), BUCKET, f"archive/{p.relative_to(phantom_dir).as_posix()}")
+    s3_server.upload_file(str(phantom_dir / "labels.csv"), BUCKET, "archive/labels.csv")
+    s3_server.put_object(Bucket=BUCKET, Key="archive/benign/broken.dcm", Body=b"DICM? no")
+    s3_server.upload_file(str(trained_checkpoint), BUCKET, "runs/best.pt")
+    out = f"s3://{BUCKET}/explain"
+    opts = ExplainOptions(preview_size=64, annotations=f"s3://{BUCKET}/archive/labels.csv")
+    summary = run_explain([f"s3://{BUCKET}/archive"], f"s3://{BUCKET}/runs/best.pt", out, opts)
+    assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (17, 16, 1)
+    assert summary["localization"]["n"] == 16
+
+    keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket=BUCKET, Prefix="explain/")["Contents"]}
+    assert {"explain/summary.json", "explain/errors.csv", "explain/explain.yaml", "explain/overview.png",
+            "explain/localization.json"} <= keys
+    pngs = [k for k in keys if k.endswith(".png")]
+    assert sum(k.startswith("explain/heatmaps/") for k in pngs) == 16
+    assert sum(k.startswith("explain/overlays/") for k in pngs) == 16
+    scores = read_parts(out, SCORES, ["image_id", "source_path", "probability"])
+    assert len(scores) == 16 and scores["image_id"].is_unique
+    assert scores["source_path"].str.startswith(f"s3://{BUCKET}/archive/").all()
+    again = run_explain([f"s3://{BUCKET}/archive"], f"s3://{BUCKET}/runs/best.pt", out, opts, resume=True)
+    assert again["balanced"] and again["processed_this_run"] == 0 and again["rows"] == 16
