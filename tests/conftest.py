@@ -95,24 +95,36 @@ def wait_for_port(port: int, *, timeout: float, proc: subprocess.Popen | None = 
 
 
 @pytest.fixture
-def two_node_cluster():
-    """A ray.cluster_utils.Cluster on loopback: a 1-CPU head and a 1-CPU worker, connected.
+def ray_cluster():
+    """A ray.cluster_utils.Cluster on loopback: a head without CPUs (it runs drivers only, as
+    on real clusters) and two 2-CPU worker nodes, connected. Yields (cluster, [worker nodes]).
     Shuts the session's local Ray down first; the ray_local fixture restarts it when needed."""
     import ray
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
                                                             "include_dashboard": False})
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    workers = [cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
-        yield cluster
+        yield cluster, workers
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def node_of_pid(workers, pid: int):
+    """The Cluster worker node whose raylet started process ``pid`` (a Ray worker process)."""
+    import psutil
+
+    parent = psutil.Process(pid).ppid()
+    for node in workers:
+        if any(p.process.pid == parent for p in node.all_processes.get("raylet", [])):
+            return node
+    return None
 
 
 @pytest.fixture

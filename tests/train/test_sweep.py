@@ -139,13 +139,45 @@ def test_resume_after_the_driver_is_killed(train_data_dir, tmp_path):
 
 
 @pytest.mark.cluster
-def test_trials_run_on_both_nodes_of_a_cluster(two_node_cluster, train_data_dir, tmp_path):
-    import ray
-
-    node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+def test_trials_run_on_both_workers_of_a_cluster(ray_cluster, train_data_dir, tmp_path):
+    _, workers = ray_cluster
     run_sweep(str(train_data_dir), str(tmp_path / "sweep"), small_sweep(epochs=2))
     used = {r["node_id"] for r in read_results(tmp_path / "sweep")}
-    assert used == node_ids and len(used) == 2
+    assert used == {w.node_id for w in workers}
+
+
+@pytest.mark.cluster
+def test_sweep_survives_losing_a_worker_node(ray_cluster, train_data_dir, tmp_path):
+    """A worker node disappears mid-sweep: its trial is restored from its last checkpoint on
+    the other node and the sweep finishes with every trial complete."""
+    from tests.conftest import node_of_pid
+
+    cluster, workers = ray_cluster
+    out = tmp_path / "sweep"
+    removed: list = []
+
+    def remove_a_trials_node():
+        deadline = time.time() + 240
+        while time.time() < deadline and not removed:
+            if list((out / "tune" / "sweep").glob("*/checkpoint_000001")):
+                for pid in _trial_workers():
+                    node = node_of_pid(workers, pid)
+                    if node is not None:
+                        cluster.remove_node(node, allow_graceful=False)
+                        removed.append(node.node_id)
+                        return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=remove_a_trials_node, daemon=True)
+    thread.start()
+    summary = run_sweep(str(train_data_dir), str(out), small_sweep(epochs=8, freeze_ratios=(0.0,), max_failures=3))
+    thread.join(timeout=5)
+    assert removed, "no trial's node was found to remove"
+    rows = read_results(out)
+    assert summary["errors"] == 0 and len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert all(r["epochs_run"] == "8" for r in rows)
+    assert any(r["restored"] == "True" for r in rows), rows
+    assert all(r["node_id"] != removed[0] for r in rows if r["restored"] == "True")
 
 
 @pytest.mark.parametrize("yaml_text,argv,needle", [
