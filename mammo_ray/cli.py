@@ -286,45 +286,31 @@ def _run_explain(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on synthetic phantoms on a local Ray")
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic phantoms: preprocess, sweep, evaluate, explain")
     p.add_argument("--out", default="demo-output")
-    p.add_argument("--n", type=int, default=240, help="phantoms in the training set")
-    p.add_argument("--epochs", type=int, default=12, help="training epochs of the demo model")
-    p.add_argument("--overwrite", action="store_true", default=True)
+    p.add_argument("--full", action="store_true",
+                   help="the paper's configuration (resnet50 + vgg19, freezing 0-0.75, ImageNet weights): a GPU box")
+    p.add_argument("--n", type=int, help="phantoms in the training set (default 360; --full 4000)")
+    p.add_argument("--n-external", type=int, help="phantoms in the external set (default 60; --full 600)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default 12; --full 30)")
+    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
 
 
 def _run_demo(args) -> int:
-    from mammo_ray.config import PreprocessConfig
-    from mammo_ray.data.pipeline import run_preprocess
-    from mammo_ray.data.synth import write_phantoms
+    from dataclasses import replace
 
-    t0 = time.perf_counter()
-    out = os.path.abspath(args.out)
-    raw, ext_raw = os.path.join(out, "phantoms"), os.path.join(out, "phantoms-external")
-    write_phantoms(raw, args.n, seed=0)
-    # another "site": other seed, lower contrast, more noise, other formats
-    write_phantoms(ext_raw, max(20, args.n // 4), seed=1, contrast=0.8, noise=1.5, formats=("dcm-rle", "jpg", "dcm-mono1"))
-    cfg = PreprocessConfig.load(size=128)
-    summary = run_preprocess([raw], os.path.join(out, "data"), cfg, overwrite=True)
-    ext = run_preprocess([ext_raw], os.path.join(out, "external"), PreprocessConfig.load(size=128, external=True), overwrite=True)
-    from mammo_ray.config import TrainConfig
-    from mammo_ray.data.preview import contact_sheet
-    from mammo_ray.train.data import load_training_data
-    from mammo_ray.train.loop import fit
+    from mammo_ray.demo import DemoConfig, run_demo
 
-    contact_sheet(os.path.join(out, "data"), os.path.join(out, "preview-train.png"))
-    contact_sheet(os.path.join(out, "external"), os.path.join(out, "preview-external.png"), split="external")
-    print(f"preprocess: {summary['rows']} rows {summary['splits']}, errors {summary['errors']}; "
-          f"external {ext['rows']} rows, errors {ext['errors']}")
-    spec, train, val = load_training_data(os.path.join(out, "data"))
-    tcfg = TrainConfig(backbone="simplecnn", freeze_ratio=0.25, epochs=args.epochs, batch_size=32, optimizer="adamw",
-                       base_lr=1e-4, max_lr=3e-3, step_size_epochs=2, patience=0)
-    result = fit(tcfg, spec, train, val, out=os.path.join(out, "train"), progress=sys.stderr.isatty())
-    auc = result.best_metrics.get("val_auc")
-    print(f"train: simplecnn, freeze 0.25, cyclic LR: best val AUC {auc:.3f} at epoch {result.best_epoch}")
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs in {out}:")
-    for name in ("data", "external", "preview-train.png", "preview-external.png", "train/best.pt", "train/history.csv"):
-        print(f"  {os.path.join(out, name)}")
+    make = DemoConfig.full if args.full else DemoConfig.laptop
+    cfg = make(n=args.n, n_external=args.n_external)
+    if args.epochs:
+        cfg = replace(cfg, sweep=replace(cfg.sweep, epochs=args.epochs))
+    facts = run_demo(args.out, cfg, full=args.full, address=args.address)
+    best = facts["best"]
+    print(f"demo finished in {facts['seconds']:.0f} s ({facts['seconds'] / 60:.1f} min); best checkpoint by val AUC: "
+          f"{best['name']}, test AUC {best['test_auc']:.3f}, external AUC {best['external_auc']:.3f}")
+    print(f"report: {facts['report']}")
+    print(f"outputs in {os.path.abspath(args.out)}")
     return 0
 
 

@@ -200,3 +200,22 @@ def copies_archive(src: Path, dst: Path, n: int) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(f, target)
     return dst
+
+
+def open_in_chromium(page: Path, screenshot: Path, profile: Path) -> str:
+    """Open a local HTML page in Debian's headless Chromium (no network): save a screenshot,
+    return the rendered DOM."""
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "chromium is not installed (.ci/run installs Debian's chromium)"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}"]
+    url = page.as_uri()
+    r = subprocess.run([exe, *flags, "--window-size=1280,1600", f"--screenshot={screenshot}", url],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    dom = subprocess.run([exe, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    return dom.stdout

@@ -74,11 +74,53 @@ def test_train_job_smoke_test(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_says_where_outputs_are(tmp_path):
+def test_demo_runs_the_whole_pipeline_and_reports_auc(tmp_path):
+    """`mammo-ray demo` as a newcomer runs it (default sizes): phantoms -> preprocess -> a
+    4-trial sweep -> evaluate on test + external -> explain the external set -> report.html.
+    Prints its time and the best checkpoint's test AUC, which must be >= 0.9 on phantoms."""
+    import re
+
+    from tests.conftest import open_in_chromium
+
+    out = tmp_path / "demo"
     env = {**os.environ, "RAY_ADDRESS": ""}
-    r = subprocess.run([str(BIN / "mammo-ray"), "demo", "--out", str(tmp_path / "demo"), "--n", "80", "--epochs", "2"],
-                       capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run([str(BIN / "mammo-ray"), "demo", "--out", str(out)], capture_output=True, text=True, env=env,
+                       timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"outputs in {tmp_path / 'demo'}" in r.stdout
-    for name in ("data/summary.json", "external/summary.json", "preview-train.png", "train/best.pt"):
-        assert (tmp_path / "demo" / name).exists(), name
+    m = re.search(r"demo finished in (\d+) s .* test AUC ([0-9.]+), external AUC ([0-9.]+)", r.stdout)
+    assert m, r.stdout[-3000:]
+    seconds, test_auc, ext_auc = int(m.group(1)), float(m.group(2)), float(m.group(3))
+    print(f"demo: {seconds} s, test AUC {test_auc:.3f}, external AUC {ext_auc:.3f}")
+    assert test_auc >= 0.9
+    for step in ("[1/4] preprocess", "[2/4] sweep: 4 trials", "[3/4] evaluate: 4 checkpoints", "[4/4] explain: 60 images"):
+        assert step in r.stdout, step
+    assert f"outputs in {out}" in r.stdout and f"report: {out / 'report.html'}" in r.stdout
+    page = (out / "report.html").read_text()
+    links = re.findall(r'href="([^"]+)"', page)
+    assert len(links) >= 12 and all((out / link).exists() for link in links), links
+    for name in ("evaluate/report.html", "explain/overview.png", "explain/localization.json", "sweep/table.md",
+                 "sweep/best/overall/checkpoint.pt", "demo.json"):
+        assert (out / name).exists(), name
+    explain = json.loads((out / "explain" / "summary.json").read_text())
+    assert explain["balanced"] and explain["rows"] == 60
+    artefacts = REPO / "artifacts"
+    artefacts.mkdir(exist_ok=True)
+    dom = open_in_chromium(out / "report.html", artefacts / "demo.png", tmp_path / "chrome")
+    assert 'id="summary"' in dom and 'id="localization"' in dom and dom.count("data:image/png;base64,") == 4
+
+
+def test_demo_full_needs_a_gpu_and_says_so(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    r = subprocess.run([str(BIN / "mammo-ray"), "demo", "--full", "--out", str(tmp_path / "d")], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mammo-ray demo: error:")]
+    assert lines and "gpus_per_trial=1, but the Ray cluster has 0 GPU(s)" in lines[0]
+    assert not (tmp_path / "d" / "phantoms").exists()  # refused before any work
+
+
+def test_paper_sweep_of_the_demo_is_jobs_sweep_paper_yaml():
+    from mammo_ray.config import SweepConfig
+    from mammo_ray.demo import PAPER_SWEEP
+
+    assert SweepConfig.load(str(REPO / "jobs" / "sweep-paper.yaml")) == PAPER_SWEEP

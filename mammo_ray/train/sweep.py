@@ -70,6 +70,9 @@ def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, An
     from mammo_ray.train.loop import fit
 
     node_id = ray.get_runtime_context().get_node_id()
+    # one "Checkpoint successfully created" INFO line per trial per epoch floods the driver's
+    # console; Tune's own progress table already says where checkpoints are
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     cfg = trial_train_config(config, from_mapping(SweepConfig, sweep_dict))
     spec, train, val = data

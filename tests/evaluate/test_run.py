@@ -19,7 +19,7 @@ from mammo_ray.data.pipeline import run_preprocess
 from mammo_ray.data.synth import write_phantoms
 from mammo_ray.evaluate.run import run_evaluate, sweep_checkpoints
 from mammo_ray.train.sweep import run_sweep
-from tests.conftest import REPO
+from tests.conftest import REPO, open_in_chromium
 
 pytestmark = pytest.mark.slow
 
@@ -84,12 +84,6 @@ def test_end_to_end_report(ray_local, sweep_dir, train_data_dir, external_raw, t
     assert report["checkpoints"][0]["sets"]["test"]["metrics"]["roc_auc"] is not None
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "chromium is not installed (.ci/run installs Debian's chromium)"
-    return exe
-
-
 def test_report_html_opens_in_headless_chromium(ray_local, sweep_dir, train_data_dir, tmp_path):
     out = tmp_path / "eval"
     run_evaluate(sweep_checkpoints(str(sweep_dir))[:1], data=str(train_data_dir), externals=[], out=str(out), n_boot=50)
@@ -97,16 +91,9 @@ def test_report_html_opens_in_headless_chromium(ray_local, sweep_dir, train_data
     artefacts.mkdir(exist_ok=True)
     shot = artefacts / "report.png"
     shot.unlink(missing_ok=True)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chrome'}"]
-    url = (out / "report.html").as_uri()
-    r = subprocess.run([_chromium(), *flags, "--window-size=1280,1600", f"--screenshot={shot}", url],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    dom = open_in_chromium(out / "report.html", shot, tmp_path / "chrome")
     assert shot.stat().st_size > 20_000
-    dom = subprocess.run([_chromium(), *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0 and "id=\"paper-table\"" in dom.stdout
+    assert "id=\"paper-table\"" in dom
     assert dom.stdout.count("data:image/png;base64,") == 4  # ROC, PR, reliability, 1 confusion: self-contained
 
 
