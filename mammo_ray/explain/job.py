@@ -170,34 +170,51 @@ class CamActor:
         from mammo_ray.explain.cam import score_and_cam
 
         t0 = time.perf_counter()
-        ok = np.flatnonzero(batch["status"].to_numpy() == "ok")
+        status = batch["status"].to_numpy().copy()
+        reason = batch["reason"].to_numpy().copy()
+        ok = np.flatnonzero(status == "ok")
         n = len(batch)
         probs = np.full(n, np.nan, np.float32)
         cams: list[bytes] = [b""] * n
         cam_h = np.zeros(n, np.int64)
         cam_w = np.zeros(n, np.int64)
-        if len(ok):
-            first = batch.iloc[ok[0]]
-            dtype = np.dtype(first["dtype"])
+
+        def run(idx: np.ndarray) -> None:
+            dtype = np.dtype(batch["dtype"].iat[idx[0]])
             px = np.stack([np.frombuffer(batch["pixels"].iat[i], dtype=dtype).reshape(int(batch["height"].iat[i]),
                                                                                       int(batch["width"].iat[i]))
-                           for i in ok])
+                           for i in idx])
             top = float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
             x = torch.from_numpy(px).to(self.device).unsqueeze(1).float().div_(top).sub_(self.spec.mean).div_(self.spec.std)
             x = x.contiguous(memory_format=torch.channels_last)
             p, maps = score_and_cam(self.model, self.backbone, x, method=self.method, target_layer=self.target_layer,
                                     amp=self.amp)
-            for j, i in enumerate(ok):
+            for j, i in enumerate(idx):
                 probs[i] = p[j]
-                cams[i] = maps[j].astype(np.float16).tobytes()
+                cams[i] = maps[j].astype(np.float32).tobytes()
                 cam_h[i], cam_w[i] = maps[j].shape
+
+        if len(ok):
+            try:
+                run(ok)
+            except Exception:  # one image the model cannot take must not fail its batch-mates
+                logger.warning("CAM failed on a batch; retrying its images one by one", exc_info=True)
+                for i in ok:
+                    try:
+                        run(np.array([i]))
+                    except Exception as exc:
+                        status[i] = "error"
+                        reason[i] = f"scoring/CAM failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        ok = np.flatnonzero(status == "ok")
         per_image = (time.perf_counter() - t0) / max(len(ok), 1)
         out = batch.drop(columns=["pixels"])
+        out["status"] = status
+        out["reason"] = reason
         out["probability"] = probs
         out["cam"] = cams
         out["cam_height"] = cam_h
         out["cam_width"] = cam_w
-        out["seconds_cam"] = np.where(batch["status"].to_numpy() == "ok", per_image, 0.0)
+        out["seconds_cam"] = np.where(status == "ok", per_image, 0.0)
         out["node_id"] = _node_id()
         return out
 
@@ -265,8 +282,7 @@ def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size
         if rec["status"] == "ok":
             try:
                 geom = {k: rec[k] for k in GEOMETRY_FIELDS}
-                cam = np.frombuffer(rec["cam"], np.float16).reshape(int(rec["cam_height"]), int(rec["cam_width"]))
-                cam = cam.astype(np.float32)
+                cam = np.frombuffer(rec["cam"], np.float32).reshape(int(rec["cam_height"]), int(rec["cam_width"]))
                 h, w = int(geom["orig_height"]), int(geom["orig_width"])
                 f_heat = _scale_for(h, w, heatmap_max_side)
                 heat = np.clip(map_to_original(cam, scale_geometry(geom, f_heat)), 0.0, 1.0)
@@ -444,6 +460,24 @@ def _check_output(out: str, identity: dict, resume: bool) -> bool:
     return True
 
 
+def _check_pool(workers: int, gpw: float, cpus: int, gpus: float, *, autoscaling: bool) -> None:
+    """The actor pool fits the cluster: on a local Ray a pool that cannot be placed (or that
+    would hold every CPU, starving the tasks that feed it) would wait forever, so it is refused;
+    on a cluster the autoscaler may still add nodes, so it is a warning."""
+    problem = None
+    if gpw > 0 and workers * gpw > gpus:
+        problem = f"--workers {workers} x --gpus-per-worker {gpw:g} needs {workers * gpw:g} GPU(s), the cluster has {gpus:g}"
+    elif gpw == 0 and cpus < 2:
+        problem = f"a CPU-only explain job needs at least 2 CPUs (one CAM actor + its read/write tasks); Ray has {cpus}"
+    elif gpw == 0 and workers > cpus - 1:
+        problem = (f"--workers {workers} CPU actors on {cpus} CPU(s) leave none for the read/write tasks: "
+                   f"use at most {cpus - 1}")
+    if problem and not autoscaling:
+        raise ValueError(problem)
+    if problem:
+        logger.warning("%s: waiting for the cluster to scale up", problem)
+
+
 def _check_layer(state: dict, layer: str) -> None:
     """The target layer exists and gives a (N, C, H, W) map (a dry forward on a tiny input)."""
     import torch
@@ -563,11 +597,10 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
         resources = ray.cluster_resources()
         gpus = float(resources.get("GPU", 0))
         gpw = opts.gpus_per_worker if opts.gpus_per_worker is not None else (1.0 if gpus else 0.0)
-        if gpw > 0 and gpw > gpus:
-            raise ValueError(f"--gpus-per-worker {gpw:g}: the cluster has {gpus:g} GPU(s)")
         cpus = int(resources.get("CPU", 1))
-        # CPU-only: leave a CPU to the read/preprocess tasks or the pool starves its own input
+        # CPU-only: leave a CPU to the read/write tasks or the pool starves its own input
         workers = opts.workers or (max(1, int(gpus // gpw)) if gpw else max(1, cpus - 1))
+        _check_pool(workers, gpw, cpus, gpus, autoscaling=bool(address or os.environ.get("RAY_ADDRESS")))
         cfg = PreprocessConfig(spec=state["spec"], external=True, unlabeled=True)
         env = remote_args([*inputs, out, checkpoint])
         ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / opts.prep_batch_size)))

@@ -301,3 +301,38 @@ def test_explain_s3_in_s3_out(ray_local, s3_server, phantom_dir, trained_checkpo
     assert scores["source_path"].str.startswith(f"s3://{BUCKET}/archive/").all()
     again = run_explain([f"s3://{BUCKET}/archive"], f"s3://{BUCKET}/runs/best.pt", out, opts, resume=True)
     assert again["balanced"] and again["processed_this_run"] == 0 and again["rows"] == 16
+
+
+def test_an_image_the_model_cannot_take_fails_alone(trained_checkpoint, phantom_dir):
+    """CamActor: when a batch fails, its images are retried one by one and only the bad one
+    becomes an error (here a row whose pixel buffer does not match its shape)."""
+    from mammo_ray.config import PreprocessConfig
+    from mammo_ray.data.inputs import discover
+    from mammo_ray.explain.job import CamActor, prepare_batch
+    from mammo_ray.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(str(trained_checkpoint))
+    cfg = PreprocessConfig(spec=state["spec"], external=True)
+    records = discover([str(phantom_dir)]).records[:4]
+    batch = prepare_batch(pd.DataFrame(records), cfg=cfg, preview_size=64)
+    assert (batch["status"] == "ok").all()
+    batch.loc[2, "pixels"] = batch.loc[2, "pixels"][:-10]  # corrupt one row
+    out = CamActor(str(trained_checkpoint), "gradcam", None)(batch)
+    assert list(out["status"]) == ["ok", "ok", "error", "ok"]
+    assert out.loc[2, "reason"].startswith("scoring/CAM failed: ValueError")
+    assert out.loc[[0, 1, 3], "probability"].between(0, 1).all() and np.isnan(out.loc[2, "probability"])
+
+
+def test_actor_pools_that_cannot_run_are_refused_on_a_local_ray():
+    from mammo_ray.explain.job import _check_pool
+
+    with pytest.raises(ValueError, match="--workers 2 CPU actors on 2 CPU\\(s\\) leave none for the read/write tasks: "
+                                         "use at most 1"):
+        _check_pool(2, 0.0, 2, 0, autoscaling=False)
+    with pytest.raises(ValueError, match="--workers 3 x --gpus-per-worker 0.5 needs 1.5 GPU\\(s\\), the cluster has 1"):
+        _check_pool(3, 0.5, 8, 1, autoscaling=False)
+    with pytest.raises(ValueError, match="needs at least 2 CPUs"):
+        _check_pool(1, 0.0, 1, 0, autoscaling=False)
+    _check_pool(1, 0.0, 2, 0, autoscaling=False)
+    _check_pool(2, 0.5, 8, 1, autoscaling=False)
+    _check_pool(3, 0.5, 8, 1, autoscaling=True)  # a cluster may scale up: a warning only
