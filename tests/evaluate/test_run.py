@@ -94,7 +94,7 @@ def test_report_html_opens_in_headless_chromium(ray_local, sweep_dir, train_data
     dom = open_in_chromium(out / "report.html", shot, tmp_path / "chrome")
     assert shot.stat().st_size > 20_000
     assert "id=\"paper-table\"" in dom
-    assert dom.stdout.count("data:image/png;base64,") == 4  # ROC, PR, reliability, 1 confusion: self-contained
+    assert dom.count("data:image/png;base64,") == 4  # ROC, PR, reliability, 1 confusion: self-contained
 
 
 def test_unlabeled_external_gets_scores_and_no_metrics(ray_local, sweep_dir, train_data_dir, external_raw, tmp_path):
