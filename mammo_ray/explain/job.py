@@ -377,6 +377,35 @@ def read_parts(out: str, folder: str, columns: list[str]) -> pd.DataFrame:
     return pa.concat_tables(tables).to_pandas()
 
 
+def dedupe_parts(out: str) -> int:
+    """Remove rows of images that were done twice, keeping their first row (parts in name order,
+    score rows before error rows). This happens only when a killed run's last tasks were still
+    writing while a ``--resume`` started: the work was repeated, not lost. Returns rows removed.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    seen: set[str] = set()
+    removed = 0
+    for folder in (SCORES, ERROR_PARTS):
+        for p in _parts(out, folder):
+            fs, inner = mio.resolve(p)
+            table = pq.read_table(inner, filesystem=fs)
+            ids = table.column("image_id").to_pylist()
+            keep = [i not in seen for i in ids]
+            seen.update(ids)
+            if all(keep):
+                continue
+            removed += keep.count(False)
+            logger.warning("%s: %d row(s) of images already in another part removed", p, keep.count(False))
+            kept = table.filter(pa.array(keep))
+            if kept.num_rows:
+                _write_parquet(kept, p)
+            else:
+                fs.delete_file(inner)
+    return removed
+
+
 def checkpoint_sha256(path: str) -> str:
     return hashlib.sha256(mio.read_bytes(path)).hexdigest()
 
@@ -621,6 +650,7 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
         columns=["image_id", "path", "status", "reason", "node_id", "prep_node_id"])
 
     # ---- the accounting: every input has exactly one score row or one error
+    deduplicated = dedupe_parts(out)
     scores = read_parts(out, SCORES, ["image_id", "label", "probability", "predicted", "overlay_path", "pointing_hit",
                                       "energy_inside", "lesion_area_fraction"])
     part_errors = read_parts(out, ERROR_PARTS, ["image_id", "path", "reason"])
@@ -638,7 +668,7 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     summary = {
         "inputs": listing.inputs, "rows": int(len(scores)), "errors": len(errors),
         "balanced": listing.inputs == len(scores) + len(errors) and not (dup or both or missing or extra),
-        "processed_this_run": processed, "resumed": resumed, "skipped_as_done": len(listing.records) - len(todo),
+        "processed_this_run": processed, "resumed": resumed, "duplicate_rows_removed": deduplicated, "skipped_as_done": len(listing.records) - len(todo),
         "checkpoint": checkpoint, "backbone": state["backbone"], "method": opts.method, "target_layer": layer,
         "threshold": threshold, "threshold_source": threshold_source,
         "predicted_malignant": int(scores["predicted"].sum()), "cam_nodes": dict(Counter(status["node_id"])) if processed else {},
