@@ -95,7 +95,9 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_local, train_dat
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    summary = run_sweep(str(train_data_dir), str(out), small_sweep(epochs=8, freeze_ratios=(0.0,)))
+    # patience 0: every trial runs all 8 epochs (early stopping would make the count data-dependent)
+    summary = run_sweep(str(train_data_dir), str(out), small_sweep(epochs=8, freeze_ratios=(0.0,),
+                                                                  train={"optimizer": "adamw", "patience": 0}))
     thread.join(timeout=5)
     assert killed, "no trial worker was found to kill"
     rows = read_results(out)
@@ -170,7 +172,8 @@ def test_sweep_survives_losing_a_worker_node(ray_cluster, train_data_dir, tmp_pa
 
     thread = threading.Thread(target=remove_a_trials_node, daemon=True)
     thread.start()
-    summary = run_sweep(str(train_data_dir), str(out), small_sweep(epochs=8, freeze_ratios=(0.0,), max_failures=3))
+    summary = run_sweep(str(train_data_dir), str(out), small_sweep(epochs=8, freeze_ratios=(0.0,), max_failures=3,
+                                                                  train={"optimizer": "adamw", "patience": 0}))
     thread.join(timeout=5)
     assert removed, "no trial's node was found to remove"
     rows = read_results(out)
