@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -84,9 +86,24 @@ def test_demo_runs_the_whole_pipeline_and_reports_auc(tmp_path):
 
     out = tmp_path / "demo"
     env = {**os.environ, "RAY_ADDRESS": ""}
-    r = subprocess.run([str(BIN / "mammo-ray"), "demo", "--out", str(out)], capture_output=True, text=True, env=env,
-                       timeout=1500)
+    from tests.conftest import listening_beyond_loopback
+
+    proc = subprocess.Popen([str(BIN / "mammo-ray"), "demo", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    exposed: list[str] = []
+
+    def watch():  # while the demo runs, nothing it started may listen beyond 127.0.0.1
+        while proc.poll() is None:
+            exposed.extend(listening_beyond_loopback())
+            time.sleep(2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stdout, stderr = proc.communicate(timeout=1500)
+    watcher.join(timeout=10)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert exposed == []
     m = re.search(r"demo finished in (\d+) s .* test AUC ([0-9.]+), external AUC ([0-9.]+)", r.stdout)
     assert m, r.stdout[-3000:]
     seconds, test_auc, ext_auc = int(m.group(1)), float(m.group(2)), float(m.group(3))
