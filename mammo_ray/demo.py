@@ -25,6 +25,8 @@ from mammo_ray.config import PreprocessConfig, SweepConfig
 
 logger = logging.getLogger(__name__)
 
+DEMO_MARKER = ".mammo-ray-demo"
+
 # Small enough for a 2-core laptop: a toy CNN and resnet18 from random init, 2 freezing ratios.
 LAPTOP_SWEEP = SweepConfig(
     backbones=("simplecnn", "resnet18"), freeze_ratios=(0.0, 0.5), lr_bounds=((1e-4, 3e-3),),
@@ -115,8 +117,8 @@ def write_index(out: str, facts: dict[str, Any]) -> str:
         f"<p>{link('explain/scores.parquet', 'scores.parquet/')} &middot; {link('explain/localization.json')} &middot; "
         f"{link('explain/summary.json')} &middot; {link('explain/overlays/', 'overlays/')} &middot; "
         f"{link('explain/heatmaps/', 'heatmaps/')}</p>",
-        f"<p id='localization'>Pointing game {loc.get('pointing_game', float('nan')):.2f} "
-        f"(chance {loc.get('chance', float('nan')):.3f}) over {loc.get('n', 0)} annotated images.</p>",
+        f"<p id='localization'>Pointing game {_num(loc.get('pointing_game')):.2f} "
+        f"(chance {_num(loc.get('chance')):.3f}) over {loc.get('n') or 0} annotated images.</p>",
         _img(os.path.join(out, "explain", "overview.png"), 720),
         "</body></html>",
     ]
@@ -139,6 +141,12 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, full: bool = False, add
     cfg = cfg or (DemoConfig.full() if full else DemoConfig.laptop())
     t0 = time.perf_counter()
     out = os.path.abspath(out)
+    # the demo replaces its own outputs on a rerun; it never empties a folder it did not make
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, DEMO_MARKER)):
+        raise ValueError(f"--out {out} is not empty and is not a demo folder (no {DEMO_MARKER}): use a new folder")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, DEMO_MARKER), "w") as f:
+        f.write("a mammo-ray demo folder: `mammo-ray demo` replaces its contents\n")
     init_ray(address)
     if full:
         _check_full(cfg)
@@ -189,8 +197,8 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, full: bool = False, add
                        ExplainOptions(preview_size=384, annotations=os.path.join(ext_raw, "labels.csv")))
     times["explain"] = time.perf_counter() - t
     loc = expl.get("localization") or {}
-    print(f"[4/4] explain: {expl['rows']} images, pointing game {loc.get('pointing_game', 0):.2f} vs chance "
-          f"{loc.get('chance', 0):.3f} ({times['explain']:.0f} s)", flush=True)
+    print(f"[4/4] explain: {expl['rows']} images, pointing game {_num(loc.get('pointing_game')):.2f} vs "
+          f"chance {_num(loc.get('chance')):.3f} ({times['explain']:.0f} s)", flush=True)
 
     seconds = time.perf_counter() - t0
     facts = {
@@ -206,6 +214,11 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, full: bool = False, add
         json.dump({k: v for k, v in facts.items() if k != "summary"}, f, indent=2, default=str)
     facts["report"] = index
     return facts
+
+
+def _num(x: Any) -> float:
+    """A figure for printing: NaN when undefined (e.g. no annotated image was scored)."""
+    return float("nan") if x is None else float(x)
 
 
 def _fresh(path: str) -> str:

@@ -74,7 +74,8 @@ def write_bytes(path: str, data: bytes) -> None:
     parent = posixpath.dirname(inner) if is_uri(path) else os.path.dirname(inner)
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{inner}.tmp-{os.getpid()}"
+        # dot-prefixed: Parquet dataset readers (pyarrow, pandas, Spark) skip it if a kill leaves it
+        tmp = os.path.join(parent, f".{os.path.basename(inner)}.tmp-{os.getpid()}")
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, inner)

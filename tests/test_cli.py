@@ -141,3 +141,10 @@ def test_paper_sweep_of_the_demo_is_jobs_sweep_paper_yaml():
     from mammo_ray.demo import PAPER_SWEEP
 
     assert SweepConfig.load(str(REPO / "jobs" / "sweep-paper.yaml")) == PAPER_SWEEP
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("do not delete")
+    assert main(["demo", "--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine" / "thesis.tex").exists()

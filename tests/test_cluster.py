@@ -101,6 +101,7 @@ def test_worker_removed_mid_explain_loses_nothing(ray_cluster, phantom_dir, trai
     thread.join(timeout=5)
     assert removed, "the job ended before the actor's node could be removed"
     assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (240, 240, 0)
+    assert summary["duplicate_rows_removed"] == 0  # not a resume: a duplicate row would have failed the job
     scores = pd.read_parquet(out / SCORES)
     assert len(scores) == 240 and scores["image_id"].is_unique
     survivor = ({w.node_id for w in workers} - set(removed)).pop()

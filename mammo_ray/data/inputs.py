@@ -74,8 +74,9 @@ def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: boo
         inputs: folders (class sub-folders ``benign/``, ``malignant/``, or an unlabeled
             tree such as a DICOM archive), ``.csv`` manifests, or single image files.
         unlabeled: ignore class folders and manifest labels (label -1).
-        labels_optional: a manifest without a ``label`` column is unlabeled instead of an
-            error (scoring an archive needs no labels; they are kept when present).
+        labels_optional: a manifest without a ``label`` column, or a file outside the class
+            folders, is unlabeled instead of an error (scoring an archive needs no labels;
+            they are kept when present).
 
     Raises:
         ValueError: an input that does not exist (before any work starts).
@@ -86,7 +87,7 @@ def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: boo
         if not mio.exists(inp):
             raise ValueError(f"input {inp!r} does not exist")
         if mio.is_dir(inp):
-            _discover_folder(inp, unlabeled, listing)
+            _discover_folder(inp, unlabeled, listing, labels_optional)
         elif _ext(inp) == ".csv":
             _discover_manifest(inp, unlabeled, listing, labels_optional)
         else:
@@ -104,7 +105,7 @@ def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: boo
     return listing
 
 
-def _discover_folder(root: str, unlabeled: bool, listing: Listing) -> None:
+def _discover_folder(root: str, unlabeled: bool, listing: Listing, labels_optional: bool = False) -> None:
     files = list(mio.list_files(root))
     tops = {mio.relpath(p, root).split("/")[0].lower() for p, _ in files if "/" in mio.relpath(p, root)}
     class_mode = not unlabeled and any(t in CLASS_NAMES for t in tops)
@@ -120,7 +121,9 @@ def _discover_folder(root: str, unlabeled: bool, listing: Listing) -> None:
             listing.records.append(_record(path, UNLABELED))
             continue
         parts = rel.split("/")
-        if len(parts) == 1:
+        if labels_optional and (len(parts) == 1 or parts[0].lower() not in CLASS_NAMES):
+            listing.records.append(_record(path, UNLABELED))  # scoring needs no label
+        elif len(parts) == 1:
             listing.errors.append(_error(path, f"not inside a class folder: use one of {', '.join(CLASS_NAMES)} (or --unlabeled)"))
         elif parts[0].lower() not in CLASS_NAMES:
             listing.errors.append(_error(path, f"unknown class folder {parts[0]!r}: use one of {', '.join(CLASS_NAMES)} (or --unlabeled)"))

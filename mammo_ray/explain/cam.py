@@ -59,8 +59,9 @@ def resolve_target_layer(backbone: str, target_layer: str | None = None) -> str:
 def _leaf_hook(module, inputs, output):
     # A fresh leaf: nothing before the target layer is in the graph, backward stops here.
     # float(): under bf16 autocast pytorch-grad-cam's .numpy() would fail on bf16 tensors.
+    # clone(): the layers after it may modify their input in place, which a leaf forbids
     if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
-        return output.detach().float().requires_grad_(True)
+        return output.detach().float().requires_grad_(True).clone()
     return None
 
 

@@ -51,7 +51,7 @@ ERROR_PARTS = "_errors"
 IDENTITY_FILE = "explain.yaml"
 # explain.yaml keys that must match for --resume to continue a folder
 IDENTITY_KEYS = ("checkpoint_sha256", "backbone", "method", "target_layer", "threshold", "preview_size",
-                 "heatmap_max_side", "inputs")
+                 "heatmap_max_side", "inputs", "annotations_sha256", "amp")
 SCORE_COLUMNS = ("image_id", "source_path", "label", "probability", "predicted", "threshold",
                  "cam_peak_x", "cam_peak_y", "cam_peak_value", "cam_top5_energy", "orig_height", "orig_width",
                  "heatmap_path", "overlay_path", "pointing_hit", "energy_inside", "lesion_area_fraction",
@@ -137,6 +137,10 @@ def prepare_batch(batch: pd.DataFrame, *, cfg: PreprocessConfig, preview_size: i
             f = _scale_for(*src.shape, preview_size)
             small = src if f == 1.0 else cv2.resize(src, (max(1, round(src.shape[1] * f)), max(1, round(src.shape[0] * f))),
                                                     interpolation=cv2.INTER_AREA)
+            if row["inverted"]:  # show it as the model saw it: dark air, bright tissue
+                from mammo_ray.data.transforms import invert
+
+                small = invert(small)
             prev = _display_uint8(small)
             out.update({k: row[k] for k in ("pixels", "height", "width", "dtype", *GEOMETRY_FIELDS)})
             out.update(preview=prev.tobytes(), preview_height=prev.shape[0], preview_width=prev.shape[1])
@@ -297,14 +301,20 @@ def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size
                 vis = overlay_image(preview, pheat, (px * f_prev / f_heat, py * f_prev / f_heat))
                 mio.write_bytes(mio.join(out, op), _png(vis))
                 prob = float(rec["probability"])
+                lesion_warning = ""
+                try:
+                    lesion = _lesion_scores(heat, f_heat, annotations.get(rec["image_id"]))
+                except Exception as exc:  # a bad annotation does not make the image an error
+                    lesion = _lesion_scores(heat, f_heat, None)
+                    lesion_warning = f"lesion annotation unusable: {type(exc).__name__}: {exc}".splitlines()[0]
                 rows.append({
                     "image_id": rec["image_id"], "source_path": rec["source_path"], "label": int(rec["label"]),
                     "probability": prob, "predicted": int(prob >= threshold), "threshold": float(threshold),
                     "cam_peak_x": float(px / f_heat), "cam_peak_y": float(py / f_heat),
                     "cam_peak_value": float(heat[py, px]), "cam_top5_energy": top_energy_fraction(heat, 0.05),
                     "orig_height": h, "orig_width": w, "heatmap_path": hp, "overlay_path": op,
-                    **_lesion_scores(heat, f_heat, annotations.get(rec["image_id"])),
-                    "warning": rec["warning"], "node_id": rec["node_id"],
+                    **lesion,
+                    "warning": "; ".join(x for x in (rec["warning"], lesion_warning) if x), "node_id": rec["node_id"],
                     "seconds_preprocess": float(rec["seconds_preprocess"]), "seconds_cam": float(rec["seconds_cam"]),
                     "seconds_write": time.perf_counter() - t0,
                 })
@@ -466,7 +476,9 @@ def _identity(checkpoint: str, state: dict, opts: ExplainOptions, layer: str, th
     return {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256(checkpoint), "backbone": state["backbone"],
             "method": opts.method, "target_layer": layer, "threshold": float(threshold),
             "preview_size": int(opts.preview_size), "heatmap_max_side": int(opts.heatmap_max_side),
-            "inputs": list(inputs), "spec": state["spec"]}
+            "inputs": list(inputs), "annotations": opts.annotations,
+            "annotations_sha256": hashlib.sha256(mio.read_bytes(opts.annotations)).hexdigest() if opts.annotations else None,
+            "amp": bool(opts.amp), "spec": state["spec"]}
 
 
 def _check_output(out: str, identity: dict, resume: bool) -> bool:
@@ -507,10 +519,12 @@ def _check_pool(workers: int, gpw: float, cpus: int, gpus: float, *, autoscaling
         logger.warning("%s: waiting for the cluster to scale up", problem)
 
 
-def _check_layer(state: dict, layer: str) -> None:
-    """The target layer exists and gives a (N, C, H, W) map (a dry forward on a tiny input)."""
+def _check_layer(state: dict, layer: str, method: str) -> None:
+    """The target layer exists, gives a (N, C, H, W) map, and a CAM runs through it (a dry
+    score + CAM on one blank input, as the actors will do it)."""
     import torch
 
+    from mammo_ray.explain.cam import score_and_cam
     from mammo_ray.models.registry import get_submodule
     from mammo_ray.train.checkpoint import checkpoint_spec, model_from_checkpoint
 
@@ -527,6 +541,11 @@ def _check_layer(state: dict, layer: str) -> None:
     if not seen or len(seen[0]) != 4:
         raise ValueError(f"--target-layer {layer!r}: its output has shape {seen[0] if seen else 'none'}, a CAM needs a "
                          f"(N, C, H, W) feature map (e.g. the backbone's last conv block)")
+    try:
+        score_and_cam(model, state["backbone"], torch.zeros(1, 1, h, w), method=method, target_layer=layer)
+    except Exception as exc:
+        raise ValueError(f"--target-layer {layer!r} with --method {method}: the CAM fails "
+                         f"({type(exc).__name__}: {exc})".splitlines()[0]) from exc
 
 
 def contact_sheet(out: str, scores: pd.DataFrame, *, n: int = 16, cols: int = 4, tile: int = 256) -> int:
@@ -536,7 +555,11 @@ def contact_sheet(out: str, scores: pd.DataFrame, *, n: int = 16, cols: int = 4,
     top = scores.sort_values(["probability", "image_id"], ascending=[False, True]).head(n)
     tiles = []
     for r in top.itertuples():
-        img = cv2.imdecode(np.frombuffer(mio.read_bytes(mio.join(out, r.overlay_path)), np.uint8), cv2.IMREAD_COLOR)
+        try:
+            img = cv2.imdecode(np.frombuffer(mio.read_bytes(mio.join(out, r.overlay_path)), np.uint8), cv2.IMREAD_COLOR)
+        except OSError:
+            logger.warning("overview: overlay %s is missing", r.overlay_path)
+            continue
         f = tile / max(img.shape[:2])
         img = cv2.resize(img, (max(1, round(img.shape[1] * f)), max(1, round(img.shape[0] * f))), interpolation=cv2.INTER_AREA)
         canvas = np.zeros((tile, tile, 3), np.uint8)
@@ -598,7 +621,7 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     t0 = time.perf_counter()
     state = load_checkpoint(checkpoint)
     layer = resolve_target_layer(state["backbone"], opts.target_layer)
-    _check_layer(state, layer)
+    _check_layer(state, layer, opts.method)
     stored = (state.get("metrics") or {}).get("val_threshold")
     threshold = opts.threshold if opts.threshold is not None else (float(stored) if stored is not None else 0.5)
     threshold_source = "--threshold" if opts.threshold is not None else ("checkpoint val_threshold (Youden on val)"
@@ -607,9 +630,6 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     identity = _identity(checkpoint, state, opts, layer, threshold, inputs)
     resumed = _check_output(out, identity, resume)
     annotations, ann_counts = load_annotations(opts.annotations, listing.records) if opts.annotations else ({}, {})
-    mio.makedirs(out)
-    mio.write_bytes(mio.join(out, IDENTITY_FILE), yaml.safe_dump(identity, sort_keys=False).encode())
-
     done: set[str] = set()
     if resumed:
         done = set(read_parts(out, SCORES, ["image_id"])["image_id"]) | set(read_parts(out, ERROR_PARTS, ["image_id"])["image_id"])
@@ -618,11 +638,8 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
                 len(listing.records) - len(todo), len(listing.errors))
 
     statuses = []
-    t_job = time.perf_counter()
     if todo:
         init_ray(address)
-        t_job = time.perf_counter()  # images/s of the pipeline itself, not of starting a local Ray
-        ray.data.DataContext.get_current().op_resource_reservation_enabled = False  # see data/pipeline.py
         resources = ray.cluster_resources()
         gpus = float(resources.get("GPU", 0))
         gpw = opts.gpus_per_worker if opts.gpus_per_worker is not None else (1.0 if gpus else 0.0)
@@ -630,8 +647,14 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
         # CPU-only: leave a CPU to the read/write tasks or the pool starves its own input
         workers = opts.workers or (max(1, int(gpus // gpw)) if gpw else max(1, cpus - 1))
         _check_pool(workers, gpw, cpus, gpus, autoscaling=bool(address or os.environ.get("RAY_ADDRESS")))
+    # every check passed: from here on the folder holds this run's results
+    mio.makedirs(out)
+    mio.write_bytes(mio.join(out, IDENTITY_FILE), yaml.safe_dump(identity, sort_keys=False).encode())
+    t_job = time.perf_counter()  # images/s of the pipeline itself, not of starting a local Ray
+    if todo:
+        ray.data.DataContext.get_current().op_resource_reservation_enabled = False  # see data/pipeline.py
         cfg = PreprocessConfig(spec=state["spec"], external=True, unlabeled=True)
-        env = remote_args([*inputs, out, checkpoint])
+        env = remote_args([*inputs, out, checkpoint, *([opts.annotations] if opts.annotations else [])])
         ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / opts.prep_batch_size)))
         ds = ds.map_batches(prepare_batch, batch_format="pandas", batch_size=opts.prep_batch_size,
                             fn_kwargs={"cfg": cfg, "preview_size": opts.preview_size}, num_cpus=1, **env)
@@ -650,7 +673,8 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
         columns=["image_id", "path", "status", "reason", "node_id", "prep_node_id"])
 
     # ---- the accounting: every input has exactly one score row or one error
-    deduplicated = dedupe_parts(out)
+    # only a resume can meet rows a dying run was still writing; in a fresh run a duplicate is a bug
+    deduplicated = dedupe_parts(out) if resumed else 0
     scores = read_parts(out, SCORES, ["image_id", "label", "probability", "predicted", "overlay_path", "pointing_hit",
                                       "energy_inside", "lesion_area_fraction"])
     part_errors = read_parts(out, ERROR_PARTS, ["image_id", "path", "reason"])

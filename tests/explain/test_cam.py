@@ -126,3 +126,15 @@ def test_top_energy_fraction():
     spot[3, 4] = 0.7
     assert top_energy_fraction(spot) == 1.0
     assert top_energy_fraction(np.zeros((5, 5), np.float32)) == 0.0
+
+
+@pytest.mark.parametrize("backbone,layer", [("simplecnn", "features.3.1"), ("resnet18", "layer4.1.bn2")])
+def test_a_target_layer_followed_by_an_in_place_op(backbone, layer):
+    """simplecnn's BN is followed by ReLU(inplace=True), resnet's last bn2 by `out += identity`:
+    the fast path still runs and matches pytorch-grad-cam's plain use."""
+    torch.manual_seed(2)
+    model = build_model(backbone).eval()
+    x = torch.randn(2, 1, 64, 64)
+    _, plain = score_and_cam(model, backbone, x, target_layer=layer, stop_at_target=False)
+    _, fast = score_and_cam(model, backbone, x, target_layer=layer)
+    np.testing.assert_allclose(fast, plain, atol=1e-5)

@@ -39,7 +39,13 @@ def test_outputs_at_source_geometry_and_cam_hits_lesions(ray_local, trained_chec
 
     bad = _bad_inputs(tmp_path / "bad")
     out = tmp_path / "explain"
-    opts = ExplainOptions(preview_size=128, batch_size=16, annotations=str(phantom_dir / "labels.csv"))
+    # the phantoms' own lesion annotations, one of them pointing at a mask file that is missing
+    ann = pd.read_csv(phantom_dir / "labels.csv")
+    ann["path"] = [str(phantom_dir / p) for p in ann["path"]]
+    ann["mask_path"] = ""
+    ann.loc[0, "mask_path"] = str(tmp_path / "missing-mask.png")
+    ann.to_csv(tmp_path / "ann.csv", index=False)
+    opts = ExplainOptions(preview_size=128, batch_size=16, annotations=str(tmp_path / "ann.csv"))
     summary = run_explain([str(phantom_dir), str(bad)], str(trained_checkpoint), str(out), opts)
 
     assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (63, 60, 3)
@@ -83,8 +89,14 @@ def test_outputs_at_source_geometry_and_cam_hits_lesions(ray_local, trained_chec
     overview = cv2.imread(str(out / "overview.png"))
     assert overview.shape == (1024, 1024, 3)  # 16 tiles of 256, 4 columns
 
+    # the image with the unusable mask keeps its row, without lesion scores, with a warning
+    from mammo_ray.data.inputs import image_id
+
+    broken = scores.set_index("image_id").loc[image_id(ann.loc[0, "path"])]
+    assert pd.isna(broken["pointing_hit"]) and "lesion annotation unusable" in broken["warning"]
+    assert summary["duplicate_rows_removed"] == 0
     loc = json.loads((out / "localization.json").read_text())
-    assert loc["annotated"] == 60 and loc["all"]["n"] == 60
+    assert loc["annotated"] == 60 and loc["all"]["n"] == 59
     mal = loc["by_label"]["malignant"]
     print(f"pointing game (malignant) {mal['pointing_game']:.2f} vs chance {mal['chance']:.3f}; "
           f"energy inside {mal['energy_inside']:.3f}")
@@ -169,6 +181,7 @@ def test_killed_actor_still_accounts_for_every_input(ray_local, trained_checkpoi
     thread.join()
     assert killed, "no CamActor process was found to kill"
     assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (201, 200, 1)
+    assert summary["duplicate_rows_removed"] == 0  # a fresh run never deduplicates: a duplicate would fail it
     scores = _read_scores(out)
     assert len(scores) == 200 and scores["image_id"].is_unique
 
@@ -237,6 +250,14 @@ def test_folder_of_another_checkpoint_is_refused(ray_local, trained_checkpoint, 
     with pytest.raises(OutputInUseError, match="method differ"):
         run_explain([str(small)], str(trained_checkpoint), str(out), ExplainOptions(method="eigencam", preview_size=64),
                     resume=True)
+    (tmp_path / "ann.csv").write_text("path,lesion_x,lesion_y,lesion_r\n")
+    with pytest.raises(OutputInUseError, match="annotations_sha256 differ"):
+        run_explain([str(small)], str(trained_checkpoint), str(out),
+                    ExplainOptions(preview_size=64, annotations=str(tmp_path / "ann.csv")), resume=True)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="--workers 2 CPU actors on 2 CPU"):
+        run_explain([str(small)], str(trained_checkpoint), str(fresh), ExplainOptions(workers=2))
+    assert not (fresh / "explain.yaml").exists()  # refused before the folder was claimed
     # the same run resumed: nothing left to do, still balanced
     summary = run_explain([str(small)], str(trained_checkpoint), str(out), ExplainOptions(preview_size=64), resume=True)
     assert summary["balanced"] and summary["rows"] == 3 and summary["processed_this_run"] == 0
@@ -362,3 +383,28 @@ def test_rows_written_twice_by_a_dying_run_and_its_resume_are_deduplicated(tmp_p
     assert not (tmp_path / SCORES / "part-c.parquet").exists()  # nothing left in it
     assert list(read_parts(str(tmp_path), ERROR_PARTS, ["image_id"])["image_id"]) == ["i4"]
     assert dedupe_parts(str(tmp_path)) == 0
+
+
+def test_archive_files_outside_class_folders_are_scored_unlabeled(tmp_path):
+    from mammo_ray.data.inputs import discover
+
+    for rel in ("benign/a.png", "malignant/b.png", "c.png", "2019/d.dcm"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    listing = discover([str(tmp_path)], labels_optional=True)
+    labels = {Path(r["path"]).name: r["label"] for r in listing.records}
+    assert labels == {"a.png": 0, "b.png": 1, "c.png": -1, "d.dcm": -1} and listing.errors == []
+    strict = discover([str(tmp_path)])
+    assert len(strict.errors) == 2  # training data: still refused, with the allowed folder names
+
+
+def test_a_write_killed_midway_leaves_the_dataset_readable(tmp_path):
+    """Atomic local writes go through a dot-prefixed temp file, which Parquet readers skip."""
+    from mammo_ray import io as mio
+
+    df = pd.DataFrame({"image_id": ["a", "b"]})
+    df.to_parquet(tmp_path / "part-1.parquet")
+    (tmp_path / ".part-2.parquet.tmp-999").write_bytes(b"half a file")  # what a kill leaves
+    mio.write_bytes(str(tmp_path / "part-3.parquet"), (tmp_path / "part-1.parquet").read_bytes())
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["part-1.parquet", "part-3.parquet"]
+    assert len(pd.read_parquet(tmp_path)) == 4
