@@ -116,6 +116,27 @@ def ray_cluster():
         cluster.shutdown()
 
 
+def remove_node_when(cluster, ready, pick, removed: list, timeout: float = 240):
+    """Start a thread that removes a worker node of ``cluster`` (``pick()`` -> node or None)
+    once ``ready()``; the removed node's id is appended to ``removed``. Returns the thread."""
+    import threading
+
+    def run():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not removed:
+            if ready():
+                node = pick()
+                if node is not None:
+                    cluster.remove_node(node, allow_graceful=False)
+                    removed.append(node.node_id)
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def node_of_pid(workers, pid: int):
     """The Cluster worker node whose raylet started process ``pid`` (a Ray worker process)."""
     import psutil

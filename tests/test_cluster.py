@@ -3,7 +3,6 @@ workers, all on loopback): work spreads over both workers, and a worker node rem
 loses nothing (``inputs == rows + errors``, every input once)."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pandas as pd
@@ -13,7 +12,7 @@ import mammo_ray  # noqa: F401  (loopback-only environment before ray is importe
 from mammo_ray.config import PreprocessConfig
 from mammo_ray.data.pipeline import run_preprocess
 from mammo_ray.explain.job import SCORES, ExplainOptions, run_explain
-from tests.conftest import copies_archive, listening_beyond_loopback, node_of_pid
+from tests.conftest import copies_archive, listening_beyond_loopback, node_of_pid, remove_node_when
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -39,31 +38,13 @@ def test_explain_spreads_over_both_workers(ray_cluster, phantom_dir, trained_che
     assert listening_beyond_loopback() == []
 
 
-def _remove_when(cluster, workers, ready, pick, removed: list) -> threading.Thread:
-    """A thread that removes a worker node (``pick()`` -> node or None) once ``ready()``."""
-    def run():
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not removed:
-            if ready():
-                node = pick()
-                if node is not None:
-                    cluster.remove_node(node, allow_graceful=False)
-                    removed.append(node.node_id)
-                    return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_worker_removed_mid_preprocess_loses_nothing(ray_cluster, phantom_dir, tmp_path):
     cluster, workers = ray_cluster
     archive = copies_archive(phantom_dir, tmp_path / "archive", 400)
     (archive / "benign" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     out = tmp_path / "out"
     removed: list = []
-    thread = _remove_when(cluster, workers, lambda: len(list(out.rglob("part-*.parquet"))) >= 8,
+    thread = remove_node_when(cluster, lambda: len(list(out.rglob("part-*.parquet"))) >= 8,
                           lambda: workers[0], removed)
     summary = run_preprocess([str(archive)], str(out), PreprocessConfig.load(size=32, batch_size=4))
     thread.join(timeout=5)
@@ -95,7 +76,7 @@ def test_worker_removed_mid_explain_loses_nothing(ray_cluster, phantom_dir, trai
         return None
 
     removed: list = []
-    thread = _remove_when(cluster, workers, lambda: True, actor_node, removed)
+    thread = remove_node_when(cluster, lambda: True, actor_node, removed)
     summary = run_explain([str(archive)], str(trained_checkpoint), str(out),
                           ExplainOptions(workers=1, batch_size=8, preview_size=64))
     thread.join(timeout=5)

@@ -45,19 +45,14 @@ def rows_to_table(rows: list[dict[str, Any]], spec: PreprocessSpec) -> pa.Table:
 
 
 def write_table(table: pa.Table, path: str) -> None:
-    """Write one Parquet file (local: to a temp name then renamed, so a retried task never
-    leaves a half-written file behind)."""
-    import os
+    """Write one Parquet file through :func:`mammo_ray.io.write_bytes` (local: a hidden temp
+    name then renamed, so a retried or killed task never leaves a half-written part that
+    dataset readers would pick up)."""
+    import io
 
-    fs, inner = mio.resolve(path)
-    parent = inner.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if mio.is_uri(path) and not path.startswith("file://"):
-        pq.write_table(table, inner, filesystem=fs)
-        return
-    tmp = f"{inner}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, inner)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    mio.write_bytes(path, buf.getvalue())
 
 
 def split_files(data_dir: str, split: str) -> list[str]:

@@ -41,6 +41,7 @@ import yaml
 
 from mammo_ray import io as mio
 from mammo_ray.config import PreprocessConfig, PreprocessSpec
+from mammo_ray.data.parquet import write_table
 from mammo_ray.data.transforms import GEOMETRY_FIELDS
 from mammo_ray.explain.cam import check_method, localization, resolve_target_layer, top_energy_fraction
 
@@ -329,10 +330,10 @@ def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size
     ids = sorted(r["image_id"] for r in batch.to_dict("records"))
     digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:20]
     if errors:
-        _write_parquet(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), mio.join(out, ERROR_PARTS, f"part-{digest}.parquet"))
+        write_table(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), mio.join(out, ERROR_PARTS, f"part-{digest}.parquet"))
     # the scores part is written last: its presence commits the batch (see the module doc)
     if rows:
-        _write_parquet(pa.Table.from_pylist(rows, schema=SCORE_SCHEMA), mio.join(out, SCORES, f"part-{digest}.parquet"))
+        write_table(pa.Table.from_pylist(rows, schema=SCORE_SCHEMA), mio.join(out, SCORES, f"part-{digest}.parquet"))
     return pd.DataFrame(statuses, columns=["image_id", "path", "status", "reason", "node_id", "prep_node_id"])
 
 
@@ -354,14 +355,6 @@ def _schemas():
 
 
 SCORE_SCHEMA, ERROR_SCHEMA = _schemas()
-
-
-def _write_parquet(table, path: str) -> None:
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    mio.write_bytes(path, buf.getvalue())  # atomic for local paths; S3 objects appear whole
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -410,7 +403,7 @@ def dedupe_parts(out: str) -> int:
             logger.warning("%s: %d row(s) of images already in another part removed", p, keep.count(False))
             kept = table.filter(pa.array(keep))
             if kept.num_rows:
-                _write_parquet(kept, p)
+                write_table(kept, p)
             else:
                 fs.delete_file(inner)
     return removed

@@ -365,10 +365,11 @@ def test_rows_written_twice_by_a_dying_run_and_its_resume_are_deduplicated(tmp_p
     images: the repeated rows are removed (first one kept), nothing else is touched."""
     import pyarrow as pa
 
-    from mammo_ray.explain.job import ERROR_PARTS, ERROR_SCHEMA, SCORE_SCHEMA, _write_parquet, dedupe_parts, read_parts
+    from mammo_ray.data.parquet import write_table
+    from mammo_ray.explain.job import ERROR_PARTS, ERROR_SCHEMA, SCORE_SCHEMA, dedupe_parts, read_parts
 
     def part(folder, name, rows, schema):
-        _write_parquet(pa.Table.from_pylist(rows, schema=schema), str(tmp_path / folder / name))
+        write_table(pa.Table.from_pylist(rows, schema=schema), str(tmp_path / folder / name))
 
     part(SCORES, "part-a.parquet", [{"image_id": "i1", "probability": 0.1}, {"image_id": "i2", "probability": 0.2}],
          SCORE_SCHEMA)

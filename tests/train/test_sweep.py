@@ -152,26 +152,17 @@ def test_trials_run_on_both_workers_of_a_cluster(ray_cluster, train_data_dir, tm
 def test_sweep_survives_losing_a_worker_node(ray_cluster, train_data_dir, tmp_path):
     """A worker node disappears mid-sweep: its trial is restored from its last checkpoint on
     the other node and the sweep finishes with every trial complete."""
-    from tests.conftest import node_of_pid
+    from tests.conftest import node_of_pid, remove_node_when
 
     cluster, workers = ray_cluster
     out = tmp_path / "sweep"
     removed: list = []
 
-    def remove_a_trials_node():
-        deadline = time.time() + 240
-        while time.time() < deadline and not removed:
-            if list((out / "tune" / "sweep").glob("*/checkpoint_000001")):
-                for pid in _trial_workers():
-                    node = node_of_pid(workers, pid)
-                    if node is not None:
-                        cluster.remove_node(node, allow_graceful=False)
-                        removed.append(node.node_id)
-                        return
-            time.sleep(0.05)
+    def a_trials_node():
+        return next((n for n in (node_of_pid(workers, pid) for pid in _trial_workers()) if n is not None), None)
 
-    thread = threading.Thread(target=remove_a_trials_node, daemon=True)
-    thread.start()
+    thread = remove_node_when(cluster, lambda: bool(list((out / "tune" / "sweep").glob("*/checkpoint_000001"))),
+                              a_trials_node, removed)
     summary = run_sweep(str(train_data_dir), str(out), small_sweep(epochs=8, freeze_ratios=(0.0,), max_failures=3,
                                                                   train={"optimizer": "adamw", "patience": 0}))
     thread.join(timeout=5)
