@@ -8,12 +8,20 @@ import time
 
 
 class PeakMemory:
-    """Samples the summed RSS of this process and every Ray worker process (every 0.25 s)."""
+    """Samples the summed memory of this process and every Ray worker process (every 0.25 s).
 
-    def __init__(self) -> None:
+    ``metric="rss"`` sums resident sets: pages shared between processes (torch's libraries in
+    every worker) count once per process, so the total jumps by a few hundred MB with each
+    extra idle worker Ray happens to keep. ``metric="pss"`` (Linux) splits shared pages among
+    the processes that map them: the memory the job really holds, steadier across runs.
+    """
+
+    def __init__(self, metric: str = "rss") -> None:
         import psutil
 
-        self.psutil, self.peak, self._stop = psutil, 0, threading.Event()
+        if metric not in ("rss", "pss"):
+            raise ValueError(f"metric={metric!r}: use one of rss, pss")
+        self.psutil, self.metric, self.peak, self._stop = psutil, metric, 0, threading.Event()
 
     def _total(self) -> int:
         total = 0
@@ -22,7 +30,7 @@ class PeakMemory:
                 name = proc.info["name"] or ""
                 cmd = " ".join(proc.info["cmdline"] or [])
                 if proc.pid == os.getpid() or name.startswith("ray::") or "default_worker.py" in cmd:
-                    total += proc.info["memory_info"].rss
+                    total += proc.memory_full_info().pss if self.metric == "pss" else proc.info["memory_info"].rss
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, TypeError):
                 continue
         return total

@@ -193,13 +193,18 @@ def test_memory_is_flat_in_the_archive_size(ray_local, trained_checkpoint, phant
     peaks = {}
     for n in (100, 500, 2000):  # 100: warm-up (worker processes started, imports done)
         archive = copies_archive(phantom_dir, tmp_path / f"archive-{n}", n)
-        with PeakMemory() as mem:
-            summary = run_explain([str(archive)], str(trained_checkpoint), str(tmp_path / f"out-{n}"),
-                                  ExplainOptions(preview_size=96, heatmap_max_side=128))
-        assert summary["balanced"] and summary["rows"] == n
-        peaks[n] = mem.peak
+        runs = []
+        # each size twice, the lower peak kept: how many idle workers Ray keeps around varies
+        # from run to run and is not memory the job's size causes
+        for rep in range(1 if n == 100 else 2):
+            with PeakMemory(metric="pss") as mem:  # RSS counts shared torch pages once per worker
+                summary = run_explain([str(archive)], str(trained_checkpoint), str(tmp_path / f"out-{n}-{rep}"),
+                                      ExplainOptions(preview_size=96, heatmap_max_side=128))
+            assert summary["balanced"] and summary["rows"] == n
+            runs.append(mem.peak)
+        peaks[n] = min(runs)
     ratio = peaks[2000] / peaks[500]
-    print(f"peak RSS (driver + Ray workers): 500 images {peaks[500] / 2**20:.0f} MB, 2000 images "
+    print(f"peak PSS (driver + Ray workers): 500 images {peaks[500] / 2**20:.0f} MB, 2000 images "
           f"{peaks[2000] / 2**20:.0f} MB, ratio {ratio:.3f}")
     assert ratio <= 1.10, peaks
 
