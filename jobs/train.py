@@ -14,7 +14,7 @@ from mammo_ray.cli import main
 
 
 def smoke_test_argv(argv: list[str]) -> list[str]:
-    """Phantoms -> preprocess (64 px) -> 2 epochs of simplecnn, under ``--out``."""
+    """Phantoms -> preprocess (64 px) -> 2 epochs of simplecnn, under ``--out`` (the model in ``model/``)."""
     out = argv[argv.index("--out") + 1] if "--out" in argv else "smoke-train"
     data = os.path.join(out, "data")
     from mammo_ray.data.synth import write_phantoms
@@ -25,8 +25,10 @@ def smoke_test_argv(argv: list[str]) -> list[str]:
     if code:
         sys.exit(code)
     rest = [a for a in argv if a != "--smoke-test"]
-    if "--out" not in rest:
-        rest += ["--out", out]
+    if "--out" in rest:  # the model beside the data, never around it (an --out may not hold an input)
+        rest[rest.index("--out") + 1] = os.path.join(out, "model")
+    else:
+        rest += ["--out", os.path.join(out, "model")]
     return ["train", "--data", data, "--backbone", "simplecnn", "--epochs", "2", *rest]
 
 

@@ -134,10 +134,12 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
+    from mammo_ray.outputs import check_out_location
     from mammo_ray.train.data import load_training_data
     from mammo_ray.train.loop import fit
 
     cfg = _train_config(args)
+    check_out_location(args.out, folders=[args.data])
     spec, train, val = load_training_data(args.data)
     logger.info("train %d images %s, val %d images %s", len(train), train.class_counts(), len(val), val.class_counts())
     result = fit(cfg, spec, train, val, out=args.out, resume=args.resume, progress=sys.stderr.isatty())
@@ -156,10 +158,12 @@ def _add_lr_find(sub) -> None:
 
 
 def _run_lr_find(args) -> int:
+    from mammo_ray.outputs import check_out_location
     from mammo_ray.train.data import load_training_data
     from mammo_ray.train.lr_find import lr_range_test, write_lr_find
 
     cfg = _train_config(args)
+    check_out_location(args.out, folders=[args.data])
     spec, train, _ = load_training_data(args.data)
     result = lr_range_test(cfg, spec, train, start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps)
     write_lr_find(result, args.out)

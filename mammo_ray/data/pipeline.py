@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import posixpath
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -29,6 +30,8 @@ from mammo_ray.data.inputs import CLASS_NAMES, Listing, discover, needs_header_p
 from mammo_ray.data.parquet import SPLIT_DIRS, rows_to_table, write_table
 from mammo_ray.data.split import assign_splits
 from mammo_ray.data.transforms import preprocess_image
+from mammo_ray.outputs import (check_inputs_vs_out, clear_owned, is_project_parquet, list_relative, read_marker,
+                               write_marker)
 from mammo_ray.ray_utils import remote_args
 
 logger = logging.getLogger(__name__)
@@ -140,19 +143,25 @@ def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- driver side
+PREPROCESS_OUTPUTS = ("summary.json", "preprocess.yaml", "errors.csv", *SPLIT_DIRS)
+
+
 def _check_output(out: str, overwrite: bool) -> None:
-    existing = [p for p in ("summary.json", "preprocess.yaml", *SPLIT_DIRS) if mio.exists(mio.join(out, p))]
+    """Refuse a folder holding a run unless ``overwrite``; then remove only that run's files."""
+    existing = [p for p in PREPROCESS_OUTPUTS if mio.exists(mio.join(out, p))]
     if not existing:
         return
-    if not overwrite:
-        raise OutputExistsError(f"--out {out} already holds a preprocessing run ({', '.join(existing)}): pass --overwrite or use another folder")
-    fs, inner = mio.resolve(out)
-    for p in existing:
-        target = mio.resolve(mio.join(out, p))[1]
-        if p in SPLIT_DIRS:
-            fs.delete_dir(target)
-        else:
-            fs.delete_file(target)
+    if read_marker(out) is not None and not overwrite:
+        raise OutputExistsError(f"--out {out} already holds a preprocessing run ({', '.join(existing)}): "
+                                "pass --overwrite or use another folder")
+    clear_owned(out, "preprocess", PREPROCESS_OUTPUTS, owned=_written_by_preprocess)
+
+
+def _written_by_preprocess(path: str) -> bool:
+    """For a run that died before listing its files: the job's own top-level files, and Parquet
+    parts whose metadata carries the spec (the folder's marker already says it is a run's)."""
+    rel = posixpath.basename(path)
+    return (rel in PREPROCESS_OUTPUTS and not mio.is_dir(path)) or is_project_parquet(path)
 
 
 def _probe_patients(records: list[dict], cfg: PreprocessConfig) -> None:
@@ -235,8 +244,10 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
 
     t0 = time.perf_counter()
     listing = discover(list(inputs), unlabeled=cfg.unlabeled)
+    check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out)
     _check_output(out, overwrite)
     mio.makedirs(out)
+    write_marker(out, "preprocess")  # the folder is ours from here: a later --overwrite may clear it
     init_ray(address)
     # patient ids group the split and drive patient-level bootstrap (external sets too)
     _probe_patients(listing.records, cfg)
@@ -268,6 +279,7 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
     config_out["spec"] = to_dict(cfg.spec)
     mio.write_bytes(mio.join(out, "preprocess.yaml"), yaml.safe_dump(config_out, sort_keys=False).encode())
     mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    write_marker(out, "preprocess", files=list_relative(out, PREPROCESS_OUTPUTS))
     line = f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']}"
     if not summary["balanced"]:
         raise RuntimeError(f"nothing-lost check failed: {line}")

@@ -507,8 +507,16 @@ def write_phantoms(out: str, n: int, *, seed: int = 0, height: int = 512, width:
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ValueError(f"unknown formats {bad}; expected a subset of {FORMATS}")
+    from mammo_ray.outputs import check_out_location, read_marker, write_marker
+
+    check_out_location(out)
+    # a rerun replaces its own phantoms (same names); a folder of someone's images is never
+    # written into, since same-named files would be overwritten
+    if os.path.isdir(out) and os.listdir(out) and (read_marker(out) or {}).get("stage") != "synth":
+        raise ValueError(f"--out {out} is not empty and holds no phantoms written by mammo-ray synth: use a new folder")
     for name in _LABEL_NAMES:
         os.makedirs(os.path.join(out, name), exist_ok=True)
+    write_marker(out, "synth")
 
     rows: list[dict] = []
     for index, (pid, label, laterality, view) in enumerate(_plan_patients(seed, n, malignant_fraction)):

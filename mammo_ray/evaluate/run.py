@@ -174,6 +174,10 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
     for e in externals:
         if not mio.exists(e):
             raise ValueError(f"--external {e} does not exist")
+    from mammo_ray.outputs import check_out_location
+
+    check_out_location(out, folders=[data, *(e for e in externals if mio.is_dir(e))],
+                       files=[e for e in externals if not mio.is_dir(e)])
     mio.makedirs(out)
     results = [evaluate_checkpoint(c, data=data, externals=externals, out=out, **kwargs) for c in checkpoints]
     report = {"data": data, "externals": externals, "checkpoints": results}

@@ -43,6 +43,7 @@ from mammo_ray import io as mio
 from mammo_ray.config import PreprocessConfig, PreprocessSpec
 from mammo_ray.data.parquet import write_table
 from mammo_ray.data.transforms import GEOMETRY_FIELDS
+from mammo_ray.outputs import check_inputs_vs_out
 from mammo_ray.explain.cam import check_method, localization, resolve_target_layer, top_energy_fraction
 
 logger = logging.getLogger(__name__)
@@ -620,6 +621,7 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     threshold_source = "--threshold" if opts.threshold is not None else ("checkpoint val_threshold (Youden on val)"
                                                                          if stored is not None else "0.5 (the checkpoint has no val threshold)")
     listing = discover(list(inputs), labels_optional=True)
+    check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out)
     identity = _identity(checkpoint, state, opts, layer, threshold, inputs)
     resumed = _check_output(out, identity, resume)
     annotations, ann_counts = load_annotations(opts.annotations, listing.records) if opts.annotations else ({}, {})

@@ -131,9 +131,11 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
     import ray
     from ray import tune
 
+    from mammo_ray.outputs import check_out_location
     from mammo_ray.ray_utils import init_ray
     from mammo_ray.train.data import load_training_data
 
+    check_out_location(out, folders=[data_dir])
     path = mio.join(storage_path(out), EXPERIMENT)
     if resume and not tune.Tuner.can_restore(path):
         raise ValueError(f"--resume {out}: holds no sweep to resume (no Tune experiment at {path})")

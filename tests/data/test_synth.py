@@ -13,6 +13,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from mammo_ray.data.synth import CSV_COLUMNS, FORMATS, MG_FOR_PRESENTATION, render_phantom, write_phantoms
+from mammo_ray.outputs import MARKER
 
 H, W = 256, 208  # small images keep the suite fast; the geometry is scale-invariant
 
@@ -29,7 +30,7 @@ def _files(root: str) -> set[str]:
     for dirpath, _, names in os.walk(root):
         for name in names:
             rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
-            if rel != "labels.csv":
+            if rel not in ("labels.csv", MARKER):
                 found.add(rel)
     return found
 
