@@ -78,8 +78,12 @@ def _run_synth(args) -> int:
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ValueError(f"--formats {args.formats!r}: use a comma list of {', '.join(FORMATS)}")
-    if args.n < 1:
-        raise ValueError(f"--n {args.n}: must be >= 1")
+    from mammo_ray.config import MAX_SIDE
+
+    if not 1 <= args.n <= 10_000_000:
+        raise ValueError(f"--n {args.n}: use an int in [1, 10000000]")
+    if not (32 <= args.height <= MAX_SIDE and 32 <= args.width <= MAX_SIDE):
+        raise ValueError(f"--height {args.height} --width {args.width}: each in [32, {MAX_SIDE}]")
     rows = write_phantoms(args.out, args.n, seed=args.seed, height=args.height, width=args.width,
                           formats=formats, contrast=args.contrast, noise=args.noise, markers=not args.no_markers)
     print(f"wrote {len(rows)} phantoms to {args.out} (labels.csv)")

@@ -19,6 +19,10 @@ ORIENTATIONS = ("left", "right", "none")
 OUTPUT_DTYPES = ("uint8", "uint16", "float32")
 INVERSION_MODES = ("auto", "never")
 OTHER_MODALITY = ("warn", "refuse")
+#: Hard caps, whatever the memory: no mammography detector exceeds 8192 pixels a side, and
+#: a larger value (from a flag, a YAML file or a checkpoint's stored spec) is a typo or hostile.
+MAX_SIDE = 8192
+MAX_BATCH = 4096
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -106,8 +110,8 @@ class PreprocessSpec:
         if isinstance(size, int):
             size = (size, size)
         size = tuple(int(s) for s in size)
-        if len(size) != 2 or min(size) < 8:
-            raise ValueError(f"size={self.size!r}: use one int or [height, width], each >= 8")
+        if len(size) != 2 or min(size) < 8 or max(size) > MAX_SIDE:
+            raise ValueError(f"size={self.size!r}: use one int or [height, width], each in [8, {MAX_SIDE}]")
         object.__setattr__(self, "size", size)
         _check_choice("orientation", self.orientation, ORIENTATIONS)
         _check_choice("resize_mode", self.resize_mode, RESIZE_MODES)
@@ -130,7 +134,9 @@ class PreprocessConfig:
         min_side, max_pixels: sources outside these bounds are errors, not rows.
         other_modality: DICOM whose Modality is not MG: ``warn`` keeps it with a warning
             column, ``refuse`` makes it an error.
-        patient_salt: salt of the patient-id hash (``patient_key``); never written out.
+        patient_key_file: the secret key file of the patient pseudonyms (``patient_key``, an
+            HMAC of the patient id); default ``$MAMMO_RAY_PATIENT_KEY``, else the user's key
+            file (see :mod:`mammo_ray.privacy`). The key itself is never written out.
         batch_size: images per Ray task and per Parquet file.
     """
 
@@ -143,7 +149,7 @@ class PreprocessConfig:
     min_side: int = 32
     max_pixels: int = 100_000_000
     other_modality: str = "warn"
-    patient_salt: str = "mammo-ray"
+    patient_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.spec, Mapping):
@@ -155,8 +161,10 @@ class PreprocessConfig:
         _check_choice("other_modality", self.other_modality, OTHER_MODALITY)
         if self.min_side < 1 or self.max_pixels < self.min_side**2:
             raise ValueError(f"min_side={self.min_side}, max_pixels={self.max_pixels}: need 1 <= min_side and min_side**2 <= max_pixels")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r}: must be >= 1")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size={self.batch_size!r}: use an int in [1, {MAX_BATCH}]")
+        if self.max_pixels > 1_000_000_000:
+            raise ValueError(f"max_pixels={self.max_pixels!r}: at most 1000000000 (a 1-gigapixel source)")
 
     @classmethod
     def load(cls, path: str | None = None, **overrides: Any) -> "PreprocessConfig":
@@ -165,6 +173,10 @@ class PreprocessConfig:
         Spec keys given as overrides (``size=``, ``equalize=``...) go into the spec.
         """
         data = load_yaml(path)
+        if "patient_salt" in data:
+            raise ValueError("patient_salt: a public salt let anyone recover patient ids by brute force, so patient "
+                             "keys are now keyed by a secret: remove patient_salt and set $MAMMO_RAY_PATIENT_KEY or "
+                             "patient_key_file")
         spec_names = {f.name for f in dataclasses.fields(PreprocessSpec)}
         spec_over = {k: overrides.pop(k) for k in list(overrides) if k in spec_names}
         spec_data = dict(data.pop("spec", {}) or {})
@@ -239,9 +251,9 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("imbalance", self.imbalance, IMBALANCE)
         _check_choice("device", self.device, DEVICES)
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        for name, top in (("epochs", 100_000), ("batch_size", MAX_BATCH), ("eval_batch_size", MAX_BATCH)):
+            if not 1 <= int(getattr(self, name)) <= top:
+                raise ValueError(f"{name}={getattr(self, name)!r}: use an int in [1, {top}]")
         if self.step_size_epochs <= 0:
             raise ValueError(f"step_size_epochs={self.step_size_epochs!r}: must be > 0")
         if self.patience < 0 or self.max_batches < 0:
@@ -323,9 +335,10 @@ class SweepConfig:
                     raise ValueError(f"lr_bounds: [{a}, {b}] needs 0 < base_lr < max_lr")
             object.__setattr__(self, "lr_bounds", pairs)
         object.__setattr__(self, "freeze_ratios", tuple(float(r) for r in self.freeze_ratios))
-        for name in ("epochs", "batch_size", "num_samples", "grace_period"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        for name, top in (("epochs", 100_000), ("batch_size", MAX_BATCH), ("num_samples", 100_000),
+                          ("grace_period", 100_000)):
+            if not 1 <= int(getattr(self, name)) <= top:
+                raise ValueError(f"{name}={getattr(self, name)!r}: use an int in [1, {top}]")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.max_failures < 0:
             raise ValueError(f"cpus_per_trial={self.cpus_per_trial}, gpus_per_trial={self.gpus_per_trial}, "
                              f"max_failures={self.max_failures}: need cpus > 0, gpus >= 0, max_failures >= 0")

@@ -77,4 +77,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set by mammo_ray/__init__ before ray is imported.)
     # Token auth guards a cluster reachable by others; a loopback-only Ray has no such peer.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(_node_ip_address=LOOPBACK, num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+    from mammo_ray.resources import TASK_RETRIES
+
+    # Ray retries a task its memory monitor killed forever by default (task_oom_retries=-1):
+    # bounded here, so a task that cannot fit ends as errors.csv lines instead of a loop.
+    # (On a cluster: `ray start` with RAY_task_oom_retries=3, see cluster/.)
+    ray.init(_node_ip_address=LOOPBACK, num_cpus=num_cpus, num_gpus=num_gpus,
+             _system_config={"task_oom_retries": TASK_RETRIES}, **kwargs)

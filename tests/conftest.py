@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import mammo_ray  # noqa: F401  (sets the loopback-only Ray environment before r
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# the suite's patient key lives in a throwaway folder, never in the user's ~/.config
+os.environ.setdefault("MAMMO_RAY_PATIENT_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="mammo-key-"), "patient.key"))
+os.environ.pop("MAMMO_RAY_PATIENT_KEY", None)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -19,6 +20,22 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("dicom", "png", "jpeg", "pnm", "tiff")
 MG_MODALITY = "MG"
+
+
+_QUOTED = re.compile(r"""(b?'[^']*'|b?"[^"]*")""")
+
+
+def describe_exception(exc: BaseException, *, limit: int = 160) -> str:
+    """One line about a decoder's exception that is safe for ``errors.csv``.
+
+    Decoder messages may quote bytes of the file (a header, a DICOM value such as a patient
+    name) or run over many lines (pydicom lists every plugin it tried); ``errors.csv`` must
+    carry neither, so quoted text is replaced by its length and only the first line is kept.
+    """
+    first = (str(exc).strip().splitlines() or [""])[0]
+    text = _QUOTED.sub(lambda m: f"<{len(m.group(0)) - 2} chars>", first)
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class DecodeError(ValueError):
@@ -60,8 +77,10 @@ def sniff_format(data: bytes) -> str:
     # DICOM written without the 128-byte preamble starts with a group-0008 (or 0002) tag.
     if data[:2] in (b"\x08\x00", b"\x02\x00") and len(data) > 8:
         return "dicom"
-    head = data[:16].decode("ascii", "replace").encode("unicode_escape")[:40].decode()
-    raise DecodeError(f"unrecognized file header {head!r}: not one of DICOM, PNG, JPEG, PGM/PNM, TIFF")
+    # the bytes themselves are never quoted: an unknown file may be a report holding a name
+    kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in data[:64]) else "binary data"
+    raise DecodeError(f"unrecognized file header ({len(data)} bytes, starts like {kind}): "
+                      "not one of DICOM, PNG, JPEG, PGM/PNM, TIFF")
 
 
 def check_size(height: int, width: int, *, min_side: int, max_pixels: int) -> None:
@@ -108,7 +127,7 @@ def _raster_size(data: bytes, fmt: str) -> tuple[int, int]:
             width, height = im.size
     except Exception as exc:  # PIL raises many types for broken headers
         kind = "truncated" if "runcated" in str(exc) else "unreadable"
-        raise DecodeError(f"{kind} {fmt.upper()}: header unreadable ({exc})") from exc
+        raise DecodeError(f"{kind} {fmt.upper()}: header unreadable ({describe_exception(exc)})") from exc
     return int(height), int(width)
 
 
@@ -218,7 +237,7 @@ def read_dicom_header(data: bytes):
     try:
         return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
     except Exception as exc:
-        raise DecodeError(f"unreadable DICOM header: {type(exc).__name__}: {exc}") from exc
+        raise DecodeError(f"unreadable DICOM header: {describe_exception(exc)}") from exc
 
 
 def dicom_meta(ds) -> dict[str, str | None]:
@@ -245,7 +264,7 @@ def decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> Decoded:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:
-        raise DecodeError(f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
+        raise DecodeError(f"unreadable DICOM: {describe_exception(exc)}") from exc
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DecodeError("DICOM has no pixel data (PixelData element missing)")
     meta = dicom_meta(ds)
@@ -264,7 +283,7 @@ def decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> Decoded:
         arr = ds.pixel_array
     except Exception as exc:
         raise DecodeError(
-            f"cannot decode DICOM pixel data ({getattr(syntax, 'name', syntax)}): {type(exc).__name__}: {exc}"
+            f"cannot decode DICOM pixel data ({getattr(syntax, 'name', syntax)}): {describe_exception(exc)}"
         ) from exc
     warnings: list[str] = []
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()

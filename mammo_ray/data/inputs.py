@@ -45,13 +45,6 @@ def image_id(path: str) -> str:
     return hashlib.sha1(path.encode("utf-8")).hexdigest()[:16]
 
 
-def patient_key(patient_id: str | None, salt: str) -> str | None:
-    """Salted hash of a patient id, used for grouping and bootstrap; None when unknown."""
-    if patient_id in (None, ""):
-        return None
-    return hashlib.sha256(f"{salt}\x00{patient_id}".encode("utf-8")).hexdigest()[:16]
-
-
 def _ext(path: str) -> str:
     return posixpath.splitext(path.rsplit("/", 1)[-1])[1].lower()
 

