@@ -29,7 +29,7 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--orientation", choices=ORIENTATIONS)
     p.add_argument("--dtype", choices=OUTPUT_DTYPES)
     p.add_argument("--other-modality", choices=OTHER_MODALITY)
-    p.add_argument("--ratios", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--ratios", type=finite_float, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
@@ -57,6 +57,19 @@ def _run_preprocess(args) -> int:
     return 0
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a float that is not NaN or inf (a NaN passes every range check)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
+    return value
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write synthetic mammogram phantoms (class folders + labels.csv)")
     p.add_argument("--out", required=True)
@@ -66,8 +79,8 @@ def _add_synth(sub) -> None:
     p.add_argument("--width", type=int, default=416)
     p.add_argument("--formats", default="png8,png16,dcm,dcm-mono1",
                    help="comma list, round-robin over images")
-    p.add_argument("--contrast", type=float, default=1.0)
-    p.add_argument("--noise", type=float, default=1.0)
+    p.add_argument("--contrast", type=finite_float, default=1.0)
+    p.add_argument("--noise", type=finite_float, default=1.0)
     p.add_argument("--no-markers", action="store_true", help="no burned-in text or clip markers")
 
 
@@ -98,7 +111,7 @@ def _train_options(p, *, full: bool = True) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", help="YAML file of TrainConfig keys (flags override it)")
     p.add_argument("--backbone", choices=list_backbones())
-    p.add_argument("--freeze-ratio", type=float, help="fraction of backbone units frozen, in [0, 1]")
+    p.add_argument("--freeze-ratio", type=finite_float, help="fraction of backbone units frozen, in [0, 1]")
     p.add_argument("--pretrained", choices=PRETRAINED, help="ImageNet weights from the torch hub cache (offline)")
     p.add_argument("--weights", help="a torchvision-format state dict to start from")
     p.add_argument("--batch-size", type=int)
@@ -108,11 +121,11 @@ def _train_options(p, *, full: bool = True) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     if full:
-        p.add_argument("--base-lr", type=float)
-        p.add_argument("--max-lr", type=float)
+        p.add_argument("--base-lr", type=finite_float)
+        p.add_argument("--max-lr", type=finite_float)
         p.add_argument("--clr-mode", choices=CLR_MODES)
-        p.add_argument("--clr-gamma", type=float)
-        p.add_argument("--step-size-epochs", type=float, help="half a cyclic-LR cycle, in epochs")
+        p.add_argument("--clr-gamma", type=finite_float)
+        p.add_argument("--step-size-epochs", type=finite_float, help="half a cyclic-LR cycle, in epochs")
         p.add_argument("--epochs", type=int)
         p.add_argument("--patience", type=int, help="early stopping on val AUC (0: off)")
         p.add_argument("--max-batches", type=int, help="cap training batches per epoch (smoke runs)")
@@ -157,8 +170,8 @@ def _add_lr_find(sub) -> None:
     p = sub.add_parser("lr-find", help="LR range test: suggests cyclic-LR bounds, writes lr_find.png")
     _train_options(p, full=False)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--start-lr", type=float, default=1e-6)
-    p.add_argument("--end-lr", type=float, default=1.0)
+    p.add_argument("--start-lr", type=finite_float, default=1e-6)
+    p.add_argument("--end-lr", type=finite_float, default=1.0)
 
 
 def _run_lr_find(args) -> int:
@@ -177,11 +190,10 @@ def _run_lr_find(args) -> int:
 
 
 def _lr_pair(text: str) -> tuple[float, float]:
-    try:
-        a, b = (float(x) for x in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use BASE:MAX, e.g. 1e-4:1e-3") from None
-    return a, b
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: use BASE:MAX, e.g. 1e-4:1e-3")
+    return finite_float(parts[0]), finite_float(parts[1])
 
 
 def _add_tune(sub) -> None:
@@ -193,15 +205,15 @@ def _add_tune(sub) -> None:
     p.add_argument("--out", required=True, help="output folder or URI (Tune storage under OUT/tune)")
     p.add_argument("--config", help="sweep YAML (SweepConfig keys; flags override it)")
     p.add_argument("--backbones", nargs="+", choices=list_backbones())
-    p.add_argument("--freeze-ratios", nargs="+", type=float)
+    p.add_argument("--freeze-ratios", nargs="+", type=finite_float)
     p.add_argument("--lr-bounds", nargs="+", type=_lr_pair, metavar="BASE:MAX")
     p.add_argument("--clr-modes", nargs="+", choices=CLR_MODES)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--num-samples", type=int)
     p.add_argument("--scheduler", choices=SCHEDULERS)
-    p.add_argument("--cpus-per-trial", type=float)
-    p.add_argument("--gpus-per-trial", type=float, help="may be fractional (e.g. 0.5: two trials per GPU)")
+    p.add_argument("--cpus-per-trial", type=finite_float)
+    p.add_argument("--gpus-per-trial", type=finite_float, help="may be fractional (e.g. 0.5: two trials per GPU)")
     p.add_argument("--max-failures", type=int, help="retries of a failed trial from its last checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep stored in --out")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
@@ -235,7 +247,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", choices=("youden", "sensitivity", "fixed"), default="youden",
                    help="how the decision threshold is chosen on val (fixed: 0.5)")
-    p.add_argument("--target-sensitivity", type=float, default=0.9)
+    p.add_argument("--target-sensitivity", type=finite_float, default=0.9)
     p.add_argument("--allow-spec-mismatch", action="store_true")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs")
     p.add_argument("--distributed", choices=("auto", "always", "never"), default="auto",
@@ -266,12 +278,12 @@ def _add_explain(sub) -> None:
     p.add_argument("--method", choices=CAM_METHODS, default="gradcam")
     p.add_argument("--target-layer", help="dotted module path (default: the backbone's registered CAM layer)")
     p.add_argument("--batch-size", type=int, default=32, help="images per CAM batch")
-    p.add_argument("--gpus-per-worker", type=float, help="GPUs per CAM actor (default: 1 when the cluster has GPUs)")
+    p.add_argument("--gpus-per-worker", type=finite_float, help="GPUs per CAM actor (default: 1 when the cluster has GPUs)")
     p.add_argument("--workers", type=int, help="CAM actors (default: one per GPU, or CPUs - 1)")
     p.add_argument("--preview-size", type=int, default=512, help="long side of the overlay PNGs")
     p.add_argument("--heatmap-max-side", type=int, default=0,
                    help="long side of the heatmap PNGs (default 0: the source image's own size)")
-    p.add_argument("--threshold", type=float, help="decision threshold (default: the checkpoint's val threshold)")
+    p.add_argument("--threshold", type=finite_float, help="decision threshold (default: the checkpoint's val threshold)")
     p.add_argument("--annotations", help="CSV of lesions (path/image_id + lesion_x,lesion_y,lesion_r or mask_path)")
     p.add_argument("--top", type=int, default=16, help="overlays on overview.png")
     p.add_argument("--resume", action="store_true", help="continue a killed or partial run in --out")
@@ -338,6 +350,7 @@ class _Parser(argparse.ArgumentParser):
 def get_args_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mammo-ray", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
@@ -351,9 +364,19 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"mammo-ray {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        # The boundary: every failure is one line (a traceback only behind --debug).
+        # Bad input (ValueError, a missing file) exits 2; anything else exits 1.
+        if args.debug:
+            raise
+        expected = isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                    PermissionError))
+        text = (str(exc).strip().splitlines() or [""])[0]
+        what = text if expected else f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
+        print(f"mammo-ray {args.command}: error: {what}", file=sys.stderr)
+        return 2 if expected else 1
 
 
 if __name__ == "__main__":

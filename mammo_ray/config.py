@@ -25,6 +25,20 @@ MAX_SIDE = 8192
 MAX_BATCH = 4096
 
 
+def check_finite(obj: Any) -> None:
+    """Refuse NaN and inf in any float field (or tuple of floats) of a config dataclass: a NaN
+    compares False with every bound, so range checks alone would let it through."""
+    import math
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for v in items:
+            for x in (v if isinstance(v, (tuple, list)) else (v,)):
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ValueError(f"{f.name}={value!r}: must be a finite number")
+
+
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r}: use one of {', '.join(allowed)}")
@@ -106,6 +120,7 @@ class PreprocessSpec:
     std: float = 0.25
 
     def __post_init__(self) -> None:
+        check_finite(self)
         size = self.size
         if isinstance(size, int):
             size = (size, size)
@@ -152,6 +167,7 @@ class PreprocessConfig:
     patient_key_file: str | None = None
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if isinstance(self.spec, Mapping):
             object.__setattr__(self, "spec", from_mapping(PreprocessSpec, self.spec))
         r = tuple(float(x) for x in self.ratios)
@@ -234,6 +250,7 @@ class TrainConfig:
     max_batches: int = 0
 
     def __post_init__(self) -> None:
+        check_finite(self)
         from mammo_ray.models.registry import list_backbones
 
         names = list_backbones()
@@ -299,6 +316,7 @@ class SweepConfig:
     train: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_finite(self)
         from mammo_ray.models.registry import list_backbones
 
         names = list_backbones()

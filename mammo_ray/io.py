@@ -99,19 +99,50 @@ def is_dir(path: str) -> bool:
     return fs.get_file_info(inner).type == pafs.FileType.Directory
 
 
-def list_files(path: str) -> Iterator[tuple[str, int]]:
+def list_files(path: str, report: dict | None = None) -> Iterator[tuple[str, int]]:
     """Yield ``(path or URI, size)`` of every file under ``path``, sorted, hidden files skipped.
 
     Local trees are walked with ``os.walk`` so that broken symlinks and unreadable entries
-    are listed too (they become error lines later, not silent gaps).
+    are listed too (they become error lines later, not silent gaps). Symlinked folders are
+    followed (archives are often assembled from links), each real folder once.
+
+    Args:
+        report: when given, filled with what the walk did not yield: ``skipped`` (a count per
+            reason: hidden file, hidden folder, folder already listed through another link)
+            and ``unreadable`` (``(folder, reason)`` for folders that could not be listed).
     """
+    report = report if report is not None else {}
+    skipped = report.setdefault("skipped", {})
+    unreadable = report.setdefault("unreadable", [])
+
+    def skip(reason: str, n: int = 1) -> None:
+        skipped[reason] = skipped.get(reason, 0) + n
+
     if not is_uri(path):
         root = os.path.abspath(path)
         found = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        seen: set[tuple[int, int]] = set()
+
+        def on_error(exc: OSError) -> None:
+            unreadable.append((exc.filename or root, f"unreadable folder: {type(exc).__name__}: {exc.strerror}"))
+
+        for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
+            try:
+                st = os.stat(dirpath)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:  # a link back into the tree (or a second link to a folder)
+                skip("folder already listed through another path (symlink)")
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            hidden = [d for d in dirnames if d.startswith(".")]
+            if hidden:
+                skip("hidden folder", len(hidden))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in filenames:
                 if name.startswith("."):
+                    skip("hidden file")
                     continue
                 full = os.path.join(dirpath, name)
                 try:
@@ -128,6 +159,7 @@ def list_files(path: str) -> Iterator[tuple[str, int]]:
             continue
         rel = info.path[len(inner):].lstrip("/")
         if any(part.startswith(".") for part in rel.split("/")):
+            skip("hidden file")
             continue
         yield to_uri(fs, info.path, path), int(info.size or 0)
 

@@ -108,8 +108,13 @@ def decode_bytes(data: bytes, *, min_side: int = 32, max_pixels: int = 100_000_0
     """
     fmt = sniff_format(data)
     if fmt == "dicom":
-        return decode_dicom(data, min_side=min_side, max_pixels=max_pixels)
-    return decode_raster(data, fmt, min_side=min_side, max_pixels=max_pixels)
+        dec = decode_dicom(data, min_side=min_side, max_pixels=max_pixels)
+    else:
+        dec = decode_raster(data, fmt, min_side=min_side, max_pixels=max_pixels)
+    lo, hi = int(dec.pixels.min()), int(dec.pixels.max())
+    if lo == hi:  # nothing to learn from or explain; equalization would only amplify noise
+        raise DecodeError(f"constant image: every pixel is {lo} after decoding")
+    return dec
 
 
 # ----------------------------------------------------------------------------- raster
@@ -165,6 +170,10 @@ def _to_gray(arr: np.ndarray, warnings: list[str]) -> np.ndarray:
 def _to_depth(arr: np.ndarray, warnings: list[str]) -> np.ndarray:
     if arr.dtype in (np.uint8, np.uint16):
         return arr
+    if arr.dtype.kind == "f":
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:  # a rescale over NaN/inf would turn the whole image into one constant
+            raise DecodeError(f"{bad} non-finite pixel(s) (NaN or inf) in a {arr.dtype} image")
     warnings.append(f"{arr.dtype} pixels rescaled to uint16")
     return _rescale_uint16(arr.astype(np.float64))
 

@@ -34,6 +34,7 @@ class Listing:
     records: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     ignored: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
 
     @property
     def inputs(self) -> int:
@@ -42,7 +43,13 @@ class Listing:
 
 def image_id(path: str) -> str:
     """Stable id of a source: a hash of its path (never the patient id)."""
-    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:16]
+    # surrogateescape: a local name that is not valid UTF-8 still hashes (its raw bytes)
+    return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def printable_path(path: str) -> str:
+    """``path`` as valid UTF-8 text: undecodable bytes of a file name shown as ``\\xff``."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _ext(path: str) -> str:
@@ -89,6 +96,11 @@ def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: boo
     # the same file given twice (two inputs, or two manifest rows) is processed once
     unique = []
     for rec in listing.records:
+        shown = printable_path(rec["path"])
+        if shown != rec["path"]:  # Parquet, CSV and JSON store text as UTF-8: such a name cannot be a row
+            listing.errors.append({"path": shown, "image_id": rec["image_id"],
+                                   "reason": "file name is not valid UTF-8: rename the file"})
+            continue
         if rec["path"] in seen:
             listing.errors.append(_error(rec["path"], "duplicate input: the same file is listed more than once"))
             continue
@@ -99,7 +111,10 @@ def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: boo
 
 
 def _discover_folder(root: str, unlabeled: bool, listing: Listing, labels_optional: bool = False) -> None:
-    files = list(mio.list_files(root))
+    report: dict = {"skipped": listing.skipped}
+    files = list(mio.list_files(root, report))
+    for folder, reason in report.get("unreadable", []):
+        listing.errors.append(_error(folder, reason))
     tops = {mio.relpath(p, root).split("/")[0].lower() for p, _ in files if "/" in mio.relpath(p, root)}
     class_mode = not unlabeled and any(t in CLASS_NAMES for t in tops)
     if not class_mode and not unlabeled:
@@ -129,10 +144,26 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root + "/")
 
 
+def read_csv_text(path: str, what: str) -> str:
+    """A CSV file's text (UTF-8, BOM allowed).
+
+    Raises:
+        ValueError: naming the file and the first byte that is not UTF-8.
+    """
+    data = mio.read_bytes(path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path}: not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}): "
+                         "save it as UTF-8") from None
+
+
 def _discover_manifest(manifest: str, unlabeled: bool, listing: Listing, labels_optional: bool = False) -> None:
-    text = mio.read_bytes(manifest).decode("utf-8-sig")
+    text = read_csv_text(manifest, "manifest")
     reader = csv.DictReader(io.StringIO(text))
-    columns = [c.strip() for c in (reader.fieldnames or [])]
+    # "path, label" (a space after the comma) names the same columns as "path,label"
+    reader.fieldnames = [c.strip() for c in (reader.fieldnames or [])]
+    columns = list(reader.fieldnames)
     if labels_optional and "label" not in columns:
         unlabeled = True
     needed = ["path"] + ([] if unlabeled else ["label"])

@@ -31,6 +31,7 @@ import math
 import os
 import posixpath
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -40,12 +41,13 @@ import pandas as pd
 import yaml
 
 from mammo_ray import io as mio
-from mammo_ray.config import MAX_BATCH, MAX_SIDE, PreprocessConfig, PreprocessSpec
+from mammo_ray.config import MAX_BATCH, MAX_SIDE, PreprocessConfig, PreprocessSpec, check_finite
 from mammo_ray.data.decode import describe_exception
 from mammo_ray.data.parquet import write_table
 from mammo_ray.data.transforms import GEOMETRY_FIELDS
 from mammo_ray.explain.cam import check_method, localization, resolve_target_layer, top_energy_fraction
 from mammo_ray.outputs import check_inputs_vs_out
+from mammo_ray.resources import TASK_RETRIES, check_fits, largest_node_memory, preprocess_task_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class ExplainOptions:
     amp: bool = True
 
     def __post_init__(self) -> None:
+        check_finite(self)
         check_method(self.method)
         for name, top in (("batch_size", MAX_BATCH), ("preview_size", MAX_SIDE), ("top_n", 1024),
                           ("prep_batch_size", MAX_BATCH)):
@@ -427,9 +430,11 @@ def load_annotations(path: str, records: list[dict]) -> tuple[dict[str, dict], d
     Raises:
         ValueError: missing columns or a malformed value (names the line).
     """
-    text = mio.read_bytes(path).decode("utf-8-sig")
-    reader = csv.DictReader(io.StringIO(text))
-    cols = set(reader.fieldnames or [])
+    from mammo_ray.data.inputs import read_csv_text
+
+    reader = csv.DictReader(io.StringIO(read_csv_text(path, "annotations")))
+    reader.fieldnames = [c.strip() for c in (reader.fieldnames or [])]
+    cols = set(reader.fieldnames)
     if not ({"path", "image_id"} & cols) or not ({"lesion_x", "lesion_y", "lesion_r"} <= cols or "mask_path" in cols):
         raise ValueError(f"annotations {path}: need a path or image_id column and lesion_x, lesion_y, lesion_r or "
                          f"mask_path columns; found {', '.join(sorted(cols)) or 'none'}")
@@ -650,20 +655,31 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     mio.write_bytes(mio.join(out, IDENTITY_FILE), yaml.safe_dump(identity, sort_keys=False).encode())
     t_job = time.perf_counter()  # images/s of the pipeline itself, not of starting a local Ray
     if todo:
-        ray.data.DataContext.get_current().op_resource_reservation_enabled = False  # see data/pipeline.py
+        ctx = ray.data.DataContext.get_current()
+        ctx.op_resource_reservation_enabled = False  # see data/pipeline.py
+        ctx.max_errored_blocks = -1  # a batch whose task keeps dying becomes error lines (below), not a failed job
         cfg = PreprocessConfig(spec=state["spec"], external=True, unlabeled=True)
+        prep_bytes = preprocess_task_bytes(size=cfg.spec.size, dtype=cfg.spec.dtype, batch_size=opts.prep_batch_size,
+                                           max_pixels=cfg.max_pixels, keep_sources=True)
+        check_fits(prep_bytes, largest_node_memory(), hint="lower max_pixels (sources are kept for the overlays)",
+                   what=f"explain: one read task ({opts.prep_batch_size} sources of up to {cfg.max_pixels} px)")
         env = remote_args([*inputs, out, checkpoint, *([opts.annotations] if opts.annotations else [])])
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / opts.prep_batch_size)))
-        ds = ds.map_batches(prepare_batch, batch_format="pandas", batch_size=opts.prep_batch_size,
-                            fn_kwargs={"cfg": cfg, "preview_size": opts.preview_size}, num_cpus=1, **env)
-        ds = ds.map_batches(CamActor, batch_format="pandas", batch_size=opts.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=workers),
-                            fn_constructor_kwargs={"checkpoint": checkpoint, "method": opts.method,
-                                                   "target_layer": layer, "amp": opts.amp},
-                            num_gpus=gpw, num_cpus=0 if gpw else 1, **env)
-        ds = ds.map_batches(write_batch, batch_format="pandas", batch_size=opts.batch_size, num_cpus=1,
-                            fn_kwargs={"out": out, "threshold": threshold, "preview_size": opts.preview_size,
-                                       "heatmap_max_side": opts.heatmap_max_side, "annotations": annotations}, **env)
+        # Ray Data retries failed tasks forever by default; max_retries has no named parameter
+        # in 2.60, only the deprecated **ray_remote_args (hence the warning filter below)
+        task_env = {**env, "max_retries": TASK_RETRIES}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / opts.prep_batch_size)))
+            ds = ds.map_batches(prepare_batch, batch_format="pandas", batch_size=opts.prep_batch_size,
+                                fn_kwargs={"cfg": cfg, "preview_size": opts.preview_size}, num_cpus=1, **task_env)
+            ds = ds.map_batches(CamActor, batch_format="pandas", batch_size=opts.batch_size,
+                                compute=ray.data.ActorPoolStrategy(size=workers),
+                                fn_constructor_kwargs={"checkpoint": checkpoint, "method": opts.method,
+                                                       "target_layer": layer, "amp": opts.amp},
+                                num_gpus=gpw, num_cpus=0 if gpw else 1, **env)
+            ds = ds.map_batches(write_batch, batch_format="pandas", batch_size=opts.batch_size, num_cpus=1,
+                                fn_kwargs={"out": out, "threshold": threshold, "preview_size": opts.preview_size,
+                                           "heatmap_max_side": opts.heatmap_max_side, "annotations": annotations}, **task_env)
         for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
             statuses.append(batch)
     job_seconds = time.perf_counter() - t_job
@@ -682,6 +698,12 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     got = set(scores["image_id"]) | set(part_errors["image_id"])
     missing, extra = expected - got, got - expected
     errors = listing.errors + part_errors.to_dict("records")
+    if missing:  # their task failed every retry (worker killed for memory, a crash): errors, not a lost job
+        reason = f"its Ray task failed {TASK_RETRIES + 1} times (the worker was killed, e.g. out of memory, or crashed)"
+        errors += [{"path": r["path"], "image_id": r["image_id"], "reason": reason}
+                   for r in listing.records if r["image_id"] in missing]
+        logger.warning("%d image(s) had no result after %d attempts: listed in errors.csv", len(missing), TASK_RETRIES + 1)
+        missing = set()
     write_errors(out, errors)
     if len(scores):
         contact_sheet(out, scores, n=opts.top_n)
@@ -689,6 +711,7 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     processed = len(status)
     summary = {
         "inputs": listing.inputs, "rows": int(len(scores)), "errors": len(errors),
+        "skipped_while_listing": dict(sorted(listing.skipped.items())),
         "balanced": listing.inputs == len(scores) + len(errors) and not (dup or both or missing or extra),
         "processed_this_run": processed, "resumed": resumed, "duplicate_rows_removed": deduplicated, "skipped_as_done": len(listing.records) - len(todo),
         "checkpoint": checkpoint, "backbone": state["backbone"], "method": opts.method, "target_layer": layer,

@@ -43,6 +43,15 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, cfg: TrainConfig, spec
     mio.write_bytes(path, buf.getvalue())
 
 
+def unsafe_globals(data: bytes) -> list[str]:
+    """The callables a torch file would import to unpickle, listed without running any
+    (torch's own scanner); empty for a plain tensor file or bytes that are no torch file."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data)))
+    except Exception:  # not a zip-format torch file: nothing to list
+        return []
+
+
 def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a checkpoint with ``weights_only=True`` (no arbitrary code runs).
 
@@ -56,11 +65,13 @@ def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu") -> d
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Unsupported global" in text:
-            what = text.split("Unsupported global:", 1)[1].split(" was not", 1)[0].strip()
-            raise ValueError(f"checkpoint {path} refused: it needs arbitrary code to unpickle ({what}), which "
-                             f"weights_only=True does not run") from exc
+        # torch's message ends with "Re-running torch.load with weights_only set to False will
+        # likely succeed": the one thing a user must not do with an untrusted file, so it is
+        # never shown. The wording no longer matters either (it changed in torch 2.14).
+        unsafe = unsafe_globals(data)
+        if unsafe:
+            raise ValueError(f"checkpoint {path} refused: loading it would run arbitrary code ({', '.join(unsafe[:3])}), "
+                             "which weights_only=True never does; only a mammo-ray checkpoint of tensors loads") from exc
         raise ValueError(f"checkpoint {path}: not a torch checkpoint (unreadable pickle)") from exc
     except Exception as exc:
         raise ValueError(f"checkpoint {path}: not a torch checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from exc

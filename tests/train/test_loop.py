@@ -81,7 +81,7 @@ def test_pickled_or_foreign_checkpoints_are_refused(tmp_path):
 
     evil = tmp_path / "evil.pt"
     torch.save({"format": "mammo_ray.checkpoint", "payload": Evil()}, evil)
-    with pytest.raises(ValueError, match="refused: it needs arbitrary code to unpickle"):
+    with pytest.raises(ValueError, match="refused: loading it would run arbitrary code"):
         load_checkpoint(str(evil))
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
