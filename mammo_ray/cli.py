@@ -32,7 +32,9 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--ratios", type=finite_float, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (only files it wrote)")
+    p.add_argument("--patient-key-file", help="secret key file of the patient pseudonyms (default: "
+                   "$MAMMO_RAY_PATIENT_KEY, else ~/.config/mammo-ray/patient.key, created on first use)")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
 
 
@@ -50,6 +52,7 @@ def _run_preprocess(args) -> int:
         equalize=args.equalize, resize_mode=args.resize_mode, orientation=args.orientation,
         dtype=args.dtype, other_modality=args.other_modality,
         ratios=tuple(args.ratios) if args.ratios else None, seed=args.seed, batch_size=args.batch_size,
+        patient_key_file=args.patient_key_file,
     )
     summary = run_preprocess(args.inputs, args.out, cfg, overwrite=args.overwrite, address=args.address)
     print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "splits")}))
@@ -374,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         expected = isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                                     PermissionError))
         text = (str(exc).strip().splitlines() or [""])[0]
-        what = text if expected else f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
+        plain = expected or getattr(exc, "user_facing", False)
+        what = text if plain else f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
         print(f"mammo-ray {args.command}: error: {what}", file=sys.stderr)
         return 2 if expected else 1
 

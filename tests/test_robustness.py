@@ -149,3 +149,23 @@ def test_listing_follows_symlinked_folders_once_and_counts_what_it_skips(phantom
     assert err["path"].endswith("locked") and err["reason"].startswith("unreadable folder: PermissionError")
     report: dict = {}
     assert len(list(mio.list_files(str(raw), report))) == n_ben + n_mal
+
+
+def test_sweep_killed_by_the_memory_monitor_ends_in_one_line_naming_resume(ray_local, train_data_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Tune's controller raising what Ray raises when its memory monitor kills trial workers:
+    the driver ends with one line naming the cause and the --resume command."""
+    from ray import tune
+
+    def fit(self):
+        raise RuntimeError("Caught unexpected exception: 2 worker(s) were killed due to the node running low on "
+                           "memory.\n" + "traceback line\n" * 150)
+
+    monkeypatch.setattr(tune.Tuner, "fit", fit)
+    out = tmp_path / "sweep"
+    code = main(["tune", "--data", str(train_data_dir), "--out", str(out), "--backbones", "simplecnn",
+                 "--freeze-ratios", "0", "--lr-bounds", "1e-4:1e-3", "--epochs", "1"])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "memory monitor killed trial workers" in err and f"--out {out} --resume" in err
