@@ -142,6 +142,9 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, full: bool = False, add
     t0 = time.perf_counter()
     out = os.path.abspath(out)
     # the demo replaces its own outputs on a rerun; it never empties a folder it did not make
+    from mammo_ray.outputs import check_out_location
+
+    check_out_location(out)
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, DEMO_MARKER)):
         raise ValueError(f"--out {out} is not empty and is not a demo folder (no {DEMO_MARKER}): use a new folder")
     os.makedirs(out, exist_ok=True)

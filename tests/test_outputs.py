@@ -102,7 +102,8 @@ def test_out_that_is_a_file_is_refused_on_every_subcommand(tmp_path, train_data_
                  ["tune", "--data", str(train_data_dir), "--out", str(f)],
                  ["evaluate", "--checkpoint", str(trained_checkpoint), "--data", str(train_data_dir), "--out", str(f)],
                  ["explain", str(train_data_dir), "--checkpoint", str(trained_checkpoint), "--out", str(f)],
-                 ["synth", "--out", str(f), "--n", "2"]):
+                 ["synth", "--out", str(f), "--n", "2"],
+                 ["demo", "--out", str(f)]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "is an existing file" in err, (argv, err)
