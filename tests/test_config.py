@@ -12,7 +12,7 @@ from mammo_ray.config import PreprocessConfig, PreprocessSpec, to_dict
     ({"orientation": "up"}, "orientation='up': use one of left, right, none"),
     ({"dtype": "int8"}, "dtype='int8': use one of uint8, uint16, float32"),
     ({"invert": "always"}, "invert='always': use one of auto, never"),
-    ({"size": (4, 4)}, "size=(4, 4): use one int or [height, width], each >= 8"),
+    ({"size": (4, 4)}, "size=(4, 4): use one int or [height, width], each in [8, 8192]"),
     ({"clahe_clip": 0}, "clahe_clip=0: must be > 0"),
     ({"std": 0}, "std=0: must be > 0"),
 ])
@@ -32,7 +32,7 @@ def test_size_int_becomes_square_and_round_trips():
     ({"ratios": (0.5, 0.5, 0.5)}, "use three non-negative numbers"),
     ({"ratios": (0.0, 0.5, 0.5)}, "train > 0"),
     ({"other_modality": "drop"}, "other_modality='drop': use one of warn, refuse"),
-    ({"batch_size": 0}, "batch_size=0: must be >= 1"),
+    ({"batch_size": 0}, "batch_size=0: use an int in [1, 4096]"),
     ({"min_side": 100, "max_pixels": 50}, "min_side=100, max_pixels=50"),
 ])
 def test_job_validation(kwargs, message):

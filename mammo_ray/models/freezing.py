@@ -1,8 +1,8 @@
 """Selective layer freezing by ratio.
 
 A backbone is cut into ordered units (:attr:`BackboneSpec.units`: ResNet: stem and each
-residual block; VGG19: each conv layer; EfficientNet-B0: stem, each MBConv block and the
-1x1 head conv; simplecnn: its 4 blocks). A freezing ratio ``r`` in [0, 1] freezes the first
+residual block; VGG19: each conv layer; EfficientNet-B0 and EfficientNet-Lite0: stem, each
+MBConv block and the 1x1 head conv; simplecnn: its 4 blocks). A freezing ratio ``r`` in [0, 1] freezes the first
 ``round(r * n_units)`` units (round half up): their parameters get ``requires_grad=False``
 and the whole unit runs in eval mode (BatchNorm uses and keeps its running statistics,
 Dropout/StochasticDepth are off). Parameters outside every unit (the classifier head) always

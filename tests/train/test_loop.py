@@ -109,7 +109,8 @@ def test_bad_train_arguments_are_one_line_errors(argv, needle, train_data_dir, t
 
 
 def test_train_cli_without_train_split(tmp_path, capsys):
-    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "data").mkdir()
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o")]) == 2
     assert "no train/ split" in capsys.readouterr().err
 
 
