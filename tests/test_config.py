@@ -1,6 +1,8 @@
 """Config dataclasses: validation messages name the bad value and the allowed ones."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mammo_ray.config import PreprocessConfig, PreprocessSpec, to_dict
@@ -36,7 +38,7 @@ def test_size_int_becomes_square_and_round_trips():
     ({"min_side": 100, "max_pixels": 50}, "min_side=100, max_pixels=50"),
 ])
 def test_job_validation(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         PreprocessConfig.load(**kwargs)
 
 
