@@ -115,8 +115,12 @@ def _train_options(p, *, full: bool = True) -> None:
     p.add_argument("--config", help="YAML file of TrainConfig keys (flags override it)")
     p.add_argument("--backbone", choices=list_backbones())
     p.add_argument("--freeze-ratio", type=finite_float, help="fraction of backbone units frozen, in [0, 1]")
-    p.add_argument("--pretrained", choices=PRETRAINED, help="ImageNet weights from the torch hub cache (offline)")
-    p.add_argument("--weights", help="a torchvision-format state dict to start from")
+    p.add_argument("--pretrained", choices=PRETRAINED,
+                   help="ImageNet weights: torch hub cache, downloaded once with a hash check; efficientnet_lite0 "
+                        "from its pip package")
+    p.add_argument("--weights", help="a torchvision-format state dict to start from (PATH or s3://...)")
+    p.add_argument("--offline", action="store_true", default=None,
+                   help="never download weights (also MAMMO_RAY_OFFLINE=1)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--imbalance", choices=IMBALANCE)
@@ -135,7 +139,8 @@ def _train_options(p, *, full: bool = True) -> None:
         p.add_argument("--resume", help="a last.pt to continue from")
 
 
-_TRAIN_KEYS = ("backbone", "freeze_ratio", "pretrained", "weights", "batch_size", "optimizer", "imbalance", "seed",
+_TRAIN_KEYS = ("backbone", "freeze_ratio", "pretrained", "weights", "offline", "batch_size", "optimizer", "imbalance",
+               "seed",
                "device", "augment", "base_lr", "max_lr", "clr_mode", "clr_gamma", "step_size_epochs", "epochs",
                "patience", "max_batches")
 
@@ -218,6 +223,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--cpus-per-trial", type=finite_float)
     p.add_argument("--gpus-per-trial", type=finite_float, help="may be fractional (e.g. 0.5: two trials per GPU)")
     p.add_argument("--max-failures", type=int, help="retries of a failed trial from its last checkpoint")
+    p.add_argument("--offline", action="store_true", help="never download weights (also MAMMO_RAY_OFFLINE=1)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep stored in --out")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
 
@@ -234,6 +240,10 @@ def _run_tune(args) -> int:
             "gpus_per_trial": args.gpus_per_trial, "max_failures": args.max_failures}
     over = {k: (tuple(v) if isinstance(v, list) else v) for k, v in over.items()}
     sweep = SweepConfig.load(args.config, **over)
+    if args.offline:
+        from dataclasses import replace
+
+        sweep = replace(sweep, train={**sweep.train, "offline": True})
     summary = run_sweep(args.data, args.out, sweep, resume=args.resume, address=args.address)
     print(open(os.path.join(args.out, "table.md")).read() if not args.out.startswith(("s3://", "gs://")) else "")
     print(f"{summary['trials']} trials, {summary['errors']} errors; outputs in {args.out}")

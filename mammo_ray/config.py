@@ -214,8 +214,11 @@ class TrainConfig:
     Attributes:
         backbone: a name from the backbone registry (``mammo-ray train --help`` lists them).
         freeze_ratio: fraction r in [0, 1] of the backbone's ordered units frozen (prefix).
-        pretrained: ``imagenet`` (torch hub cache, offline) or None (random init).
-        weights: path of a torchvision-format state dict to start from (instead of pretrained).
+        pretrained: ``imagenet`` or None (random init). ImageNet weights come from the torch hub
+            cache, downloaded once with torchvision's hash check when missing
+            (efficientnet_lite0: from its pip package).
+        weights: path or URI of a torchvision-format state dict to start from (instead of pretrained).
+        offline: never download (also ``MAMMO_RAY_OFFLINE=1``): a missing file is an error.
         base_lr, max_lr: CyclicLR bounds (``base_lr < max_lr``).
         clr_mode: ``triangular`` | ``triangular2`` | ``exp_range`` (``clr_gamma`` for the latter).
         step_size_epochs: half a cycle, in epochs (converted to batches per epoch).
@@ -248,6 +251,7 @@ class TrainConfig:
     amp: bool = True
     device: str = "auto"
     max_batches: int = 0
+    offline: bool = False
 
     def __post_init__(self) -> None:
         check_finite(self)

@@ -73,10 +73,12 @@ def _check_full(cfg: DemoConfig) -> None:
         raise ValueError(f"--full runs the paper's sweep with gpus_per_trial={cfg.sweep.gpus_per_trial:g}, but the "
                          f"Ray cluster has {gpus:g} GPU(s): run it on a GPU node (or drop --full)")
     if cfg.sweep.train.get("pretrained"):
+        from mammo_ray.models.weights import offline_from_env
+
         missing = [str(expected_weights_file(b)) for b in cfg.sweep.backbones if not expected_weights_file(b).exists()]
-        if missing:
+        if missing and (cfg.sweep.train.get("offline") or offline_from_env()):
             raise ValueError(f"--full starts from ImageNet weights, not found in the torch hub cache: {', '.join(missing)} "
-                             f"(copy them there; nothing is downloaded)")
+                             f"(offline: copy them there, or allow the download)")
 
 
 def _img(path: str, width: int = 480) -> str:

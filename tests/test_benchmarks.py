@@ -13,7 +13,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 RATIO_KEYS = {"preprocess": "ray_vs_loop", "train": None, "tune": None, "evaluate": None,
-              "explain": "cam_vs_naive"}
+              "explain": "cam_vs_naive", "realdata": None}
 
 
 @pytest.mark.parametrize("name", sorted(RATIO_KEYS))
@@ -28,5 +28,8 @@ def test_benchmark_smoke_test_prints_json(name, tmp_path):
     key = RATIO_KEYS[name]
     if key:
         assert result[key] > 0
+    if name == "realdata":  # every stage ran on the pretrained backbone: a row per checkpoint, CAMs scored
+        assert result["smoke_test"] and len(result["rows"]) >= 2 and result["localization"]["n"] > 0
+        assert {r["init"] for r in result["rows"]} == {"imagenet", "random"}
     if name == "explain":
         assert result["max_abs_diff_vs_naive_maps"] < 1e-4 and result["job_images_per_s"] > 0

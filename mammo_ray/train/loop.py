@@ -41,7 +41,7 @@ def build_training_model(cfg: TrainConfig) -> torch.nn.Module:
     from mammo_ray.models.freezing import freeze_units
     from mammo_ray.models.registry import build_model
 
-    model = build_model(cfg.backbone, pretrained=cfg.pretrained, weights_path=cfg.weights)
+    model = build_model(cfg.backbone, pretrained=cfg.pretrained, weights_path=cfg.weights, offline=cfg.offline)
     freeze_units(model, cfg.backbone, cfg.freeze_ratio)
     return model
 
