@@ -378,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][1](args)
     except KeyboardInterrupt:
-        raise
+        if args.debug:
+            raise
+        print(f"mammo-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         # The boundary: every failure is one line (a traceback only behind --debug).
         # Bad input (ValueError, a missing file) exits 2; anything else exits 1.

@@ -6,6 +6,7 @@ a YAML file is an error naming the key and the allowed ones, not a silently igno
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, TypeVar
 
@@ -32,6 +33,13 @@ def check_finite(obj: Any) -> None:
 
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if "float" in str(f.type) and isinstance(value, (str, int)) and not isinstance(value, bool):
+            # YAML reads `nan` (no dot) as a string: a float field takes numbers only, as numbers
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{f.name}={value!r}: must be a number") from None
+            object.__setattr__(obj, f.name, value)
         items = value if isinstance(value, (tuple, list)) else (value,)
         for v in items:
             for x in (v if isinstance(v, (tuple, list)) else (v,)):
@@ -170,8 +178,11 @@ class PreprocessConfig:
         check_finite(self)
         if isinstance(self.spec, Mapping):
             object.__setattr__(self, "spec", from_mapping(PreprocessSpec, self.spec))
-        r = tuple(float(x) for x in self.ratios)
-        if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6 or r[0] <= 0:
+        try:
+            r = tuple(float(x) for x in self.ratios)
+        except (TypeError, ValueError):
+            raise ValueError(f"ratios={self.ratios!r}: use three numbers train,val,test") from None
+        if len(r) != 3 or not all(math.isfinite(x) for x in r) or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6 or r[0] <= 0:
             raise ValueError(f"ratios={self.ratios!r}: use three non-negative numbers train,val,test summing to 1 with train > 0")
         object.__setattr__(self, "ratios", r)
         _check_choice("other_modality", self.other_modality, OTHER_MODALITY)

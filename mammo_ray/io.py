@@ -109,11 +109,13 @@ def list_files(path: str, report: dict | None = None) -> Iterator[tuple[str, int
     Args:
         report: when given, filled with what the walk did not yield: ``skipped`` (a count per
             reason: hidden file, hidden folder, folder already listed through another link)
-            and ``unreadable`` (``(folder, reason)`` for folders that could not be listed).
+            ``unreadable`` (``(folder, reason)`` for folders that could not be listed) and
+            ``linked`` (real paths of the symlinked folders followed).
     """
     report = report if report is not None else {}
     skipped = report.setdefault("skipped", {})
     unreadable = report.setdefault("unreadable", [])
+    linked = report.setdefault("linked", [])
 
     def skip(reason: str, n: int = 1) -> None:
         skipped[reason] = skipped.get(reason, 0) + n
@@ -129,13 +131,17 @@ def list_files(path: str, report: dict | None = None) -> Iterator[tuple[str, int
         for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
             try:
                 st = os.stat(dirpath)
-            except OSError:
+            except OSError as exc:
+                unreadable.append((dirpath, f"unreadable folder: {type(exc).__name__}: {exc.strerror}"))
+                dirnames[:] = []
                 continue
             if (st.st_dev, st.st_ino) in seen:  # a link back into the tree (or a second link to a folder)
                 skip("folder already listed through another path (symlink)")
                 dirnames[:] = []
                 continue
             seen.add((st.st_dev, st.st_ino))
+            if dirpath != root and os.path.islink(dirpath):
+                linked.append(os.path.realpath(dirpath))
             hidden = [d for d in dirnames if d.startswith(".")]
             if hidden:
                 skip("hidden folder", len(hidden))

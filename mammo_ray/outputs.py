@@ -82,8 +82,11 @@ def check_out_location(out: str, *, folders: Iterable[str] = (), files: Iterable
             raise OutputLocationError(f"{flag} {out} contains the input {f}: write outputs elsewhere")
 
 
-def check_inputs_vs_out(inputs: list[str], record_paths: Iterable[str], out: str) -> None:
-    """``--out`` against a job's inputs (folders, manifests, files) and the files they listed.
+def check_inputs_vs_out(inputs: list[str], record_paths: Iterable[str], out: str, *,
+                        extra_folders: Iterable[str] = ()) -> None:
+    """``--out`` against a job's inputs (folders, manifests, files) and the files they listed;
+    ``extra_folders``: real paths of symlinked folders the listing followed (a link inside an
+    input pointing at ``--out`` would otherwise make outputs inputs).
 
     Raises:
         OutputLocationError: see :func:`check_out_location`.
@@ -96,7 +99,7 @@ def check_inputs_vs_out(inputs: list[str], record_paths: Iterable[str], out: str
     prefixes = tuple(str(f).rstrip("/") + "/" for f in folders) + tuple(
         os.path.abspath(f).rstrip("/") + "/" for f in folders if not mio.is_uri(f))
     listed = [p for p in record_paths if not str(p).startswith(prefixes)]
-    check_out_location(out, folders=folders, files=[*files, *listed])
+    check_out_location(out, folders=[*folders, *extra_folders], files=[*files, *listed])
 
 
 def read_marker(out: str) -> dict | None:
@@ -152,11 +155,13 @@ def is_project_parquet(path: str) -> bool:
     return SPEC_KEY in meta
 
 
-def clear_owned(out: str, stage: str, tops: tuple[str, ...], *, owned: Callable[[str], bool] | None = None) -> list[str]:
+def clear_owned(out: str, stage: str, tops: tuple[str, ...], *,
+                owned: Callable[[str, str], bool] | None = None) -> list[str]:
     """Delete what an earlier ``stage`` run wrote in ``out``, and nothing else.
 
-    Removes the files listed in the marker, plus files under ``tops`` that ``owned`` proves
-    are ours (for a run that died before listing them), then folders left empty.
+    Removes the files listed in the marker, plus files under ``tops`` that ``owned(relative
+    path, full path)`` proves are ours (for a run that died before listing them), then
+    folders left empty.
 
     Returns:
         The relative paths removed.
@@ -176,7 +181,7 @@ def clear_owned(out: str, stage: str, tops: tuple[str, ...], *, owned: Callable[
     ours, foreign = [], []
     for rel in list_relative(out, tops):
         full = mio.join(out, rel)
-        is_ours = rel in listed or _TMP.match(posixpath.basename(rel)) or (owned is not None and owned(full))
+        is_ours = rel in listed or _TMP.match(posixpath.basename(rel)) or (owned is not None and owned(rel, full))
         (ours if is_ours else foreign).append(rel)
     if foreign:  # decided before anything is deleted: a refused overwrite leaves the folder as it was
         raise OutputLocationError(f"--out {out}: {len(foreign)} file(s) were not written by mammo-ray {stage} "

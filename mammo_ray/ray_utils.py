@@ -82,5 +82,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     # Ray retries a task its memory monitor killed forever by default (task_oom_retries=-1):
     # bounded here, so a task that cannot fit ends as errors.csv lines instead of a loop.
     # (On a cluster: `ray start` with RAY_task_oom_retries=3, see cluster/.)
-    ray.init(_node_ip_address=LOOPBACK, num_cpus=num_cpus, num_gpus=num_gpus,
+    # address="local": a new Ray of our own, never a `ray start` cluster Ray would otherwise
+    # pick up from /tmp/ray (which would also refuse _system_config)
+    ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=num_cpus, num_gpus=num_gpus,
              _system_config={"task_oom_retries": TASK_RETRIES}, **kwargs)

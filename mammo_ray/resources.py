@@ -24,6 +24,9 @@ BYTES_PER_SOURCE_PIXEL = 16
 OUTPUT_COPIES = 3
 #: Interpreter, numpy/OpenCV/pyarrow and Ray's worker overhead per task.
 TASK_OVERHEAD = 256 * 2**20
+#: Source pixels a preprocessing task reserves with Ray: the largest mammography detectors
+#: (5928x4728, 28 Mpx). A larger source only has to fit a node (checked against max_pixels).
+RESERVED_SOURCE_PIXELS = 30_000_000
 #: A task that fails (a worker killed for memory included) is retried this often, then its
 #: images become errors.csv lines: never an endless retry loop.
 TASK_RETRIES = 3

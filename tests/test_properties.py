@@ -39,19 +39,29 @@ names = st.binary(min_size=1, max_size=40).filter(lambda b: b"/" not in b and b"
 extensions = st.sampled_from([b".png", b".dcm", b".jpg", b".tif", b"", b".txt", b".PGM"])
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(content=contents, name=names, ext=extensions)
-def test_any_bytes_under_any_name_is_one_row_or_one_error(content, name, ext):
+LAYOUTS = ["flat", "benign", "unknown-class", "top-of-class-tree"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(content=contents, name=names, ext=extensions, layout=st.sampled_from(LAYOUTS))
+def test_any_bytes_under_any_name_is_one_row_or_one_error(content, name, ext, layout):
     with tempfile.TemporaryDirectory() as root:
-        path = os.path.join(os.fsencode(root), name + ext)
-        with open(path, "wb") as f:
+        broot = os.fsencode(root)
+        folder = {"flat": b"", "benign": b"benign", "unknown-class": b"normal", "top-of-class-tree": b""}[layout]
+        os.makedirs(os.path.join(broot, folder), exist_ok=True)
+        written = 1
+        if layout in ("unknown-class", "top-of-class-tree"):  # a class tree: one good image beside it
+            os.makedirs(os.path.join(broot, b"benign"), exist_ok=True)
+            with open(os.path.join(broot, b"benign", b"ok.png"), "wb") as f:
+                f.write(_PNG)
+            written = 2
+        with open(os.path.join(broot, folder, name + ext), "wb") as f:
             f.write(content)
-        listing = discover([root], unlabeled=True)
-        hidden = name.startswith(b".")
+        listing = discover([root])
         accounted = (len(listing.records) + len(listing.errors) + sum(listing.ignored.values())
                      + sum(listing.skipped.values()))
-        assert accounted == 1, (listing, name, ext)
-        if hidden:
+        assert accounted == written, (listing, name, ext, layout)
+        if name.startswith(b"."):
             assert listing.skipped == {"hidden file": 1}
         for rec in listing.records:
             rec = {**rec, "split": "external"}
@@ -61,9 +71,22 @@ def test_any_bytes_under_any_name_is_one_row_or_one_error(content, name, ext):
                 assert status["reason"] and "\n" not in status["reason"] and len(status["reason"]) < 400
             else:
                 assert row["pixels"] and row["height"] == 32
+            status["path"].encode("utf-8", "surrogateescape")
         for err in listing.errors:
             err["path"].encode("utf-8")  # always valid text for errors.csv
             assert "\n" not in err["reason"]
+
+
+@pytest.mark.parametrize("yaml_text,key", [
+    ("ratios: [nan, 0.5, 0.5]\n", "ratios"), ("spec:\n  mean: nan\n", "mean"), ("spec:\n  clahe_clip: .inf\n", "clahe_clip"),
+    ("spec:\n  std: abc\n", "std"), ("max_pixels: .nan\n", "max_pixels"),
+])
+def test_yaml_strings_and_specials_refused_in_one_line(yaml_text, key, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(ValueError) as info:
+        PreprocessConfig.load(str(f))
+    assert len(str(info.value).splitlines()) == 1 and key in str(info.value)
 
 
 FLOAT_FIELDS = [

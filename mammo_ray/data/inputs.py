@@ -35,6 +35,7 @@ class Listing:
     errors: list[dict] = field(default_factory=list)
     ignored: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    linked_folders: list[str] = field(default_factory=list)
 
     @property
     def inputs(self) -> int:
@@ -64,7 +65,7 @@ def _record(path: str, label: int, **extra) -> dict:
 
 
 def _error(path: str, reason: str) -> dict:
-    return {"path": path, "image_id": image_id(path), "reason": reason}
+    return {"path": printable_path(path), "image_id": image_id(path), "reason": reason}
 
 
 def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: bool = False) -> Listing:
@@ -111,7 +112,7 @@ def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: boo
 
 
 def _discover_folder(root: str, unlabeled: bool, listing: Listing, labels_optional: bool = False) -> None:
-    report: dict = {"skipped": listing.skipped}
+    report: dict = {"skipped": listing.skipped, "linked": listing.linked_folders}
     files = list(mio.list_files(root, report))
     for folder, reason in report.get("unreadable", []):
         listing.errors.append(_error(folder, reason))

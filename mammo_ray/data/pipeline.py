@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import math
-import posixpath
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -37,7 +36,8 @@ from mammo_ray.outputs import (check_inputs_vs_out, clear_owned, is_project_parq
                                write_marker)
 from mammo_ray.privacy import PatientSecret, load_patient_secret, patient_key
 from mammo_ray.ray_utils import remote_args
-from mammo_ray.resources import TASK_RETRIES, check_fits, largest_node_memory, preprocess_task_bytes
+from mammo_ray.resources import (RESERVED_SOURCE_PIXELS, TASK_RETRIES, check_fits, largest_node_memory,
+                                 preprocess_task_bytes)
 
 logger = logging.getLogger(__name__)
 
@@ -162,11 +162,14 @@ def _check_output(out: str, overwrite: bool) -> None:
     clear_owned(out, "preprocess", PREPROCESS_OUTPUTS, owned=_written_by_preprocess)
 
 
-def _written_by_preprocess(path: str) -> bool:
+def _written_by_preprocess(rel: str, path: str) -> bool:
     """For a run that died before listing its files: the job's own top-level files, and Parquet
-    parts whose metadata carries the spec (the folder's marker already says it is a run's)."""
-    rel = posixpath.basename(path)
-    return (rel in PREPROCESS_OUTPUTS and not mio.is_dir(path)) or is_project_parquet(path)
+    parts (directly in a split folder) whose metadata carries the spec (the folder's marker
+    already says it is a run's)."""
+    if "/" not in rel:
+        return rel in ("summary.json", "preprocess.yaml", "errors.csv")
+    top, _, name = rel.partition("/")
+    return top in SPLIT_DIRS and "/" not in name and is_project_parquet(path)
 
 
 def _probe_patients(records: list[dict], cfg: PreprocessConfig) -> None:
@@ -247,8 +250,9 @@ def _account_lost(records: list[dict], statuses: pd.DataFrame, out: str) -> pd.D
         row = {"image_id": rec["image_id"], "path": rec["path"], "split": rec["split"], "label": int(rec["label"]),
                "status": "ok", "reason": "", "warning": "", "inverted": False, "node_id": "lost", "seconds": np.nan}
         if rec["image_id"] not in on_disk:
-            row.update(status="error", reason=f"its Ray task failed {TASK_RETRIES + 1} times (the worker was killed, "
-                                              "e.g. out of memory, or crashed): rerun with a smaller --batch-size")
+            row.update(status="error", reason=f"its Ray task failed (a dying worker, e.g. killed for memory, is retried "
+                                              f"{TASK_RETRIES} times; an error in the task is in the Ray logs): "
+                                              "rerun with a smaller --batch-size")
         lost.append(row)
     if lost:
         logger.warning("%d input(s) had no result from their task; %d of them reached the disk", len(lost),
@@ -284,18 +288,22 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
 
     t0 = time.perf_counter()
     listing = discover(list(inputs), unlabeled=cfg.unlabeled)
-    check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out)
-    _check_output(out, overwrite)
+    check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out, extra_folders=listing.linked_folders)
     secret = load_patient_secret(cfg.patient_key_file, forbidden=(out,))
-    mio.makedirs(out)
-    write_marker(out, "preprocess")  # the folder is ours from here: a later --overwrite may clear it
     init_ray(address)
-    task_bytes = preprocess_task_bytes(size=cfg.spec.size, dtype=cfg.spec.dtype, batch_size=cfg.batch_size,
-                                       max_pixels=cfg.max_pixels)
-    check_fits(task_bytes, largest_node_memory(),
+    check_fits(preprocess_task_bytes(size=cfg.spec.size, dtype=cfg.spec.dtype, batch_size=cfg.batch_size,
+                                     max_pixels=cfg.max_pixels), largest_node_memory(),
                what=f"preprocess: one task (batch_size {cfg.batch_size} x {cfg.spec.size[0]}x{cfg.spec.size[1]} "
                     f"{cfg.spec.dtype}, sources up to max_pixels={cfg.max_pixels})",
                hint="lower --batch-size, --size or max_pixels")
+    # every refusal is above this line: only now may a previous run's files be removed
+    _check_output(out, overwrite)
+    mio.makedirs(out)
+    write_marker(out, "preprocess")  # the folder is ours from here: a later --overwrite may clear it
+    # Ray reserves this much per task, so a node runs only as many tasks as fit; sized for the
+    # largest real mammograms, not the max_pixels ceiling (which only has to fit one node)
+    task_bytes = preprocess_task_bytes(size=cfg.spec.size, dtype=cfg.spec.dtype, batch_size=cfg.batch_size,
+                                       max_pixels=min(cfg.max_pixels, RESERVED_SOURCE_PIXELS))
     # patient ids group the split and drive patient-level bootstrap (external sets too)
     _probe_patients(listing.records, cfg)
     _assign(listing.records, cfg, secret)
@@ -307,12 +315,12 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
         # The job is a single CPU-bound map. Ray Data's per-operator reservation would hold
         # back part of the CPUs for the (CPU-free) input and output operators: on a 2-CPU
         # node that idled a core (10.4 vs 14.0 img/s on full-size DICOM, benchmarks/).
-        ctx = ray.data.DataContext.get_current()
-        ctx.op_resource_reservation_enabled = False
+        ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+        ds = ray.data.from_items(listing.records, override_num_blocks=max(1, math.ceil(n / cfg.batch_size)))
         # A batch whose task keeps failing (its worker killed for memory, a crash) is dropped
         # after TASK_RETRIES retries instead of failing the job; its images become errors below.
-        ctx.max_errored_blocks = -1
-        ds = ray.data.from_items(listing.records, override_num_blocks=max(1, math.ceil(n / cfg.batch_size)))
+        # Set on this dataset's own context, not the process-wide one.
+        ds.context.max_errored_blocks = -1
         with warnings.catch_warnings():
             # max_retries has no named parameter in Ray 2.60 (only the deprecated **ray_remote_args)
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
@@ -335,6 +343,11 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
     mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
     write_marker(out, "preprocess", files=list_relative(out, PREPROCESS_OUTPUTS))
     line = f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']}"
+    if listing.records and (statuses["node_id"] == "lost").all():
+        # no task came back at all: the job itself failed (an unwritable --out, workers killed
+        # every time), not some images; the accounting above is written, and the run fails
+        raise RuntimeError(f"every task of the job failed ({line}; errors.csv lists every input): "
+                           "see the Ray logs above (--out not writable? out of memory?)")
     if not summary["balanced"]:
         raise RuntimeError(f"nothing-lost check failed: {line}")
     logger.info("nothing lost: %s", line)

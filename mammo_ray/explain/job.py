@@ -629,7 +629,7 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     threshold_source = "--threshold" if opts.threshold is not None else ("checkpoint val_threshold (Youden on val)"
                                                                          if stored is not None else "0.5 (the checkpoint has no val threshold)")
     listing = discover(list(inputs), labels_optional=True)
-    check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out)
+    check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out, extra_folders=listing.linked_folders)
     identity = _identity(checkpoint, state, opts, layer, threshold, inputs)
     resumed = _check_output(out, identity, resume)
     annotations, ann_counts = load_annotations(opts.annotations, listing.records) if opts.annotations else ({}, {})
@@ -650,19 +650,17 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
         # CPU-only: leave a CPU to the read/write tasks or the pool starves its own input
         workers = opts.workers or (max(1, int(gpus // gpw)) if gpw else max(1, cpus - 1))
         _check_pool(workers, gpw, cpus, gpus, autoscaling=bool(address or os.environ.get("RAY_ADDRESS")))
+        cfg = PreprocessConfig(spec=state["spec"], external=True, unlabeled=True)
+        check_fits(preprocess_task_bytes(size=cfg.spec.size, dtype=cfg.spec.dtype, batch_size=opts.prep_batch_size,
+                                         max_pixels=cfg.max_pixels, keep_sources=True), largest_node_memory(),
+                   what=f"explain: one read task ({opts.prep_batch_size} sources of up to {cfg.max_pixels} pixels, "
+                        "kept for the overlays)", hint="run on nodes with more memory")
     # every check passed: from here on the folder holds this run's results
     mio.makedirs(out)
     mio.write_bytes(mio.join(out, IDENTITY_FILE), yaml.safe_dump(identity, sort_keys=False).encode())
     t_job = time.perf_counter()  # images/s of the pipeline itself, not of starting a local Ray
     if todo:
-        ctx = ray.data.DataContext.get_current()
-        ctx.op_resource_reservation_enabled = False  # see data/pipeline.py
-        ctx.max_errored_blocks = -1  # a batch whose task keeps dying becomes error lines (below), not a failed job
-        cfg = PreprocessConfig(spec=state["spec"], external=True, unlabeled=True)
-        prep_bytes = preprocess_task_bytes(size=cfg.spec.size, dtype=cfg.spec.dtype, batch_size=opts.prep_batch_size,
-                                           max_pixels=cfg.max_pixels, keep_sources=True)
-        check_fits(prep_bytes, largest_node_memory(), hint="lower max_pixels (sources are kept for the overlays)",
-                   what=f"explain: one read task ({opts.prep_batch_size} sources of up to {cfg.max_pixels} px)")
+        ray.data.DataContext.get_current().op_resource_reservation_enabled = False  # see data/pipeline.py
         env = remote_args([*inputs, out, checkpoint, *([opts.annotations] if opts.annotations else [])])
         # Ray Data retries failed tasks forever by default; max_retries has no named parameter
         # in 2.60, only the deprecated **ray_remote_args (hence the warning filter below)
@@ -670,13 +668,17 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / opts.prep_batch_size)))
+            # a batch whose task keeps dying becomes error lines (below), not a failed job; this
+            # dataset's own context, not the process-wide one
+            ds.context.max_errored_blocks = -1
             ds = ds.map_batches(prepare_batch, batch_format="pandas", batch_size=opts.prep_batch_size,
                                 fn_kwargs={"cfg": cfg, "preview_size": opts.preview_size}, num_cpus=1, **task_env)
             ds = ds.map_batches(CamActor, batch_format="pandas", batch_size=opts.batch_size,
                                 compute=ray.data.ActorPoolStrategy(size=workers),
                                 fn_constructor_kwargs={"checkpoint": checkpoint, "method": opts.method,
                                                        "target_layer": layer, "amp": opts.amp},
-                                num_gpus=gpw, num_cpus=0 if gpw else 1, **env)
+                                num_gpus=gpw, num_cpus=0 if gpw else 1, max_restarts=TASK_RETRIES,
+                                max_task_retries=TASK_RETRIES, **env)
             ds = ds.map_batches(write_batch, batch_format="pandas", batch_size=opts.batch_size, num_cpus=1,
                                 fn_kwargs={"out": out, "threshold": threshold, "preview_size": opts.preview_size,
                                            "heatmap_max_side": opts.heatmap_max_side, "annotations": annotations}, **task_env)
@@ -699,7 +701,8 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     missing, extra = expected - got, got - expected
     errors = listing.errors + part_errors.to_dict("records")
     if missing:  # their task failed every retry (worker killed for memory, a crash): errors, not a lost job
-        reason = f"its Ray task failed {TASK_RETRIES + 1} times (the worker was killed, e.g. out of memory, or crashed)"
+        reason = (f"its Ray task failed (a dying worker, e.g. killed for memory, is retried {TASK_RETRIES} times; an "
+                  "error in the task is in the Ray logs)")
         errors += [{"path": r["path"], "image_id": r["image_id"], "reason": reason}
                    for r in listing.records if r["image_id"] in missing]
         logger.warning("%d image(s) had no result after %d attempts: listed in errors.csv", len(missing), TASK_RETRIES + 1)

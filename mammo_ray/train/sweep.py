@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import tempfile
 from typing import Any
@@ -169,7 +170,7 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
                 name=EXPERIMENT, storage_path=storage_path(out), verbose=1,
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-    grid = _fit_or_explain(tuner, data_dir, out)
+    grid = _fit_or_explain(tuner, data_dir, out, address)
     return write_outputs(grid, out, sweep)
 
 
@@ -179,7 +180,7 @@ class SweepInterrupted(RuntimeError):
     user_facing = True  # the CLI prints the message as it is: it already names cause and remedy
 
 
-def _fit_or_explain(tuner, data_dir: str, out: str):
+def _fit_or_explain(tuner, data_dir: str, out: str, address: str | None = None):
     """``tuner.fit()``; if Tune's controller itself fails (e.g. its workers were killed by Ray's
     memory monitor faster than ``max_failures`` covers), one line naming the cause and the
     command that continues the sweep from its checkpoints, instead of a 150-line traceback."""
@@ -191,8 +192,11 @@ def _fit_or_explain(tuner, data_dir: str, out: str):
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if "low on memory" in text or "OutOfMemory" in type(exc).__name__:
             text = f"Ray's memory monitor killed trial workers ({text[:160]})"
+        address = address or os.environ.get("RAY_ADDRESS")
+        command = ["mammo-ray", "tune", "--data", data_dir, "--out", out, "--resume",
+                   *(["--address", address] if address else [])]
         raise SweepInterrupted(f"the sweep stopped: {text}; its checkpoints are kept: continue with "
-                               f"`mammo-ray tune --data {data_dir} --out {out} --resume`") from exc
+                               f"`{shlex.join(command)}`") from exc
 
 
 def _best_state(result) -> tuple[dict[str, Any] | None, str | None]:
