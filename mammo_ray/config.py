@@ -33,7 +33,7 @@ def check_finite(obj: Any) -> None:
 
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if "float" in str(f.type) and isinstance(value, (str, int)) and not isinstance(value, bool):
+        if "float" in str(f.type) and isinstance(value, str):
             # YAML reads `nan` (no dot) as a string: a float field takes numbers only, as numbers
             try:
                 value = float(value)

@@ -72,7 +72,7 @@ def test_train_job_smoke_test(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--smoke-test", "--out", str(tmp_path)],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "best epoch" in r.stdout and (tmp_path / "best.pt").exists() and (tmp_path / "history.csv").exists()
+    assert "best epoch" in r.stdout and (tmp_path / "model" / "best.pt").exists() and (tmp_path / "model" / "history.csv").exists()
 
 
 @pytest.mark.slow

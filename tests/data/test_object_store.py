@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_preprocess_s3_in_s3_out(ray_local, s3_server, phantom_dir):
-    files = sorted(p for p in phantom_dir.rglob("*") if p.is_file() and p.suffix != ".csv")[:16]
+    files = sorted(p for p in phantom_dir.rglob("*") if p.is_file() and p.suffix != ".csv" and not p.name.startswith("."))[:16]
     for p in files:
         s3_server.upload_file(str(p), BUCKET, f"raw/{p.relative_to(phantom_dir).as_posix()}")
     s3_server.put_object(Bucket=BUCKET, Key="raw/benign/broken.png", Body=b"not a png")

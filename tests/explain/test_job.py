@@ -305,7 +305,7 @@ def test_explain_s3_in_s3_out(ray_local, s3_server, phantom_dir, trained_checkpo
     from mammo_ray.explain.job import read_parts
     from tests.conftest import S3_BUCKET as BUCKET
 
-    files = sorted(p for p in phantom_dir.rglob("*") if p.is_file() and p.suffix != ".csv")[:16]
+    files = sorted(p for p in phantom_dir.rglob("*") if p.is_file() and p.suffix != ".csv" and not p.name.startswith("."))[:16]
     for p in files:
         s3_server.upload_file(str(p), BUCKET, f"archive/{p.relative_to(phantom_dir).as_posix()}")
     s3_server.upload_file(str(phantom_dir / "labels.csv"), BUCKET, "archive/labels.csv")
