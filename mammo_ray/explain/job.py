@@ -677,8 +677,12 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
                                 compute=ray.data.ActorPoolStrategy(size=workers),
                                 fn_constructor_kwargs={"checkpoint": checkpoint, "method": opts.method,
                                                        "target_layer": layer, "amp": opts.amp},
-                                num_gpus=gpw, num_cpus=0 if gpw else 1, max_restarts=TASK_RETRIES,
-                                max_task_retries=TASK_RETRIES, **env)
+                                # the actor keeps Ray Data's restart/retry defaults: a node that goes
+                                # away makes its actor "temporarily unavailable" several times before
+                                # the restart elsewhere, and bounded retries turned those batches into
+                                # errors (tests/test_cluster.py); a failing batch is retried image by
+                                # image inside the actor instead
+                                num_gpus=gpw, num_cpus=0 if gpw else 1, **env)
             ds = ds.map_batches(write_batch, batch_format="pandas", batch_size=opts.batch_size, num_cpus=1,
                                 fn_kwargs={"out": out, "threshold": threshold, "preview_size": opts.preview_size,
                                            "heatmap_max_side": opts.heatmap_max_side, "annotations": annotations}, **task_env)
