@@ -54,10 +54,11 @@ def run_loop(archive: str, out: str, cfg) -> float:
 
     from mammo_ray.data.inputs import discover
     from mammo_ray.data.pipeline import _assign, process_batch
+    from mammo_ray.privacy import load_patient_secret
 
     t0 = time.perf_counter()
     listing = discover([archive])
-    _assign(listing.records, cfg)
+    _assign(listing.records, cfg, load_patient_secret(cfg.patient_key_file))
     frame = pd.DataFrame(listing.records)
     for i in range(0, len(frame), cfg.batch_size):
         status = process_batch(frame.iloc[i:i + cfg.batch_size], cfg=cfg, out=out)
