@@ -29,8 +29,6 @@ MAX_BATCH = 4096
 def check_finite(obj: Any) -> None:
     """Refuse NaN and inf in any float field (or tuple of floats) of a config dataclass: a NaN
     compares False with every bound, so range checks alone would let it through."""
-    import math
-
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if "float" in str(f.type) and isinstance(value, str):

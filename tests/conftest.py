@@ -244,3 +244,16 @@ def open_in_chromium(page: Path, screenshot: Path, profile: Path) -> str:
     dom = subprocess.run([exe, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     return dom.stdout
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Any attempt to download weights fails the test (nothing may be fetched where the weights
+    are already on disk, and this machine has no network anyway)."""
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"tried to download {args[:1]}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)

@@ -24,14 +24,8 @@ IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 LITE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-@pytest.fixture(autouse=True)
-def _no_downloads(monkeypatch):
-    """The package ships the file: nothing may be downloaded for this backbone."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"tried to download {args[:1]}")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+# the package ships the file: nothing may be downloaded for this backbone
+pytestmark = pytest.mark.usefixtures("no_downloads")
 
 
 @pytest.fixture(scope="module")
