@@ -1,5 +1,6 @@
 """Peak memory of a Ray job on this machine: the summed RSS of this process and every Ray
-worker process, sampled in a thread (psutil; Ray has no per-job memory high-water mark)."""
+worker process, and the largest single process, sampled in a thread (psutil; Ray has no
+per-job memory high-water mark)."""
 from __future__ import annotations
 
 import os
@@ -14,31 +15,46 @@ class PeakMemory:
     every worker) count once per process, so the total jumps by a few hundred MB with each
     extra idle worker Ray happens to keep. ``metric="pss"`` (Linux) splits shared pages among
     the processes that map them: the memory the job really holds, steadier across runs.
+    ``metric="uss"`` (Linux) counts only each process's private pages.
+
+    Besides the summed ``peak``, ``driver_peak`` is this process's own high-water mark and
+    ``worker_peak`` the largest single Ray worker's. Those two do not move with how many idle
+    workers Ray keeps (the sum does), so they are what a "memory is flat in the input size"
+    check compares: a job that piles up rows or images grows one process, not the count.
     """
 
     def __init__(self, metric: str = "rss") -> None:
         import psutil
 
-        if metric not in ("rss", "pss"):
-            raise ValueError(f"metric={metric!r}: use one of rss, pss")
-        self.psutil, self.metric, self.peak, self._stop = psutil, metric, 0, threading.Event()
+        if metric not in ("rss", "pss", "uss"):
+            raise ValueError(f"metric={metric!r}: use one of rss, pss, uss")
+        self.psutil, self.metric, self._stop = psutil, metric, threading.Event()
+        self.peak = self.driver_peak = self.worker_peak = 0
 
-    def _total(self) -> int:
-        total = 0
+    def _sample(self) -> None:
+        total, me = 0, os.getpid()
         for proc in self.psutil.process_iter(["name", "cmdline", "memory_info"]):
             try:
                 name = proc.info["name"] or ""
                 cmd = " ".join(proc.info["cmdline"] or [])
-                if proc.pid == os.getpid() or name.startswith("ray::") or "default_worker.py" in cmd:
-                    total += proc.memory_full_info().pss if self.metric == "pss" else proc.info["memory_info"].rss
+                if proc.pid == me or name.startswith("ray::") or "default_worker.py" in cmd:
+                    if self.metric == "rss":
+                        size = proc.info["memory_info"].rss
+                    else:
+                        size = getattr(proc.memory_full_info(), self.metric)
+                    total += size
+                    if proc.pid == me:
+                        self.driver_peak = max(self.driver_peak, size)
+                    else:
+                        self.worker_peak = max(self.worker_peak, size)
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, TypeError):
                 continue
-        return total
+        self.peak = max(self.peak, total)
 
     def __enter__(self):
         def loop():
             while not self._stop.is_set():
-                self.peak = max(self.peak, self._total())
+                self._sample()
                 time.sleep(0.25)
 
         self._thread = threading.Thread(target=loop, daemon=True)

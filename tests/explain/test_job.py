@@ -188,25 +188,30 @@ def test_killed_actor_still_accounts_for_every_input(ray_local, trained_checkpoi
 
 @pytest.mark.slow
 def test_memory_is_flat_in_the_archive_size(ray_local, trained_checkpoint, phantom_dir, tmp_path):
+    """Each process's private memory (USS) stays flat from 400 to 1600 images.
+
+    Per process, not summed: the sum moves by a whole worker (hundreds of MB) with how many idle
+    workers Ray keeps around, which is not memory the archive's size causes. A job that keeps
+    what it has processed grows one process between the two sizes: the driver by whatever rows
+    it collects, an actor by 1200 decoded 256x208 float images (255 MB).
+    """
     from mammo_ray.memory import PeakMemory
 
     peaks = {}
-    for n in (100, 500, 2000):  # 100: warm-up (worker processes started, imports done)
+    for n in (100, 400, 1600):  # 100: warm-up (worker processes started, imports done)
         archive = copies_archive(phantom_dir, tmp_path / f"archive-{n}", n)
-        runs = []
-        # each size twice, the lower peak kept: how many idle workers Ray keeps around varies
-        # from run to run and is not memory the job's size causes
-        for rep in range(1 if n == 100 else 2):
-            with PeakMemory(metric="pss") as mem:  # RSS counts shared torch pages once per worker
-                summary = run_explain([str(archive)], str(trained_checkpoint), str(tmp_path / f"out-{n}-{rep}"),
-                                      ExplainOptions(preview_size=96, heatmap_max_side=128))
-            assert summary["balanced"] and summary["rows"] == n
-            runs.append(mem.peak)
-        peaks[n] = min(runs)
-    ratio = peaks[2000] / peaks[500]
-    print(f"peak PSS (driver + Ray workers): 500 images {peaks[500] / 2**20:.0f} MB, 2000 images "
-          f"{peaks[2000] / 2**20:.0f} MB, ratio {ratio:.3f}")
-    assert ratio <= 1.10, peaks
+        with PeakMemory(metric="uss") as mem:
+            summary = run_explain([str(archive)], str(trained_checkpoint), str(tmp_path / f"out-{n}"),
+                                  ExplainOptions(preview_size=96, heatmap_max_side=128))
+        assert summary["balanced"] and summary["rows"] == n
+        peaks[n] = {"driver": mem.driver_peak, "worker": mem.worker_peak}
+    growth = {k: (peaks[1600][k] - peaks[400][k]) / 2**20 for k in ("driver", "worker")}
+    print(f"peak USS, MB: driver {peaks[400]['driver'] / 2**20:.0f} -> {peaks[1600]['driver'] / 2**20:.0f}, "
+          f"largest worker {peaks[400]['worker'] / 2**20:.0f} -> {peaks[1600]['worker'] / 2**20:.0f}")
+    # the driver is steady (+6 to +10 MB measured); the largest worker, the CAM actor, moves by up to
+    # ~100 MB between runs (allocator and queued batches), less than 1200 decoded 256x208 float
+    # images (255 MB) it would hold if it kept them
+    assert growth["driver"] < 48 and growth["worker"] < 160, (growth, peaks)
 
 
 # ----------------------------------------------------------------------------- bad input
