@@ -54,6 +54,9 @@ class Decoded:
     view: str | None = None
     photometric: str | None = None
     warnings: list[str] = field(default_factory=list)
+    #: significant bits of the source's values before they were stretched to the output dtype
+    #: (8, 16, or e.g. 12 for 12-bit detector values stored in a 16-bit PNG/TIFF)
+    stored_bits: int | None = None
 
 
 def sniff_format(data: bytes) -> str:
@@ -188,7 +191,47 @@ def decode_raster(data: bytes, fmt: str, *, min_side: int, max_pixels: int) -> D
         raise DecodeError(f"corrupt {fmt.upper()}: OpenCV could not decode the pixel data")
     warnings: list[str] = []
     arr = _to_depth(_to_gray(arr, warnings), warnings)
-    return Decoded(pixels=np.ascontiguousarray(arr), source_format=fmt, warnings=warnings)
+    bits = 8
+    if arr.dtype == np.uint16:
+        arr, bits = window_stored_bits(arr, png_significant_bits(data) if fmt == "png" else None)
+    return Decoded(pixels=np.ascontiguousarray(arr), source_format=fmt, warnings=warnings, stored_bits=bits)
+
+
+def png_significant_bits(data: bytes) -> int | None:
+    """The PNG ``sBIT`` chunk's significant bits (the largest over the channels), or None.
+
+    OpenCV does not expose ancillary chunks; the chunk list before the first IDAT is a few
+    dozen bytes to walk.
+    """
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"sBIT" and 1 <= length <= 4:
+            return max(data[pos + 8:pos + 8 + length])
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        pos += 12 + length
+    return None
+
+
+def window_stored_bits(arr: np.ndarray, declared: int | None = None) -> tuple[np.ndarray, int]:
+    """Stretch N-bit values stored in a 16-bit container to the full 16-bit range.
+
+    Detectors deliver 10-, 12- or 14-bit values, and many archives store them unscaled in
+    16-bit PNG or TIFF (0..4095 for 12 bits). Read as if they filled 0..65535 the breast ends
+    up in a few dozen of the 8-bit grey levels CLAHE works on. The window is the declared
+    significant bits (PNG ``sBIT``) when given, else the bit length of the largest value (at
+    least 8), so every N-bit version of an image maps to the same 16-bit image within rounding.
+
+    Returns:
+        The (possibly) stretched array and the bits used (16: left as it was).
+    """
+    top = int(arr.max())
+    bits = declared if declared and 8 <= declared < 16 and top < (1 << declared) else max(8, top.bit_length())
+    if bits >= 16:
+        return arr, 16
+    scale = 65535.0 / ((1 << bits) - 1)
+    return np.round(arr.astype(np.float32) * np.float32(scale)).astype(np.uint16), bits
 
 
 # ----------------------------------------------------------------------------- DICOM
@@ -307,4 +350,8 @@ def decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> Decoded:
         out = np.subtract(65535, out, dtype=np.uint16)
     if meta["modality"] != MG_MODALITY:
         warnings.append(f"modality {meta['modality'] or 'missing'} is not MG")
-    return Decoded(out, "dicom", photometric=photometric, warnings=warnings, **meta)
+    try:
+        bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    except (TypeError, ValueError):
+        bits = 16
+    return Decoded(out, "dicom", photometric=photometric, warnings=warnings, stored_bits=bits, **meta)

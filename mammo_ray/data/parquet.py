@@ -23,7 +23,7 @@ SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source_path", pa.string()), ("label", pa.int8()),
     ("split", pa.string()), ("patient_key", pa.string()), ("laterality", pa.string()),
     ("view", pa.string()), ("source_format", pa.string()), ("modality", pa.string()),
-    ("warning", pa.string()),
+    ("warning", pa.string()), ("stored_bits", pa.int8()),
     ("pixels", pa.binary()), ("height", pa.int32()), ("width", pa.int32()), ("dtype", pa.string()),
     ("orig_height", pa.int32()), ("orig_width", pa.int32()), ("inverted", pa.bool_()),
     ("flipped", pa.bool_()), ("crop_y0", pa.int32()), ("crop_x0", pa.int32()),

@@ -97,7 +97,7 @@ def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = Fals
         "split": rec["split"], "patient_key": rec.get("patient_key"),
         "laterality": rec.get("laterality") or dec.laterality, "view": rec.get("view") or dec.view,
         "source_format": dec.source_format, "modality": dec.modality, "warning": warning,
-        "pixels": pixels.tobytes(), "height": pixels.shape[0], "width": pixels.shape[1],
+        "stored_bits": dec.stored_bits, "pixels": pixels.tobytes(), "height": pixels.shape[0], "width": pixels.shape[1],
         "dtype": str(pixels.dtype), **geom,
     }
     if keep_source:

@@ -259,20 +259,32 @@ def overlay_image(preview: np.ndarray, heat: np.ndarray, peak: tuple[int, int] |
     return vis
 
 
-def _lesion_scores(heat: np.ndarray, f_heat: float, ann: dict | None) -> dict[str, Any]:
-    empty = {"pointing_hit": None, "energy_inside": None, "lesion_area_fraction": None}
-    if not ann:
-        return empty
-    if ann.get("mask_path"):
-        import cv2
+def lesion_mask(shape: tuple[int, int], f_heat: float, lesions: list[dict]) -> np.ndarray:
+    """The union of an image's lesions (circles in source pixels, or mask files of the source's
+    size) as a boolean mask of the heatmap's ``shape`` (the source scaled by ``f_heat``)."""
+    import cv2
 
-        from mammo_ray.data.decode import decode_bytes
+    from mammo_ray.data.decode import decode_bytes
 
-        mask = decode_bytes(mio.read_bytes(ann["mask_path"]), min_side=1).pixels
-        mask = cv2.resize((mask > 0).astype(np.uint8), (heat.shape[1], heat.shape[0]), interpolation=cv2.INTER_NEAREST)
-        res = localization(heat, mask=mask > 0)
-    else:
-        res = localization(heat, x=ann["x"] * f_heat, y=ann["y"] * f_heat, r=max(ann["r"] * f_heat, 0.5))
+    h, w = shape
+    inside = np.zeros(shape, bool)
+    yy, xx = np.ogrid[0:h, 0:w]
+    for ann in lesions:
+        if ann.get("mask_path"):
+            mask = decode_bytes(mio.read_bytes(ann["mask_path"]), min_side=1).pixels
+            inside |= cv2.resize((mask > 0).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+        else:
+            x, y, r = ann["x"] * f_heat, ann["y"] * f_heat, max(ann["r"] * f_heat, 0.5)
+            inside |= (xx - x) ** 2 + (yy - y) ** 2 <= r ** 2
+    return inside
+
+
+def _lesion_scores(heat: np.ndarray, f_heat: float, lesions: list[dict] | None) -> dict[str, Any]:
+    # several lesions on one image: one hit when the peak is in any of them, energy and chance
+    # over their union
+    if not lesions:
+        return {"pointing_hit": None, "energy_inside": None, "lesion_area_fraction": None}
+    res = localization(heat, mask=lesion_mask(heat.shape, f_heat, lesions))
     return {"pointing_hit": res["pointing_hit"], "energy_inside": res["energy_inside"],
             "lesion_area_fraction": res["area_fraction"]}
 
@@ -420,17 +432,39 @@ def checkpoint_sha256(path: str) -> str:
     return hashlib.sha256(mio.read_bytes(path)).hexdigest()
 
 
-def load_annotations(path: str, records: list[dict]) -> tuple[dict[str, dict], dict[str, int]]:
-    """Lesion annotations keyed by image id.
+def _annotation_keys(records: list[dict], inputs: list[str]) -> dict[str, set[str]]:
+    """Every name an annotation row may use for an input: its absolute path (or URI), and its
+    path relative to the input folder (or manifest folder) it was listed from."""
+    roots = []
+    for inp in inputs:
+        root = inp if mio.is_dir(inp) else (posixpath.dirname(inp) if mio.is_uri(inp) else os.path.dirname(inp))
+        roots.append(root.rstrip("/") if mio.is_uri(root) else os.path.abspath(root))
+    keys: dict[str, set[str]] = {}
+    for rec in records:
+        keys.setdefault(rec["path"], set()).add(rec["image_id"])
+        for root in roots:
+            if rec["path"].startswith(root.rstrip("/") + "/"):
+                keys.setdefault(mio.relpath(rec["path"], root), set()).add(rec["image_id"])
+    return keys
 
-    A CSV with ``path`` (relative to the CSV's folder, or absolute/URI) or ``image_id``, and
-    either ``lesion_x``, ``lesion_y``, ``lesion_r`` (source pixels) or ``mask_path`` (an image,
-    non-zero inside the lesion, of the source's size). Rows without a lesion are skipped.
+
+def load_annotations(path: str, records: list[dict], inputs: list[str] | None = None
+                     ) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Lesion annotations keyed by image id: a list of lesions per image.
+
+    A CSV with ``image_id`` or ``path``, and either ``lesion_x``, ``lesion_y``, ``lesion_r``
+    (source pixels) or ``mask_path`` (an image, non-zero inside the lesion, of the source's
+    size). A ``path`` matches an input when it is, in this order: absolute (or a URI) and
+    equal to the input's; relative to the CSV's folder; or the input's path relative to the
+    input folder (or manifest folder) it was listed from. Several rows for one image are
+    several lesions. Rows without a lesion are counted and skipped; rows that match no input
+    are counted (``unmatched_rows``) and warned about.
 
     Raises:
-        ValueError: missing columns or a malformed value (names the line).
+        ValueError: missing columns, a malformed value (names the line), or rows with lesions
+            none of which matches an input (names the first path and the rules).
     """
-    from mammo_ray.data.inputs import read_csv_text
+    from mammo_ray.data.inputs import printable_path, read_csv_text
 
     reader = csv.DictReader(io.StringIO(read_csv_text(path, "annotations")))
     reader.fieldnames = [c.strip() for c in (reader.fieldnames or [])]
@@ -439,29 +473,36 @@ def load_annotations(path: str, records: list[dict]) -> tuple[dict[str, dict], d
         raise ValueError(f"annotations {path}: need a path or image_id column and lesion_x, lesion_y, lesion_r or "
                          f"mask_path columns; found {', '.join(sorted(cols)) or 'none'}")
     root = posixpath.dirname(path) if mio.is_uri(path) else os.path.dirname(os.path.abspath(path))
-    by_path = {r["path"]: r["image_id"] for r in records}
+
+    def resolve(raw: str) -> str:
+        if mio.is_uri(raw) or os.path.isabs(raw):
+            return raw
+        return posixpath.join(root, raw) if mio.is_uri(root) else os.path.normpath(os.path.join(root, raw))
+
+    keys = _annotation_keys(records, list(inputs or []))
     ids = {r["image_id"] for r in records}
-    found: dict[str, dict] = {}
-    unmatched = skipped = 0
+    found: dict[str, list[dict]] = {}
+    unmatched = skipped = ambiguous = 0
+    first_unmatched = None
     for lineno, row in enumerate(reader, start=2):
         iid = (row.get("image_id") or "").strip()
-        if not iid:
-            raw = (row.get("path") or "").strip()
-            full = raw if (mio.is_uri(raw) or os.path.isabs(raw)) else (
-                posixpath.join(root, raw) if mio.is_uri(root) else os.path.normpath(os.path.join(root, raw)))
-            iid = by_path.get(full, "")
+        raw = (row.get("path") or "").strip()
+        if not iid and raw:
+            match = keys.get(resolve(raw)) or keys.get(posixpath.normpath(raw.replace(os.sep, "/")), set())
+            if len(match) > 1:
+                ambiguous += 1  # the same relative name under two input folders
+            iid = next(iter(match)) if len(match) == 1 else ""
+        mask = (row.get("mask_path") or "").strip()
+        vals = [(row.get(k) or "").strip() for k in ("lesion_x", "lesion_y", "lesion_r")]
+        if not mask and not any(vals):
+            skipped += 1
+            continue
         if iid not in ids:
             unmatched += 1
+            first_unmatched = first_unmatched or (raw or iid)
             continue
-        mask = (row.get("mask_path") or "").strip()
         if mask:
-            full = mask if (mio.is_uri(mask) or os.path.isabs(mask)) else (
-                posixpath.join(root, mask) if mio.is_uri(root) else os.path.normpath(os.path.join(root, mask)))
-            found[iid] = {"mask_path": full}
-            continue
-        vals = [(row.get(k) or "").strip() for k in ("lesion_x", "lesion_y", "lesion_r")]
-        if not any(vals):
-            skipped += 1
+            found.setdefault(iid, []).append({"mask_path": resolve(mask)})
             continue
         try:
             x, y, r = (float(v) for v in vals)
@@ -469,8 +510,17 @@ def load_annotations(path: str, records: list[dict]) -> tuple[dict[str, dict], d
             raise ValueError(f"annotations {path} line {lineno}: lesion_x/lesion_y/lesion_r {vals} are not numbers") from None
         if not (r > 0 and math.isfinite(x) and math.isfinite(y)):
             raise ValueError(f"annotations {path} line {lineno}: lesion_r={r} must be > 0 with finite lesion_x, lesion_y")
-        found[iid] = {"x": x, "y": y, "r": r}
-    return found, {"annotated": len(found), "unmatched_rows": unmatched, "rows_without_lesion": skipped}
+        found.setdefault(iid, []).append({"x": x, "y": y, "r": r})
+    rules = (f"a path matches when absolute, relative to the CSV's folder {root}, or relative to the input folder "
+             f"it was listed from")
+    if unmatched and not found:
+        raise ValueError(f"annotations {path}: none of its {unmatched} lesion rows matches an input (first: "
+                         f"{printable_path(first_unmatched)!r}; {rules})")
+    if unmatched:
+        logger.warning("annotations %s: %d lesion rows match no input (first: %r); %s", path, unmatched,
+                       printable_path(first_unmatched), rules)
+    return found, {"annotated": len(found), "lesions": sum(len(v) for v in found.values()),
+                   "unmatched_rows": unmatched, "ambiguous_rows": ambiguous, "rows_without_lesion": skipped}
 
 
 def _identity(checkpoint: str, state: dict, opts: ExplainOptions, layer: str, threshold: float,
@@ -632,7 +682,8 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out, extra_folders=listing.linked_folders)
     identity = _identity(checkpoint, state, opts, layer, threshold, inputs)
     resumed = _check_output(out, identity, resume)
-    annotations, ann_counts = load_annotations(opts.annotations, listing.records) if opts.annotations else ({}, {})
+    annotations, ann_counts = (load_annotations(opts.annotations, listing.records, list(inputs)) if opts.annotations
+                                else ({}, {}))
     done: set[str] = set()
     if resumed:
         done = set(read_parts(out, SCORES, ["image_id"])["image_id"]) | set(read_parts(out, ERROR_PARTS, ["image_id"])["image_id"])
@@ -728,6 +779,8 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
         "seconds": round(seconds, 3),
         "images_per_second": round(processed / job_seconds, 2) if processed and job_seconds > 0 else None,
     }
+    if opts.annotations:
+        summary["annotations"] = ann_counts  # matched images, lesions, unmatched and ambiguous rows
     if annotations:
         loc = _localization_summary(scores, ann_counts, opts.method, layer)
         mio.write_bytes(mio.join(out, "localization.json"), json.dumps(loc, indent=2).encode())

@@ -36,12 +36,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_training_model(cfg: TrainConfig) -> torch.nn.Module:
-    """Backbone from the registry (random init, ImageNet cache or a file), then frozen by ratio."""
+def build_training_model(cfg: TrainConfig, initial_state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Backbone from the registry (random init, ImageNet cache or a file), then frozen by ratio.
+
+    ``initial_state``: the starting weights already resolved elsewhere (a sweep's driver resolves
+    ``cfg.pretrained``/``cfg.weights`` once and ships the tensors to its trials), used instead of
+    reading or downloading them here.
+    """
     from mammo_ray.models.freezing import freeze_units
     from mammo_ray.models.registry import build_model
 
-    model = build_model(cfg.backbone, pretrained=cfg.pretrained, weights_path=cfg.weights, offline=cfg.offline)
+    if initial_state is not None:
+        model = build_model(cfg.backbone, state_dict=initial_state)
+    else:
+        model = build_model(cfg.backbone, pretrained=cfg.pretrained, weights_path=cfg.weights, offline=cfg.offline)
     freeze_units(model, cfg.backbone, cfg.freeze_ratio)
     return model
 
@@ -190,7 +198,7 @@ def _score(metrics: dict[str, Any]) -> float:
 
 def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitArrays, *, out: str | None = None,
         resume: str | None = None, on_epoch: Callable[[dict[str, Any], str | None], None] | None = None,
-        progress: bool = False) -> FitResult:
+        progress: bool = False, initial_state: dict[str, torch.Tensor] | None = None) -> FitResult:
     """Train with early stopping on val AUC; write ``best.pt``, ``last.pt``, ``history.csv``,
     ``metrics.json`` and ``config.yaml`` to ``out`` (when given).
 
@@ -198,6 +206,7 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitAr
         resume: a ``last.pt`` to continue from (same backbone and freezing ratio).
         on_epoch: called after each epoch with the epoch's metrics and ``out`` (Ray Tune
             reports and checkpoints from there).
+        initial_state: starting weights resolved by the caller (see :func:`build_training_model`).
 
     Raises:
         ValueError: a resume checkpoint of another backbone or freezing ratio.
@@ -212,7 +221,7 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitAr
         if old.backbone != cfg.backbone or abs(old.freeze_ratio - cfg.freeze_ratio) > 1e-9:
             raise ValueError(f"checkpoint {resume} is {old.backbone} at freeze_ratio={old.freeze_ratio}, "
                              f"not {cfg.backbone} at freeze_ratio={cfg.freeze_ratio}")
-    model = build_training_model(cfg).to(device)
+    model = build_training_model(cfg, initial_state).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps = max(1, len(train) // cfg.batch_size)

@@ -62,7 +62,25 @@ def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (float("nan") if v is None else v) for k, v in metrics.items()}
 
 
-def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, Any]) -> None:
+def resolve_start_weights(sweep: SweepConfig) -> dict[str, dict]:
+    """The starting weights of each backbone, resolved once on the driver.
+
+    ``train.pretrained`` / ``train.weights`` are read (or downloaded) here, checked against
+    each backbone, and handed to the trials through ``tune.with_parameters`` (Ray's object
+    store): the nodes of a cluster neither download nor need the file, and a bad file or an
+    offline cache miss is one error before any trial starts, not one per trial.
+    """
+    from mammo_ray.models.weights import resolve_weights
+
+    train = TrainConfig.load(None, **dict(sweep.train), backbone=sweep.backbones[0])
+    if train.pretrained is None and train.weights is None:
+        return {}
+    return {b: resolve_weights(b, pretrained=train.pretrained, weights_path=train.weights, offline=train.offline)
+            for b in sweep.backbones}
+
+
+def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, Any],
+                start_weights: dict[str, dict] | None = None) -> None:
     """The Tune function trainable (Ray 2.60 API: ``ray.tune.report`` / ``get_checkpoint``)."""
     import ray
     import ray.tune as tune
@@ -96,7 +114,8 @@ def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, An
                     checkpoint=tune.Checkpoint.from_directory(out))
 
     try:
-        fit(cfg, spec, train, val, out=work, resume=resume, on_epoch=on_epoch)
+        fit(cfg, spec, train, val, out=work, resume=resume, on_epoch=on_epoch,
+            initial_state=(start_weights or {}).get(cfg.backbone))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -145,13 +164,15 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
     spec, train, val = load_training_data(data_dir)
     init_ray(address)
     check_resources(sweep)
+    start_weights = resolve_start_weights(sweep)  # before anything is written: a bad file stops here
     if not resume:  # the sweep's own file: `--resume` reads it back, outputs describe themselves
         mio.makedirs(out)
         mio.write_bytes(mio.join(out, "sweep.yaml"), yaml.safe_dump(to_dict(sweep), sort_keys=False).encode())
     logger.info("sweep: %d grid points x %d samples on %s; train %d, val %d images", sweep.grid_size,
                 sweep.num_samples, ", ".join(sweep.backbones), len(train), len(val))
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, data=(spec, train, val), sweep_dict=to_dict(sweep)),
+        tune.with_parameters(train_trial, data=(spec, train, val), sweep_dict=to_dict(sweep),
+                             start_weights=start_weights),
         {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
     if resume:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)

@@ -218,3 +218,59 @@ def test_huge_image_refused_from_header_without_decoding():
 def test_sniff_ignores_extension_like_content():
     assert sniff_format(make_dicom(np.zeros((40, 40)))) == "dicom"
     assert sniff_format(_encode(".tif", _gradient())) == "tiff"
+
+
+def _full_range_breast(h: int = 240, w: int = 180) -> np.ndarray:
+    """A 16-bit 'breast': a bright half-ellipse on a dark background, tissue texture, full range."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:h, 0:w]
+    inside = ((xx / (0.8 * w)) ** 2 + ((yy - h / 2) / (0.45 * h)) ** 2) <= 1
+    tissue = 0.55 + 0.25 * np.sin(xx / 9.0) * np.cos(yy / 13.0) + 0.08 * rng.standard_normal((h, w))
+    img = np.where(inside, np.clip(tissue, 0.05, 1.0), 0.01)
+    return np.round(img * 65535).astype(np.uint16)
+
+
+@pytest.mark.parametrize("ext", [".png", ".tiff"])
+@pytest.mark.parametrize("bits", [10, 12, 14])
+def test_n_bit_values_in_16_bit_files_preprocess_like_the_full_range_image(bits, ext):
+    """12-bit detector values stored as 0..4095 in a 16-bit PNG/TIFF used to come out nearly
+    black (read as if they filled 0..65535); windowed by their stored bits they give the full-range
+    image's result within rounding, and the row records the bits."""
+    from mammo_ray.config import PreprocessSpec
+    from mammo_ray.data.transforms import preprocess_image
+
+    full = _full_range_breast()
+    n_bit = np.round(full.astype(np.float64) * ((1 << bits) - 1) / 65535).astype(np.uint16)
+    assert n_bit.max() < (1 << bits)
+    ref_dec = decode_bytes(cv2.imencode(ext, full)[1].tobytes())
+    dec = decode_bytes(cv2.imencode(ext, n_bit)[1].tobytes())
+    assert (ref_dec.stored_bits, dec.stored_bits) == (16, bits)
+    # up to the equalization the two agree within rounding (one 8-bit level) ...
+    ref, _ = preprocess_image(ref_dec.pixels, PreprocessSpec(size=96, equalize="none"))
+    out, _ = preprocess_image(dec.pixels, PreprocessSpec(size=96, equalize="none"))
+    assert np.abs(ref.astype(int) - out.astype(int)).max() <= 1
+    # ... and CLAHE (discontinuous in its input: a one-level change can move a pixel across a
+    # histogram bin) keeps them equal on average and in brightness
+    ref, _ = preprocess_image(ref_dec.pixels, PreprocessSpec(size=96))
+    out, _ = preprocess_image(dec.pixels, PreprocessSpec(size=96))
+    assert np.abs(ref.astype(int) - out.astype(int)).mean() < 0.5
+    inside = ref > 0  # the old decode put the breast's 99th percentile at about 1/16 of this
+    assert abs(np.percentile(out[inside], 99) - np.percentile(ref[inside], 99)) <= 2
+
+
+def test_png_sbit_chunk_declares_the_window():
+    """A PNG whose sBIT says 12 bits is windowed to 0..4095 even when its brightest pixel is lower."""
+    import struct
+    import zlib
+
+    from mammo_ray.data.decode import png_significant_bits
+
+    img = (_full_range_breast() >> 6).astype(np.uint16)  # 10-bit values (< 1024) ...
+    data = cv2.imencode(".png", img)[1].tobytes()
+    chunk = b"sBIT" + bytes([12])  # ... declared as 12 significant bits
+    sbit = struct.pack(">I", 1) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    end_of_ihdr = 8 + 8 + 13 + 4
+    data = data[:end_of_ihdr] + sbit + data[end_of_ihdr:]
+    assert png_significant_bits(data) == 12
+    dec = decode_bytes(data)
+    assert dec.stored_bits == 12 and int(dec.pixels.max()) == round(int(img.max()) * 65535 / 4095)

@@ -284,8 +284,8 @@ def test_annotations_circles_masks_and_bad_rows(tmp_path):
     (tmp_path / "ann.csv").write_text("path,lesion_x,lesion_y,lesion_r,mask_path\na.png,,,,a_mask.png\n"
                                       "b.png,20,30,4,\nzzz.png,1,1,1,\n")
     found, counts = load_annotations(str(tmp_path / "ann.csv"), records)
-    assert found["idb"] == {"x": 20.0, "y": 30.0, "r": 4.0} and found["ida"]["mask_path"].endswith("a_mask.png")
-    assert counts == {"annotated": 2, "unmatched_rows": 1, "rows_without_lesion": 0}
+    assert found["idb"] == [{"x": 20.0, "y": 30.0, "r": 4.0}] and found["ida"][0]["mask_path"].endswith("a_mask.png")
+    assert counts == {"annotated": 2, "lesions": 2, "unmatched_rows": 1, "ambiguous_rows": 0, "rows_without_lesion": 0}
     heat = np.zeros((40, 30), np.float32)
     heat[15, 10] = 1.0  # inside the mask
     hit = _lesion_scores(heat, 1.0, found["ida"])
@@ -302,6 +302,56 @@ def test_annotations_circles_masks_and_bad_rows(tmp_path):
     (tmp_path / "cols.csv").write_text("path,x,y\na.png,1,2\n")
     with pytest.raises(ValueError, match="need a path or image_id column and lesion_x, lesion_y, lesion_r or mask_path"):
         load_annotations(str(tmp_path / "cols.csv"), records)
+
+
+def test_annotations_match_by_csv_folder_absolute_path_or_input_root(tmp_path, caplog):
+    """The three documented ways a row names an image; rows matching nothing are counted and
+    warned about, and a file none of whose lesion rows matches is refused (it used to give exit
+    0 and no localization.json)."""
+    archive = tmp_path / "archive"
+    (archive / "benign").mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        (archive / "benign" / name).write_bytes(b"x")
+    records = [{"path": str(archive / "benign" / n), "image_id": f"id-{n[0]}"} for n in ("a.png", "b.png", "c.png")]
+    elsewhere = tmp_path / "notes"
+    elsewhere.mkdir()
+    ann = elsewhere / "ann.csv"
+    ann.write_text("path,lesion_x,lesion_y,lesion_r\n"
+                   "../archive/benign/a.png,1,2,3\n"          # relative to the CSV's folder
+                   f"{archive / 'benign' / 'b.png'},4,5,6\n"   # absolute
+                   "benign/c.png,7,8,9\n"                      # relative to the input folder
+                   "benign/zzz.png,1,1,1\n")
+    with caplog.at_level("WARNING"):
+        found, counts = load_annotations(str(ann), records, [str(archive)])
+    assert {k: v[0]["x"] for k, v in found.items()} == {"id-a": 1.0, "id-b": 4.0, "id-c": 7.0}
+    assert counts["unmatched_rows"] == 1 and "1 lesion rows match no input (first: 'benign/zzz.png')" in caplog.text
+    # without the input root, the root-relative row no longer matches
+    assert "id-c" not in load_annotations(str(ann), records, [])[0]
+    # nothing matches: refused, naming the first path and the rules
+    ann.write_text("path,lesion_x,lesion_y,lesion_r\nimages/a.png,1,2,3\nimages/b.png,1,2,3\n")
+    with pytest.raises(ValueError, match=r"none of its 2 lesion rows matches an input \(first: 'images/a.png'; a path "
+                                         r"matches when absolute, relative to the CSV's folder"):
+        load_annotations(str(ann), records, [str(archive)])
+    # a file of normal images only (no lesion rows) is fine
+    ann.write_text("path,lesion_x,lesion_y,lesion_r\nbenign/a.png,,,\n")
+    assert load_annotations(str(ann), records, [str(archive)])[1]["rows_without_lesion"] == 1
+
+
+def test_several_lesions_on_one_image_are_one_union():
+    """Two lesions on an image: a peak in either is a hit; energy and chance are over the union
+    (the old loader kept only the image's last row)."""
+    from mammo_ray.explain.job import _lesion_scores
+
+    lesions = [{"x": 10.0, "y": 10.0, "r": 3.0}, {"x": 40.0, "y": 30.0, "r": 3.0}]
+    heat = np.zeros((50, 60), np.float32)
+    heat[10, 10] = 1.0  # peak in the first lesion
+    heat[30, 40] = 0.5  # mass in the second
+    res = _lesion_scores(heat, 1.0, lesions)
+    assert res["pointing_hit"] and res["energy_inside"] == pytest.approx(1.0)
+    assert res["lesion_area_fraction"] == pytest.approx(2 * 29 / 3000)  # two discs of radius 3: 29 pixels each
+    heat[10, 10] = 0.0
+    assert _lesion_scores(heat, 1.0, lesions)["pointing_hit"]  # peak now in the second lesion
+    assert not _lesion_scores(heat, 1.0, lesions[:1])["pointing_hit"]
 
 
 @pytest.mark.slow

@@ -234,3 +234,38 @@ def test_sweep_storage_on_s3(s3_server, train_data_dir):
         assert any("/checkpoint_000001/last.pt" in k for k in keys)
     finally:
         ray.shutdown()
+
+
+def test_start_weights_are_resolved_once_on_the_driver_and_shipped(ray_local, train_data_dir, tmp_path, monkeypatch):
+    """`--weights FILE` is read once by the driver and reaches every trial through the object
+    store: the file is deleted as soon as the driver has read it, and the trials still start
+    from its tensors (at freezing 1.0 the backbone's conv weights in the result are the file's)."""
+    import torch
+
+    import mammo_ray.models.weights as weights_module
+    from mammo_ray.models.registry import get_backbone
+    from mammo_ray.train.checkpoint import load_checkpoint
+
+    torch.manual_seed(123)
+    state = get_backbone("simplecnn").builder(weights=None).state_dict()
+    path = tmp_path / "start.pt"
+    torch.save(state, path)
+    real, calls = weights_module.resolve_weights, []
+
+    def resolve_then_delete(name, **kw):
+        calls.append(name)
+        out = real(name, **kw)
+        path.unlink(missing_ok=True)  # a trial that read the file itself would now fail
+        return out
+
+    monkeypatch.setattr(weights_module, "resolve_weights", resolve_then_delete)
+    out = tmp_path / "sweep"
+    summary = run_sweep(str(train_data_dir), str(out),
+                        small_sweep(freeze_ratios=(1.0,), lr_bounds=((1e-4, 1e-3), (1e-3, 1e-2)), epochs=1,
+                                    train={"weights": str(path)}))
+    assert summary["trials"] == 2 and summary["errors"] == 0, summary
+    assert calls == ["simplecnn"] and not path.exists()
+    trained = load_checkpoint(str(out / "best" / "overall" / "checkpoint.pt"))["model"]
+    first = get_backbone("simplecnn").first_conv + ".weight"  # folded to one channel: not comparable
+    convs = [k for k, v in state.items() if v.ndim == 4 and k != first]
+    assert convs and all(torch.equal(trained[k], state[k]) for k in convs)
