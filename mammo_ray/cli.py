@@ -28,6 +28,9 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--resize-mode", choices=RESIZE_MODES)
     p.add_argument("--orientation", choices=ORIENTATIONS)
     p.add_argument("--dtype", choices=OUTPUT_DTYPES)
+    p.add_argument("--mean", type=finite_float, help="normalization mean of [0, 1] pixels (default 0.5)")
+    p.add_argument("--std", type=finite_float,
+                   help="normalization std (default 0.25; 0.5 for efficientnet_lite0, whose weights expect [-1, 1])")
     p.add_argument("--other-modality", choices=OTHER_MODALITY)
     p.add_argument("--ratios", type=finite_float, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--seed", type=int)
@@ -50,7 +53,7 @@ def _run_preprocess(args) -> int:
     cfg = PreprocessConfig.load(
         args.config, external=args.external, unlabeled=args.unlabeled, size=size,
         equalize=args.equalize, resize_mode=args.resize_mode, orientation=args.orientation,
-        dtype=args.dtype, other_modality=args.other_modality,
+        dtype=args.dtype, mean=args.mean, std=args.std, other_modality=args.other_modality,
         ratios=tuple(args.ratios) if args.ratios else None, seed=args.seed, batch_size=args.batch_size,
         patient_key_file=args.patient_key_file,
     )
@@ -208,21 +211,36 @@ def _add_tune(sub) -> None:
     from mammo_ray.config import CLR_MODES, SCHEDULERS
     from mammo_ray.models.registry import list_backbones
 
+    from mammo_ray.config import OPTIMIZERS, PRETRAINED, SweepConfig, TrainConfig
+
+    d, t = SweepConfig(), TrainConfig()
     p = sub.add_parser("tune", help="Ray Tune sweep over backbone x freezing ratio x cyclic-LR bounds")
     p.add_argument("--data", required=True, help="a preprocessed folder (train/ and val/)")
     p.add_argument("--out", required=True, help="output folder or URI (Tune storage under OUT/tune)")
     p.add_argument("--config", help="sweep YAML (SweepConfig keys; flags override it)")
-    p.add_argument("--backbones", nargs="+", choices=list_backbones())
-    p.add_argument("--freeze-ratios", nargs="+", type=finite_float)
-    p.add_argument("--lr-bounds", nargs="+", type=_lr_pair, metavar="BASE:MAX")
-    p.add_argument("--clr-modes", nargs="+", choices=CLR_MODES)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-samples", type=int)
-    p.add_argument("--scheduler", choices=SCHEDULERS)
-    p.add_argument("--cpus-per-trial", type=finite_float)
-    p.add_argument("--gpus-per-trial", type=finite_float, help="may be fractional (e.g. 0.5: two trials per GPU)")
-    p.add_argument("--max-failures", type=int, help="retries of a failed trial from its last checkpoint")
+    p.add_argument("--backbones", nargs="+", choices=list_backbones(), help=f"default: {' '.join(d.backbones)}")
+    p.add_argument("--freeze-ratios", nargs="+", type=finite_float,
+                   help=f"default: {' '.join(f'{r:g}' for r in d.freeze_ratios)}")
+    p.add_argument("--lr-bounds", nargs="+", type=_lr_pair, metavar="BASE:MAX",
+                   help=f"default: {' '.join(f'{a:g}:{b:g}' for a, b in d.lr_bounds)}")
+    p.add_argument("--clr-modes", nargs="+", choices=CLR_MODES, help=f"default: {' '.join(d.clr_modes)}")
+    p.add_argument("--epochs", type=int, help=f"default: {d.epochs}")
+    p.add_argument("--batch-size", type=int, help=f"default: {d.batch_size}")
+    p.add_argument("--num-samples", type=int, help=f"default: {d.num_samples}")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help=f"default: {d.scheduler}")
+    p.add_argument("--cpus-per-trial", type=finite_float, help=f"default: {d.cpus_per_trial:g}")
+    p.add_argument("--gpus-per-trial", type=finite_float,
+                   help=f"may be fractional (e.g. 0.5: two trials per GPU); default: {d.gpus_per_trial:g}")
+    p.add_argument("--max-failures", type=int, help=f"retries of a failed trial from its last checkpoint; "
+                                                     f"default: {d.max_failures}")
+    # every trial's shared training options (the sweep file's `train:`); defaults: TrainConfig's
+    p.add_argument("--pretrained", choices=PRETRAINED, help="start every trial from ImageNet weights, resolved "
+                                                             "once on the driver (default: random init)")
+    p.add_argument("--weights", help="start every trial from this state dict (PATH or s3://...)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default: {t.optimizer}")
+    p.add_argument("--patience", type=int, help=f"early stopping on val AUC, in epochs (0: off); default: {t.patience}")
+    p.add_argument("--step-size-epochs", type=finite_float,
+                   help=f"half a cyclic-LR cycle, in epochs; default: {t.step_size_epochs:g}")
     p.add_argument("--offline", action="store_true", help="never download weights (also MAMMO_RAY_OFFLINE=1)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep stored in --out")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
@@ -240,10 +258,13 @@ def _run_tune(args) -> int:
             "gpus_per_trial": args.gpus_per_trial, "max_failures": args.max_failures}
     over = {k: (tuple(v) if isinstance(v, list) else v) for k, v in over.items()}
     sweep = SweepConfig.load(args.config, **over)
-    if args.offline:
+    train = {"pretrained": args.pretrained, "weights": args.weights, "optimizer": args.optimizer,
+             "patience": args.patience, "step_size_epochs": args.step_size_epochs, "offline": args.offline or None}
+    train = {k: v for k, v in train.items() if v is not None}
+    if train:
         from dataclasses import replace
 
-        sweep = replace(sweep, train={**sweep.train, "offline": True})
+        sweep = replace(sweep, train={**sweep.train, **train})
     summary = run_sweep(args.data, args.out, sweep, resume=args.resume, address=args.address)
     print(open(os.path.join(args.out, "table.md")).read() if not args.out.startswith(("s3://", "gs://")) else "")
     print(f"{summary['trials']} trials, {summary['errors']} errors; outputs in {args.out}")

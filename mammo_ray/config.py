@@ -103,6 +103,9 @@ class PreprocessSpec:
     Attributes:
         size: output (height, width) in pixels.
         crop: crop to the breast's bounding box before resizing.
+        mask: set every pixel outside the breast (its largest bright component, holes filled)
+            to 0 before resizing and equalizing: film labels, orientation letters and markers
+            that lie inside the crop box leave the picture.
         orientation: flip so the chest wall is on this side (``left`` | ``right`` | ``none``).
         resize_mode: ``pad`` keeps the aspect ratio and pads; ``stretch`` ignores it.
         equalize: ``clahe`` | ``global`` | ``none``.
@@ -115,6 +118,7 @@ class PreprocessSpec:
 
     size: tuple[int, int] = (224, 224)
     crop: bool = True
+    mask: bool = True
     orientation: str = "left"
     resize_mode: str = "pad"
     equalize: str = "clahe"

@@ -75,6 +75,20 @@ def test_train_job_smoke_test(tmp_path):
     assert "best epoch" in r.stdout and (tmp_path / "model" / "best.pt").exists() and (tmp_path / "model" / "history.csv").exists()
 
 
+def test_tune_pretrained_without_weights_stops_before_any_trial_and_help_shows_defaults(train_data_dir, tmp_path, capsys):
+    """`tune --pretrained imagenet` on a backbone without ImageNet weights is one line listing
+    those that have them, before a trial starts (the driver resolves weights once)."""
+    code = main(["tune", "--data", str(train_data_dir), "--out", str(tmp_path / "s"), "--backbones", "simplecnn",
+                 "--pretrained", "imagenet", "--optimizer", "sgd", "--patience", "3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "simplecnn" in err and "efficientnet_lite0" in err and "resnet50" in err
+    assert not (tmp_path / "s" / "tune").exists()
+    help_text = subprocess.run([str(BIN / "mammo-ray"), "tune", "--help"], capture_output=True, text=True).stdout
+    for needle in ("default: 10", "default: adamw", "--patience", "--pretrained"):
+        assert needle in " ".join(help_text.split()), needle
+
+
 @pytest.mark.slow
 def test_train_defaults_alone_learn_phantoms(train_data_dir, tmp_path, capsys):
     """`mammo-ray train` with nothing but a small backbone named reaches val AUC >= 0.9 on the

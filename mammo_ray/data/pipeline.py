@@ -31,7 +31,7 @@ from mammo_ray.data.decode import (MG_MODALITY, DecodeError, decode_bytes, descr
 from mammo_ray.data.inputs import CLASS_NAMES, Listing, discover, needs_header_probe
 from mammo_ray.data.parquet import SPLIT_DIRS, read_split, rows_to_table, split_files, write_table
 from mammo_ray.data.split import assign_splits
-from mammo_ray.data.transforms import preprocess_image
+from mammo_ray.data.transforms import INVERSION_WARN_MARGIN, preprocess_image
 from mammo_ray.outputs import (check_inputs_vs_out, clear_owned, is_project_parquet, list_relative, read_marker,
                                write_marker)
 from mammo_ray.privacy import PatientSecret, load_patient_secret, patient_key
@@ -91,7 +91,11 @@ def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = Fals
         logger.warning("preprocessing failed on %s", rec["path"], exc_info=True)
         status["reason"] = f"preprocessing failed: {describe_exception(exc)}"
         return None, status
-    warning = "; ".join(dec.warnings)
+    notes = list(dec.warnings)
+    if geom["inversion_margin"] is not None and abs(geom["inversion_margin"]) < INVERSION_WARN_MARGIN:
+        notes.append(f"inversion uncertain (margin {geom['inversion_margin']:+.2f}; "
+                     f"{'inverted' if geom['inverted'] else 'kept'}): check the image, or set invert: never")
+    warning = "; ".join(notes)
     row = {
         "image_id": rec["image_id"], "source_path": rec["path"], "label": int(rec["label"]),
         "split": rec["split"], "patient_key": rec.get("patient_key"),
@@ -220,6 +224,7 @@ def _summarize(listing: Listing, statuses: pd.DataFrame, cfg: PreprocessConfig, 
         "skipped_while_listing": dict(sorted(listing.skipped.items())),
         "warnings": int((ok["warning"].fillna("") != "").sum()),
         "inverted_fixed": int(ok["inverted"].astype(bool).sum()),
+        "inversion_warnings": int(ok["warning"].fillna("").str.contains("inversion uncertain").sum()),
         "nodes": {k: int(v) for k, v in Counter(statuses["node_id"]).items()},
         "seconds": round(seconds, 3), "images_per_second": round(len(statuses) / seconds, 2) if seconds > 0 else None,
         "external": cfg.external,

