@@ -237,8 +237,10 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray,
 
     Returns:
         (pixels of shape ``spec.size`` and ``spec.dtype``, a dict of the ``GEOMETRY_FIELDS`` plus
-        ``inversion_margin`` (None unless ``invert: auto``) and ``masked_bright_fraction``, the
-        share of the source's pixels that were bright but outside the breast and set to 0)
+        ``inversion_margin`` (None unless ``invert: auto``), ``masked_bright_fraction`` (the
+        share of the source's pixels that were bright but outside the breast and set to 0) and
+        ``breast_mask`` (bool array of ``spec.size``: the breast in model space; padding and
+        masked pixels False))
     """
     if img.ndim != 2:
         raise ValueError(f"preprocess_image needs a 2-D grayscale array, got shape {img.shape}")
@@ -259,6 +261,7 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray,
     else:
         y0, x0, y1, x1 = 0, 0, h, w
     img = np.ascontiguousarray(img[y0:y1, x0:x1])
+    full = None
     if use_mask and mask is not None:
         # one thumbnail pixel of margin (dilation) so the upscaled mask never cuts the skin line
         grown = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8))
@@ -267,6 +270,12 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray,
     else:
         bright_removed = 0.0
     small, sy, sx, (pt, pl, pb, pr) = resize(img, spec.size, spec.resize_mode)
+    # the breast mask in model space (all True without masking): explanations score CAMs
+    # within it and flag peaks outside it
+    model_mask = np.zeros(spec.size, bool)
+    inner = (np.ones(small.shape, bool) if full is None else
+             cv2.resize(full.astype(np.uint8), (small.shape[1], small.shape[0]), interpolation=cv2.INTER_NEAREST) > 0)
+    model_mask[pt:pt + small.shape[0], pl:pl + small.shape[1]] = inner
     small = equalize(small, spec.equalize, clip=spec.clahe_clip, grid=spec.clahe_grid)
     out = cv2.copyMakeBorder(small, pt, pb, pl, pr, cv2.BORDER_CONSTANT, value=0)
     out = cast(out, spec.dtype)
@@ -277,6 +286,7 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray,
         "pad_top": pt, "pad_left": pl, "pad_bottom": pb, "pad_right": pr,
         # evidence, not geometry: kept per row (see inversion_margin, _thumbnail_mask)
         "inversion_margin": margin, "masked_bright_fraction": float(bright_removed),
+        "breast_mask": model_mask,
     }
     return out, geometry
 

@@ -60,6 +60,7 @@ IDENTITY_KEYS = ("checkpoint_sha256", "backbone", "method", "target_layer", "thr
 SCORE_COLUMNS = ("image_id", "source_path", "label", "probability", "predicted", "threshold",
                  "cam_peak_x", "cam_peak_y", "cam_peak_value", "cam_top5_energy", "orig_height", "orig_width",
                  "heatmap_path", "overlay_path", "pointing_hit", "energy_inside", "lesion_area_fraction",
+                 "cam_peak_in_breast", "pointing_hit_in_breast", "lesion_area_fraction_in_breast",
                  "warning", "node_id", "seconds_preprocess", "seconds_cam", "seconds_write")
 
 
@@ -139,7 +140,7 @@ def prepare_batch(batch: pd.DataFrame, *, cfg: PreprocessConfig, preview_size: i
         out = {"image_id": rec["image_id"], "source_path": rec["path"], "label": int(rec["label"]),
                "status": status["status"], "reason": status["reason"], "warning": status["warning"] or "",
                "pixels": b"", "height": 0, "width": 0, "dtype": "", "preview": b"", "preview_height": 0,
-               "preview_width": 0, **_EMPTY_GEOMETRY}
+               "preview_width": 0, "breast_mask": b"", **_EMPTY_GEOMETRY}
         if row is not None:
             src = row.pop("source_pixels")
             f = _scale_for(*src.shape, preview_size)
@@ -151,6 +152,7 @@ def prepare_batch(batch: pd.DataFrame, *, cfg: PreprocessConfig, preview_size: i
                 small = invert(small)
             prev = _display_uint8(small)
             out.update({k: row[k] for k in ("pixels", "height", "width", "dtype", *GEOMETRY_FIELDS)})
+            out["breast_mask"] = np.packbits(row["breast_mask"]).tobytes()  # model space, 1 bit per pixel
             out.update(preview=prev.tobytes(), preview_height=prev.shape[0], preview_width=prev.shape[1])
         out["seconds_preprocess"] = time.perf_counter() - t0
         out["prep_node_id"] = _node_id()
@@ -279,14 +281,37 @@ def lesion_mask(shape: tuple[int, int], f_heat: float, lesions: list[dict]) -> n
     return inside
 
 
-def _lesion_scores(heat: np.ndarray, f_heat: float, lesions: list[dict] | None) -> dict[str, Any]:
+def _lesion_scores(heat: np.ndarray, f_heat: float, lesions: list[dict] | None,
+                   breast: np.ndarray | None = None) -> dict[str, Any]:
     # several lesions on one image: one hit when the peak is in any of them, energy and chance
-    # over their union
+    # over their union. Within the breast: the peak is looked for inside the breast mask only,
+    # and chance is the lesion's share of the breast (what a random point in the breast hits).
+    empty = {"pointing_hit": None, "energy_inside": None, "lesion_area_fraction": None,
+             "pointing_hit_in_breast": None, "lesion_area_fraction_in_breast": None}
     if not lesions:
-        return {"pointing_hit": None, "energy_inside": None, "lesion_area_fraction": None}
-    res = localization(heat, mask=lesion_mask(heat.shape, f_heat, lesions))
-    return {"pointing_hit": res["pointing_hit"], "energy_inside": res["energy_inside"],
-            "lesion_area_fraction": res["area_fraction"]}
+        return empty
+    inside = lesion_mask(heat.shape, f_heat, lesions)
+    res = localization(heat, mask=inside)
+    out = {**empty, "pointing_hit": res["pointing_hit"], "energy_inside": res["energy_inside"],
+           "lesion_area_fraction": res["area_fraction"]}
+    if breast is not None and breast.any():
+        py, px = np.unravel_index(int(np.argmax(np.where(breast, heat, -1.0))), heat.shape)
+        out["pointing_hit_in_breast"] = bool(inside[py, px])
+        out["lesion_area_fraction_in_breast"] = float((inside & breast).sum() / breast.sum())
+    return out
+
+
+def _breast_at(rec: dict, geom: dict, f_heat: float, shape: tuple[int, int]) -> np.ndarray | None:
+    """The model-space breast mask of a record, mapped onto the heatmap's geometry."""
+    from mammo_ray.data.transforms import map_to_original, scale_geometry
+
+    packed = rec.get("breast_mask") or b""
+    h, w = int(rec.get("height") or 0), int(rec.get("width") or 0)
+    if not packed or not h or not w:
+        return None
+    model = np.unpackbits(np.frombuffer(packed, np.uint8))[: h * w].reshape(h, w).astype(np.float32)
+    mapped = map_to_original(model, scale_geometry(geom, f_heat)) > 0.5
+    return mapped if mapped.shape == shape else None
 
 
 def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size: int, heatmap_max_side: int,
@@ -322,8 +347,9 @@ def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size
                 mio.write_bytes(mio.join(out, op), _png(vis))
                 prob = float(rec["probability"])
                 lesion_warning = ""
+                breast = _breast_at(rec, geom, f_heat, heat.shape)
                 try:
-                    lesion = _lesion_scores(heat, f_heat, annotations.get(rec["image_id"]))
+                    lesion = _lesion_scores(heat, f_heat, annotations.get(rec["image_id"]), breast)
                 except Exception as exc:  # a bad annotation does not make the image an error
                     lesion = _lesion_scores(heat, f_heat, None)
                     lesion_warning = f"lesion annotation unusable: {describe_exception(exc)}"
@@ -333,6 +359,7 @@ def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size
                     "cam_peak_x": float(px / f_heat), "cam_peak_y": float(py / f_heat),
                     "cam_peak_value": float(heat[py, px]), "cam_top5_energy": top_energy_fraction(heat, 0.05),
                     "orig_height": h, "orig_width": w, "heatmap_path": hp, "overlay_path": op,
+                    "cam_peak_in_breast": None if breast is None else bool(breast[py, px]),
                     **lesion,
                     "warning": "; ".join(x for x in (rec["warning"], lesion_warning) if x), "node_id": rec["node_id"],
                     "seconds_preprocess": float(rec["seconds_preprocess"]), "seconds_cam": float(rec["seconds_cam"]),
@@ -366,6 +393,8 @@ def _schemas():
         ("cam_top5_energy", pa.float32()), ("orig_height", pa.int32()), ("orig_width", pa.int32()),
         ("heatmap_path", pa.string()), ("overlay_path", pa.string()),
         ("pointing_hit", pa.bool_()), ("energy_inside", pa.float32()), ("lesion_area_fraction", pa.float32()),
+        ("cam_peak_in_breast", pa.bool_()), ("pointing_hit_in_breast", pa.bool_()),
+        ("lesion_area_fraction_in_breast", pa.float32()),
         ("warning", pa.string()), ("node_id", pa.string()),
         ("seconds_preprocess", pa.float32()), ("seconds_cam", pa.float32()), ("seconds_write", pa.float32()),
     ])
@@ -635,18 +664,24 @@ def _localization_summary(scores: pd.DataFrame, ann_counts: dict[str, int], meth
     def block(df: pd.DataFrame) -> dict[str, Any]:
         if not len(df):
             return {"n": 0}
-        return {"n": int(len(df)), "pointing_game": float(df["pointing_hit"].astype(float).mean()),
-                "energy_inside": float(df["energy_inside"].mean()),
-                "chance": float(df["lesion_area_fraction"].mean()),
-                "pointing_game_over_chance": (float(df["pointing_hit"].astype(float).mean() / df["lesion_area_fraction"].mean())
-                                              if df["lesion_area_fraction"].mean() > 0 else None)}
+        pg, chance = float(df["pointing_hit"].astype(float).mean()), float(df["lesion_area_fraction"].mean())
+        inb = df[df["pointing_hit_in_breast"].notna()]
+        pg_b = float(inb["pointing_hit_in_breast"].astype(float).mean()) if len(inb) else None
+        chance_b = float(inb["lesion_area_fraction_in_breast"].mean()) if len(inb) else None
+        return {"n": int(len(df)), "pointing_game": pg, "energy_inside": float(df["energy_inside"].mean()),
+                "chance": chance, "pointing_game_over_chance": pg / chance if chance > 0 else None,
+                "n_in_breast": int(len(inb)), "pointing_game_in_breast": pg_b, "chance_in_breast": chance_b,
+                "pointing_game_in_breast_over_chance": pg_b / chance_b if pg_b is not None and chance_b else None}
 
     names = {-1: "unlabeled", 0: "benign", 1: "malignant"}
     return {"method": method, "target_layer": layer, **ann_counts, "all": block(done),
             "by_label": {names[int(k)]: block(g) for k, g in done.groupby("label")},
-            "note": "pointing_game: share of images whose CAM peak lies inside the lesion; energy_inside: mean share of "
-                    "CAM mass inside it; chance: mean lesion area fraction (the expected value of both for a random map)",
-            "per_image": "scores.parquet columns pointing_hit, energy_inside, lesion_area_fraction"}
+            "note": "pointing_game: share of images whose CAM peak lies inside the lesion (any of its lesions); "
+                    "energy_inside: mean share of CAM mass inside them; chance: mean lesion area fraction (the expected "
+                    "value of both for a random map). *_in_breast: the peak searched inside the breast mask only, and "
+                    "chance as the lesions' share of the breast",
+            "per_image": "scores.parquet columns pointing_hit, energy_inside, lesion_area_fraction, "
+                         "pointing_hit_in_breast, lesion_area_fraction_in_breast (chance per image)"}
 
 
 def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptions | None = None, *,
@@ -747,7 +782,8 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     # only a resume can meet rows a dying run was still writing; in a fresh run a duplicate is a bug
     deduplicated = dedupe_parts(out) if resumed else 0
     scores = read_parts(out, SCORES, ["image_id", "label", "probability", "predicted", "overlay_path", "pointing_hit",
-                                      "energy_inside", "lesion_area_fraction"])
+                                      "energy_inside", "lesion_area_fraction", "cam_peak_in_breast",
+                                      "pointing_hit_in_breast", "lesion_area_fraction_in_breast"])
     part_errors = read_parts(out, ERROR_PARTS, ["image_id", "path", "reason"])
     dup = int(scores["image_id"].duplicated().sum()) + int(part_errors["image_id"].duplicated().sum())
     both = set(scores["image_id"]) & set(part_errors["image_id"])
@@ -774,7 +810,9 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
         "processed_this_run": processed, "resumed": resumed, "duplicate_rows_removed": deduplicated, "skipped_as_done": len(listing.records) - len(todo),
         "checkpoint": checkpoint, "backbone": state["backbone"], "method": opts.method, "target_layer": layer,
         "threshold": threshold, "threshold_source": threshold_source,
-        "predicted_malignant": int(scores["predicted"].sum()), "cam_nodes": dict(Counter(status["node_id"])) if processed else {},
+        "predicted_malignant": int(scores["predicted"].sum()),
+        # a peak on a removed label, film edge or the padding: the map explains no anatomy
+        "cam_peaks_outside_breast": int((scores["cam_peak_in_breast"] == False).sum()),  # noqa: E712 (nullable) "cam_nodes": dict(Counter(status["node_id"])) if processed else {},
         "preprocess_nodes": dict(Counter(status["prep_node_id"])) if processed else {},
         "seconds": round(seconds, 3),
         "images_per_second": round(processed / job_seconds, 2) if processed and job_seconds > 0 else None,
@@ -784,7 +822,8 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     if annotations:
         loc = _localization_summary(scores, ann_counts, opts.method, layer)
         mio.write_bytes(mio.join(out, "localization.json"), json.dumps(loc, indent=2).encode())
-        summary["localization"] = {k: loc["all"].get(k) for k in ("n", "pointing_game", "energy_inside", "chance")}
+        summary["localization"] = {k: loc["all"].get(k) for k in ("n", "pointing_game", "energy_inside", "chance",
+                                                                    "pointing_game_in_breast", "chance_in_breast")}
     mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
     line = f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']}"
     if not summary["balanced"]:

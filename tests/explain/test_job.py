@@ -102,6 +102,13 @@ def test_outputs_at_source_geometry_and_cam_hits_lesions(ray_local, trained_chec
           f"energy inside {mal['energy_inside']:.3f}")
     assert mal["pointing_game"] >= max(0.25, 5 * mal["chance"]), mal
     assert mal["energy_inside"] > 2 * mal["chance"], mal
+    # within the breast mask: every scored image has it, chance is larger (the breast is a part
+    # of the image), and the phantoms' CAMs peak on the breast, not on their burned-in markers
+    assert mal["n_in_breast"] == mal["n"] and mal["chance_in_breast"] > mal["chance"]
+    assert mal["pointing_game_in_breast"] >= mal["pointing_game"] - 0.1
+    assert scores["cam_peak_in_breast"].notna().all()
+    assert summary["cam_peaks_outside_breast"] == int((~scores["cam_peak_in_breast"].astype(bool)).sum())
+    assert summary["cam_peaks_outside_breast"] <= 0.1 * len(scores), summary["cam_peaks_outside_breast"]
 
 
 def _parts(out: Path) -> list[Path]:
@@ -352,6 +359,22 @@ def test_several_lesions_on_one_image_are_one_union():
     heat[10, 10] = 0.0
     assert _lesion_scores(heat, 1.0, lesions)["pointing_hit"]  # peak now in the second lesion
     assert not _lesion_scores(heat, 1.0, lesions[:1])["pointing_hit"]
+
+
+def test_pointing_game_within_the_breast_mask():
+    """The peak searched inside the breast only: a hot label outside the breast no longer wins,
+    and chance becomes the lesion's share of the breast."""
+    from mammo_ray.explain.job import _lesion_scores
+
+    heat = np.zeros((40, 60), np.float32)
+    breast = np.zeros((40, 60), bool)
+    breast[:, :30] = True
+    heat[5, 50] = 1.0  # a burned-in label, outside the breast: the global peak
+    heat[20, 10] = 0.6  # the lesion
+    res = _lesion_scores(heat, 1.0, [{"x": 10.0, "y": 20.0, "r": 2.0}], breast)
+    assert res["pointing_hit"] is False and res["pointing_hit_in_breast"] is True
+    assert res["lesion_area_fraction_in_breast"] == pytest.approx(13 / 1200)  # disc of radius 2: 13 pixels
+    assert res["lesion_area_fraction"] == pytest.approx(13 / 2400)
 
 
 @pytest.mark.slow
