@@ -144,17 +144,20 @@ def test_freezing_units():
     assert not model.bn1.training and model.bn2.training
 
 
-def test_cam_layer_is_the_last_feature_map(pretrained):
+def test_cam_layer_is_the_last_stride_16_map(pretrained):
+    """blocks.4: 14x14 at 224 px (the head's bn2 is 7x7), and the class gradient reaches it."""
     spec = get_backbone("efficientnet_lite0")
+    assert spec.cam_layer == "blocks.4"
     out = []
     handle = get_submodule(pretrained, spec.cam_layer).register_forward_hook(lambda m, i, o: out.append(o))
     try:
-        with torch.no_grad():
-            pretrained(china(IMAGENET_MEAN_STD).repeat(2, 1, 1, 1))
+        logits = pretrained(china(IMAGENET_MEAN_STD).repeat(2, 1, 1, 1))
+        out[0].retain_grad()
+        logits[:, 0].sum().backward()
     finally:
         handle.remove()
-    assert out[0].shape == (2, 1280, 7, 7)
-    assert 0 <= float(out[0].min()) and float(out[0].max()) <= 6  # after bn2's ReLU6: what Grad-CAM weights
+    assert out[0].shape == (2, 112, 14, 14)
+    assert out[0].grad is not None and float(out[0].grad.abs().sum()) > 0
 
 
 def test_folded_first_conv_matches_gray_repeated_to_rgb(imagenet_state):
