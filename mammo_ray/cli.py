@@ -195,7 +195,9 @@ def _run_lr_find(args) -> int:
     spec, train, _ = load_training_data(args.data)
     result = lr_range_test(cfg, spec, train, start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps)
     write_lr_find(result, args.out)
-    print(f"suggested --base-lr {result['suggested_base_lr']:.2e} --max-lr {result['suggested_max_lr']:.2e} "
+    lo, hi = result["suggested_base_lr"], result["suggested_max_lr"]
+    # train takes the two bounds as flags, tune as one BASE:MAX pair: print both spellings
+    print(f"suggested --base-lr {lo:.2e} --max-lr {hi:.2e} (train), --lr-bounds {lo:.2e}:{hi:.2e} (tune) "
           f"(plot: {os.path.join(args.out, 'lr_find.png')})")
     return 0
 

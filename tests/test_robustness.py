@@ -169,3 +169,17 @@ def test_sweep_killed_by_the_memory_monitor_ends_in_one_line_naming_resume(ray_l
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "memory monitor killed trial workers" in err and f"--out {out} --resume" in err
+
+
+def test_a_labels_csv_inside_an_input_folder_is_named_on_the_console(tmp_path, caplog):
+    """A folder's labels come from its class folders; a labels.csv beside them is not read, and
+    the user is told so (it used to be only a count in summary.json)."""
+    from mammo_ray.data.inputs import discover
+
+    (tmp_path / "benign").mkdir()
+    (tmp_path / "benign" / "a.png").write_bytes(b"x")
+    (tmp_path / "labels.csv").write_text("path,label\nbenign/a.png,malignant\n")
+    with caplog.at_level("WARNING"):
+        listing = discover([str(tmp_path)])
+    assert listing.ignored == {".csv": 1} and [r["label"] for r in listing.records] == [0]
+    assert f"{tmp_path / 'labels.csv'} is not read" in caplog.text and "give the CSV itself as the input" in caplog.text

@@ -124,6 +124,10 @@ def _discover_folder(root: str, unlabeled: bool, listing: Listing, labels_option
         ext = _ext(path)
         if ext not in IMAGE_EXTENSIONS:
             listing.ignored[ext] = listing.ignored.get(ext, 0) + 1
+            if ext == ".csv" and "/" not in mio.relpath(path, root):
+                # a manifest beside the images is easy to mistake for one that is read
+                logger.warning("%s is not read: a folder's labels come from its class folders; give the CSV "
+                               "itself as the input to use its labels and patient ids", path)
             continue
         rel = mio.relpath(path, root)
         if not class_mode:

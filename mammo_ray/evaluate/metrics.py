@@ -528,6 +528,20 @@ def _downsample(n_points: int, max_points: int = MAX_CURVE_POINTS) -> np.ndarray
     return np.unique(np.linspace(0, n_points - 1, max_points).round().astype(np.int64))
 
 
+#: fewer positives or negatives than this and a set's AUC and its interval are reported as
+#: unreliable: 8 images with 2 positives gave "AUC 1.000 [1.000, 1.000]", an interval that
+#: only says the bootstrap cannot vary what two positives rank
+MIN_PER_CLASS = 10
+
+
+def small_sample_reason(n_pos: int, n_neg: int) -> str | None:
+    """Why a set is too small for its AUC and intervals to mean much, or None."""
+    if n_pos >= MIN_PER_CLASS and n_neg >= MIN_PER_CLASS:
+        return None
+    return (f"unreliable: {n_pos} positive(s) and {n_neg} negative(s), fewer than {MIN_PER_CLASS} in a class; "
+            "the AUC and its interval rank only these few")
+
+
 def evaluate_set(labels: Iterable[int], scores: Iterable[float], *, threshold: float,
                  groups: Iterable[Any] | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """binary_metrics + bootstrap_ci + reliability_curve + ROC/PR curve points for one set.
@@ -542,7 +556,8 @@ def evaluate_set(labels: Iterable[int], scores: Iterable[float], *, threshold: f
         "metrics" {METRIC_NAMES: float | None}, "undefined" {metric: reason}, "confusion",
         "ci" (bootstrap_ci output or None), "reliability", "roc" {"fpr", "tpr", "thresholds"} and
         "pr" {"precision", "recall", "thresholds"} (at most 200 points each; None with one class;
-        a threshold with no finite value, e.g. ROC's first, is None).
+        a threshold with no finite value, e.g. ROC's first, is None), and "small_sample" (a
+        reason string when a class has fewer than :data:`MIN_PER_CLASS` images, else None).
 
     Raises:
         ValueError: invalid inputs (see the functions above) or n_boot < 0.
@@ -562,6 +577,7 @@ def evaluate_set(labels: Iterable[int], scores: Iterable[float], *, threshold: f
         "roc": None,
         "pr": None,
     }
+    res["small_sample"] = small_sample_reason(bm["n_pos"], bm["n_neg"])
     if _both_classes(y):
         fpr, tpr, thr = roc_curve(y, s)
         i = _downsample(len(fpr))

@@ -20,9 +20,10 @@ def _fmt(res: dict[str, Any] | None, key: str) -> str:
     if value is None:
         return "n/a"
     ci = (res.get("ci") or {}).get(key) or {}
+    mark = " (unreliable: small n)" if res.get("small_sample") else ""
     if ci.get("low") is not None and ci.get("high") is not None:
-        return f"{value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
-    return f"{value:.3f}"
+        return f"{value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]{mark}"
+    return f"{value:.3f}{mark}"
 
 
 def _plain(value: float | None) -> str:
@@ -75,6 +76,9 @@ def write_report(report: dict[str, Any], out: str) -> None:
             md.append(f"- {name}: {res.get('how')} ({res.get('source')}, split {res.get('split')})")
             if res.get("metrics") is None:
                 md.append(f"  - metrics skipped: {res.get('reason')}")
+            for key in ("small_sample", "grouping_warning"):
+                if res.get(key):
+                    md.append(f"  - {res[key]}")
             for metric, reason in (res.get("undefined") or {}).items():
                 md.append(f"  - {metric} undefined: {reason}")
             for level, m in (res.get("aggregated") or {}).items():

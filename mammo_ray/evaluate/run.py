@@ -75,6 +75,21 @@ def _split_arrays(folder: str, split: str):
     return arrays, meta
 
 
+def per_image_groups_reason(groups: list | None, *, min_images: int = 10) -> str | None:
+    """A warning when the patient keys look per image: every key holds one image in a set of
+    ``min_images`` or more. CBIS-style DICOM headers put one PatientID on each image
+    (``Mass-Test_P_00173_LEFT_CC``), so "patients resampled" would resample images and the
+    breast and exam aggregates would equal the image ones."""
+    if not groups or len(groups) < min_images:
+        return None
+    keys = [g for g in groups if g is not None]
+    if len(keys) < min_images or len(set(keys)) < len(keys):
+        return None
+    return (f"every one of the {len(keys)} patient keys holds a single image: they look per-image (CBIS-style "
+            "PatientIDs), so the bootstrap resamples images and breast/exam results equal image ones; give a "
+            "manifest with a patient_id column that names patients")
+
+
 def _set_result(labels: np.ndarray, scores: np.ndarray, groups: list, meta: list[dict], *, threshold: float,
                 n_boot: int, seed: int) -> dict[str, Any]:
     from mammo_ray.evaluate.metrics import aggregate, evaluate_set
@@ -84,6 +99,11 @@ def _set_result(labels: np.ndarray, scores: np.ndarray, groups: list, meta: list
                                           "scores written, metrics skipped", "n": int(len(labels))}
     groups_or_none = groups if any(g is not None for g in groups) else None
     res = evaluate_set(labels, scores, threshold=threshold, groups=groups_or_none, n_boot=n_boot, seed=seed)
+    if res.get("small_sample"):
+        logger.warning("%s", res["small_sample"])
+    res["grouping_warning"] = per_image_groups_reason(groups_or_none)
+    if res["grouping_warning"]:
+        logger.warning("%s", res["grouping_warning"])
     levels = {}
     if groups_or_none and any(m.get("laterality") for m in meta):
         breast_keys = [(g, m.get("laterality")) if g is not None and m.get("laterality") else None
@@ -125,7 +145,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
     sets: dict[str, dict[str, Any]] = {}
     sources = [("test", data, "test", "training data's test split")]
     for path in externals:
-        name = "external-" + os.path.basename(os.path.normpath(path))
+        name = external_set_name(path)
         folder, how = prepare_external(path, spec, out, name)
         split = "external" if split_files(folder, "external") else next(s for s in SPLIT_DIRS if split_files(folder, s))
         sources.append((name, folder, split, how))
@@ -146,6 +166,19 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
     return {"checkpoint": ckpt, "tag": tag, "backbone": state["backbone"], "freeze_ratio": state["freeze_ratio"],
             "epoch": state["epoch"], "train_metrics": state["metrics"], "spec": state["spec"],
             "threshold": {**thr, "chosen_on": "val", "n_val": int(len(val))}, "sets": sets, "notes": notes}
+
+
+def external_set_name(path: str) -> str:
+    """``external-<name>``: a folder's own name; a manifest is named after its folder
+    (``films/labels.csv`` -> ``external-films``), not after the CSV (``external-labels.csv``)."""
+    norm = os.path.normpath(path.rstrip("/"))
+    base = os.path.basename(norm)
+    if base.lower().endswith(".csv"):
+        folder = os.path.basename(os.path.dirname(norm))
+        stem = base[:-4]
+        base = folder if stem.lower() in ("labels", "manifest", "index", "images") and folder else (
+            f"{folder}-{stem}" if folder else stem)
+    return "external-" + base
 
 
 def _checkpoint_tag(state: dict[str, Any], path: str) -> str:

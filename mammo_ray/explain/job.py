@@ -629,10 +629,13 @@ def _check_layer(state: dict, layer: str, method: str) -> None:
                          f"({type(exc).__name__}: {exc})".splitlines()[0]) from exc
 
 
-def contact_sheet(out: str, scores: pd.DataFrame, *, n: int = 16, cols: int = 4, tile: int = 256) -> int:
-    """``overview.png``: the ``n`` highest-scoring overlays, captioned with their probability."""
+def contact_sheet(out: str, scores: pd.DataFrame, *, n: int = 16, cols: int = 4, tile: int = 256,
+                  annotations: dict[str, list[dict]] | None = None) -> int:
+    """``overview.png``: the ``n`` highest-scoring overlays, captioned with the probability, the
+    label when known and the source file's name, with the annotated lesions outlined (green)."""
     import cv2
 
+    names = {0: "benign", 1: "malignant"}
     top = scores.sort_values(["probability", "image_id"], ascending=[False, True]).head(n)
     tiles = []
     for r in top.itertuples():
@@ -641,13 +644,24 @@ def contact_sheet(out: str, scores: pd.DataFrame, *, n: int = 16, cols: int = 4,
         except OSError:
             logger.warning("overview: overlay %s is missing", r.overlay_path)
             continue
+        lesions = (annotations or {}).get(r.image_id) or []
+        if lesions and getattr(r, "orig_height", 0):
+            try:  # outlines at the overlay's scale of the source
+                ring = lesion_mask(img.shape[:2], img.shape[0] / float(r.orig_height), lesions).astype(np.uint8)
+                contours, _ = cv2.findContours(ring, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+                cv2.drawContours(img, contours, -1, (0, 255, 0), max(1, img.shape[0] // 200), cv2.LINE_AA)
+            except Exception:  # an unreadable mask file: the tile goes without its outline
+                logger.warning("overview: lesion outline of %s not drawn", r.image_id, exc_info=True)
         f = tile / max(img.shape[:2])
         img = cv2.resize(img, (max(1, round(img.shape[1] * f)), max(1, round(img.shape[0] * f))), interpolation=cv2.INTER_AREA)
         canvas = np.zeros((tile, tile, 3), np.uint8)
         y0, x0 = (tile - img.shape[0]) // 2, (tile - img.shape[1]) // 2
         canvas[y0:y0 + img.shape[0], x0:x0 + img.shape[1]] = img
-        cv2.putText(canvas, f"p={r.probability:.2f} {r.image_id[:8]}", (4, tile - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                    (255, 255, 255), 1, cv2.LINE_AA)
+        name = posixpath.basename(str(getattr(r, "source_path", "") or r.image_id))
+        label = names.get(int(r.label), "")
+        for k, text in enumerate((f"p={r.probability:.2f} {label}".strip(), name[:34])):
+            cv2.putText(canvas, text, (4, tile - 26 + 16 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (255, 255, 255), 1,
+                        cv2.LINE_AA)
         tiles.append(canvas)
     if not tiles:
         return 0
@@ -781,7 +795,8 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
     # ---- the accounting: every input has exactly one score row or one error
     # only a resume can meet rows a dying run was still writing; in a fresh run a duplicate is a bug
     deduplicated = dedupe_parts(out) if resumed else 0
-    scores = read_parts(out, SCORES, ["image_id", "label", "probability", "predicted", "overlay_path", "pointing_hit",
+    scores = read_parts(out, SCORES, ["image_id", "source_path", "label", "orig_height", "probability", "predicted",
+                                      "overlay_path", "pointing_hit",
                                       "energy_inside", "lesion_area_fraction", "cam_peak_in_breast",
                                       "pointing_hit_in_breast", "lesion_area_fraction_in_breast"])
     part_errors = read_parts(out, ERROR_PARTS, ["image_id", "path", "reason"])
@@ -800,7 +815,7 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
         missing = set()
     write_errors(out, errors)
     if len(scores):
-        contact_sheet(out, scores, n=opts.top_n)
+        contact_sheet(out, scores, n=opts.top_n, annotations=annotations)
     seconds = time.perf_counter() - t0
     processed = len(status)
     summary = {

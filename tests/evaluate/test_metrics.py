@@ -409,3 +409,34 @@ def test_evaluate_set_one_class_and_no_bootstrap():
     assert res["metrics"]["roc_auc"] is None and "one class" in res["undefined"]["roc_auc"]
     with pytest.raises(ValueError, match="n_boot"):
         evaluate_set([0, 1], [0.1, 0.9], threshold=0.5, n_boot=-1)
+
+
+def test_small_sets_are_marked_unreliable():
+    """8 images with 2 positives reported 'AUC 1.000 [1.000, 1.000]' as if it were a finding."""
+    from mammo_ray.evaluate.metrics import MIN_PER_CLASS, evaluate_set
+    from mammo_ray.evaluate.report import _fmt
+
+    small = evaluate_set([0, 0, 0, 0, 0, 0, 1, 1], [0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.8, 0.9], threshold=0.5, n_boot=200)
+    assert small["metrics"]["roc_auc"] == 1.0
+    assert small["small_sample"].startswith("unreliable: 2 positive(s) and 6 negative(s)")
+    assert _fmt(small, "roc_auc").endswith("(unreliable: small n)")
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(MIN_PER_CLASS), np.ones(MIN_PER_CLASS)].astype(int)
+    enough = evaluate_set(y, rng.random(len(y)), threshold=0.5, n_boot=50)
+    assert enough["small_sample"] is None and "unreliable" not in _fmt(enough, "roc_auc")
+
+
+def test_per_image_patient_keys_are_warned_about():
+    from mammo_ray.evaluate.run import per_image_groups_reason
+
+    assert "look per-image" in per_image_groups_reason([f"P_{i:05d}_LEFT_CC" for i in range(40)])
+    assert per_image_groups_reason([f"p{i // 2}" for i in range(40)]) is None  # two images per patient
+    assert per_image_groups_reason(None) is None and per_image_groups_reason(["a", "b"]) is None
+
+
+def test_external_sets_are_named_after_their_folder():
+    from mammo_ray.evaluate.run import external_set_name
+
+    assert external_set_name("/data/mini-mias/labels.csv") == "external-mini-mias"
+    assert external_set_name("/data/mini-mias/benign-only.csv") == "external-mini-mias-benign-only"
+    assert external_set_name("/data/films/") == "external-films"

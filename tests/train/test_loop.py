@@ -1,6 +1,8 @@
 """The training loop on phantoms: learns, checkpoints, resumes, refuses bad input early."""
 from __future__ import annotations
 
+import re
+
 import json
 import pickle
 import time
@@ -122,4 +124,5 @@ def test_lr_find_suggests_ordered_bounds_and_plots(train_data_dir, tmp_path, cap
     assert 0 < result["suggested_base_lr"] < result["suggested_max_lr"] < 1.0
     assert len(result["lrs"]) <= 30 and np.all(np.diff(result["lrs"]) > 0)
     assert (tmp_path / "lr_find.png").stat().st_size > 10_000
-    assert "suggested --base-lr" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "suggested --base-lr" in printed and re.search(r"--lr-bounds \S+e-\d+:\S+e-\d+ \(tune\)", printed), printed
