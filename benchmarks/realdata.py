@@ -93,7 +93,7 @@ def main(args) -> dict:
     work = os.path.join(out, "work")
     base_lr, max_lr = (float(x) for x in args.lr.split(":"))
     if args.smoke_test:
-        args.size, args.epochs, args.freeze_ratios, args.batch_size = 64, 1, [0.0, 1.0], 16
+        args.size, args.epochs, args.freeze_ratios, args.batch_size = 64, 1, [1.0], 16
         data_manifest, film_labels, film_dir = smoke_inputs(work)
         annotations, explain_input = film_labels, film_dir
     else:

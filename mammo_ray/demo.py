@@ -32,7 +32,7 @@ DEMO_MARKER = ".mammo-ray-demo"
 # train defaults' AdamW and cyclic LR 1e-4..1e-3 (what benchmarks/realdata.py found best).
 LAPTOP_SWEEP = SweepConfig(
     backbones=("efficientnet_lite0",), freeze_ratios=(0.0, 0.25, 0.5, 0.75), lr_bounds=((1e-4, 1e-3),),
-    clr_modes=("triangular",), epochs=3, batch_size=32, cpus_per_trial=1, max_failures=2,
+    clr_modes=("triangular",), epochs=2, batch_size=32, cpus_per_trial=1, max_failures=2,
     train={"pretrained": "imagenet", "optimizer": "adamw", "step_size_epochs": 1, "patience": 0})
 # The paper's configuration; equal to jobs/sweep-paper.yaml (a test keeps them together).
 PAPER_SWEEP = SweepConfig(

@@ -30,7 +30,7 @@ def test_preprocess_shards_across_both_workers(ray_cluster, phantom_dir, tmp_pat
 def test_explain_spreads_over_both_workers(ray_cluster, phantom_dir, trained_checkpoint, tmp_path):
     _, workers = ray_cluster
     summary = run_explain([str(phantom_dir)], str(trained_checkpoint), str(tmp_path / "out"),
-                          ExplainOptions(workers=2, batch_size=4, preview_size=64))
+                          ExplainOptions(workers=2, batch_size=8, preview_size=64))
     assert summary["balanced"] and summary["rows"] == 60
     ids = {w.node_id for w in workers}
     assert set(summary["cam_nodes"]) == ids, summary["cam_nodes"]

@@ -30,11 +30,26 @@ def _plain(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _val_auc(ck: dict[str, Any]) -> float | None:
+    value = (ck.get("train_metrics") or {}).get("val_auc")
+    return None if value is None or value != value else float(value)  # NaN: undefined
+
+
+def chosen_by_val(report: dict[str, Any]) -> str | None:
+    """The tag of the checkpoint with the best val AUC: the one to report (test never chooses)."""
+    scored = [(v, ck["tag"]) for ck in report["checkpoints"] if (v := _val_auc(ck)) is not None]
+    return max(scored)[1] if scored else None
+
+
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per checkpoint x set, sorted by backbone then freezing ratio; the checkpoint
+    chosen by val AUC is starred."""
+    chosen = chosen_by_val(report)
     rows = []
-    for ck in report["checkpoints"]:
+    for ck in sorted(report["checkpoints"], key=lambda c: (c["backbone"], float(c["freeze_ratio"]), c["tag"])):
         for name, res in ck["sets"].items():
-            rows.append([ck["backbone"], f"{ck['freeze_ratio']:g}", name, str(res.get("n", "")),
+            rows.append([ck["backbone"] + (" *" if ck["tag"] == chosen else ""), f"{ck['freeze_ratio']:g}",
+                         _plain(_val_auc(ck)), name, str(res.get("n", "")),
                          *[_fmt(res, k) for k, _ in TABLE_METRICS]])
     return rows
 
@@ -57,12 +72,13 @@ def write_report(report: dict[str, Any], out: str) -> None:
     figs = figures(report)
     for name, data in figs.items():
         mio.write_bytes(mio.join(out, "figures", name), data)
-    header = ["backbone", "freezing", "set", "n", *[label for _, label in TABLE_METRICS]]
+    header = ["backbone", "freezing", "val AUC", "set", "n", *[label for _, label in TABLE_METRICS]]
     rows = table_rows(report)
     md = ["# Evaluation report", "",
           "Values are point estimates with 95% bootstrap confidence intervals "
           "(patients resampled when patient ids exist). The decision threshold of each checkpoint "
-          "was chosen on the validation split and applied unchanged to every set.", "",
+          "was chosen on the validation split and applied unchanged to every set. * marks the checkpoint "
+          "with the best val AUC, the one to report: test never chooses.", "",
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     for ck in report["checkpoints"]:
@@ -102,7 +118,7 @@ def render_html(report: dict[str, Any], header: list[str], rows: list[list[str]]
              "img{max-width:480px;margin:6px}</style></head><body>",
              "<h1>Evaluation report</h1>",
              "<p>95% bootstrap confidence intervals (patients resampled when patient ids exist); "
-             "thresholds chosen on validation, never on test.</p>",
+             "thresholds chosen on validation, never on test; * marks the checkpoint with the best val AUC.</p>",
              "<table id='paper-table'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
     parts.append("</table>")

@@ -827,7 +827,8 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainOptio
         "threshold": threshold, "threshold_source": threshold_source,
         "predicted_malignant": int(scores["predicted"].sum()),
         # a peak on a removed label, film edge or the padding: the map explains no anatomy
-        "cam_peaks_outside_breast": int((scores["cam_peak_in_breast"] == False).sum()),  # noqa: E712 (nullable) "cam_nodes": dict(Counter(status["node_id"])) if processed else {},
+        "cam_peaks_outside_breast": int((scores["cam_peak_in_breast"] == False).sum()),  # noqa: E712 (nullable)
+        "cam_nodes": dict(Counter(status["node_id"])) if processed else {},
         "preprocess_nodes": dict(Counter(status["prep_node_id"])) if processed else {},
         "seconds": round(seconds, 3),
         "images_per_second": round(processed / job_seconds, 2) if processed and job_seconds > 0 else None,

@@ -28,7 +28,9 @@ def test_real_set_patient_split_and_inversion(ray_local, tmp_path):
     assert len(merged) == 3383
     # 19 patients have images in both classes: grouping must still keep each patient in one split
     assert (merged.groupby("source_patient_id")["split"].nunique() == 1).all()
-    # the bright-background (inverted) images are found and re-inverted
-    agree = (merged["bright_background"] == merged["inverted"]).mean()
-    assert agree > 0.99, agree
-    assert summary["inverted_fixed"] == int(merged["inverted"].sum())
+    # every bright-background image is found and re-inverted, and no other (the border-median
+    # rule this replaced agreed on 99.x%); uncertain margins are few and counted
+    wrong = merged[merged["bright_background"] != merged["inverted"]]
+    assert wrong.empty, wrong[["path", "bright_background", "inverted"]].head()
+    assert summary["inverted_fixed"] == int(merged["inverted"].sum()) == 550
+    assert summary["inversion_warnings"] <= 10, summary["inversion_warnings"]

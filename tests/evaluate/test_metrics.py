@@ -440,3 +440,17 @@ def test_external_sets_are_named_after_their_folder():
     assert external_set_name("/data/mini-mias/labels.csv") == "external-mini-mias"
     assert external_set_name("/data/mini-mias/benign-only.csv") == "external-mini-mias-benign-only"
     assert external_set_name("/data/films/") == "external-films"
+
+
+def test_report_table_sorts_by_backbone_and_ratio_and_stars_the_val_choice():
+    from mammo_ray.evaluate.report import table_rows
+
+    def ck(tag, backbone, ratio, val):
+        res = {"n": 10, "metrics": {"roc_auc": 0.7}, "ci": None}
+        return {"tag": tag, "backbone": backbone, "freeze_ratio": ratio, "train_metrics": {"val_auc": val},
+                "sets": {"test": res}}
+
+    report = {"checkpoints": [ck("b", "vgg19", 0.0, 0.61), ck("c", "resnet50", 0.5, 0.70), ck("a", "resnet50", 0.0, 0.65)]}
+    rows = table_rows(report)
+    assert [(r[0], r[1], r[2]) for r in rows] == [("resnet50", "0", "0.650"), ("resnet50 *", "0.5", "0.700"),
+                                                   ("vgg19", "0", "0.610")]
