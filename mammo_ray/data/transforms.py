@@ -250,7 +250,7 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray,
     if inverted:
         img = invert(img)
     # the mask is found at thumbnail resolution: flip side and box scale up exactly
-    use_mask = getattr(spec, "mask", False)
+    use_mask = spec.mask
     mask, bright_removed = (_thumbnail_mask(img, with_bright=True) if (spec.crop or use_mask or spec.orientation != "none")
                             else (None, 0.0))
     flipped = mask is not None and needs_flip(mask, spec.orientation)
