@@ -210,10 +210,8 @@ def _lr_pair(text: str) -> tuple[float, float]:
 
 
 def _add_tune(sub) -> None:
-    from mammo_ray.config import CLR_MODES, SCHEDULERS
+    from mammo_ray.config import CLR_MODES, OPTIMIZERS, PRETRAINED, SCHEDULERS, SweepConfig, TrainConfig
     from mammo_ray.models.registry import list_backbones
-
-    from mammo_ray.config import OPTIMIZERS, PRETRAINED, SweepConfig, TrainConfig
 
     d, t = SweepConfig(), TrainConfig()
     p = sub.add_parser("tune", help="Ray Tune sweep over backbone x freezing ratio x cyclic-LR bounds")

@@ -42,7 +42,7 @@ from mammo_ray.resources import (RESERVED_SOURCE_PIXELS, TASK_RETRIES, check_fit
 logger = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ("image_id", "path", "split", "label", "status", "reason", "warning", "inverted",
-                  "node_id", "seconds")
+                  "inversion_uncertain", "node_id", "seconds")
 
 
 class OutputExistsError(ValueError):
@@ -66,7 +66,8 @@ def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = Fals
     array, not a Parquet column) for overlays drawn at the source geometry.
     """
     status = {"image_id": rec["image_id"], "path": rec["path"], "split": rec["split"],
-              "label": int(rec["label"]), "status": "error", "reason": "", "warning": "", "inverted": False}
+              "label": int(rec["label"]), "status": "error", "reason": "", "warning": "", "inverted": False,
+              "inversion_uncertain": False}
     t0 = time.perf_counter()
     try:
         data = mio.read_bytes(rec["path"])
@@ -92,7 +93,8 @@ def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = Fals
         status["reason"] = f"preprocessing failed: {describe_exception(exc)}"
         return None, status
     notes = list(dec.warnings)
-    if geom["inversion_margin"] is not None and abs(geom["inversion_margin"]) < INVERSION_WARN_MARGIN:
+    uncertain = geom["inversion_margin"] is not None and abs(geom["inversion_margin"]) < INVERSION_WARN_MARGIN
+    if uncertain:
         notes.append(f"inversion uncertain (margin {geom['inversion_margin']:+.2f}; "
                      f"{'inverted' if geom['inverted'] else 'kept'}): check the image, or set invert: never")
     warning = "; ".join(notes)
@@ -106,7 +108,8 @@ def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = Fals
     }
     if keep_source:
         row["source_pixels"] = dec.pixels
-    status.update(status="ok", warning=warning, inverted=geom["inverted"], seconds=time.perf_counter() - t0)
+    status.update(status="ok", warning=warning, inverted=geom["inverted"], inversion_uncertain=uncertain,
+                  seconds=time.perf_counter() - t0)
     return row, status
 
 
@@ -224,7 +227,7 @@ def _summarize(listing: Listing, statuses: pd.DataFrame, cfg: PreprocessConfig, 
         "skipped_while_listing": dict(sorted(listing.skipped.items())),
         "warnings": int((ok["warning"].fillna("") != "").sum()),
         "inverted_fixed": int(ok["inverted"].astype(bool).sum()),
-        "inversion_warnings": int(ok["warning"].fillna("").str.contains("inversion uncertain").sum()),
+        "inversion_warnings": int(ok["inversion_uncertain"].fillna(False).astype(bool).sum()),
         "nodes": {k: int(v) for k, v in Counter(statuses["node_id"]).items()},
         "seconds": round(seconds, 3), "images_per_second": round(len(statuses) / seconds, 2) if seconds > 0 else None,
         "external": cfg.external,
@@ -253,7 +256,8 @@ def _account_lost(records: list[dict], statuses: pd.DataFrame, out: str) -> pd.D
         if rec["image_id"] in reported:
             continue
         row = {"image_id": rec["image_id"], "path": rec["path"], "split": rec["split"], "label": int(rec["label"]),
-               "status": "ok", "reason": "", "warning": "", "inverted": False, "node_id": "lost", "seconds": np.nan}
+               "status": "ok", "reason": "", "warning": "", "inverted": False, "inversion_uncertain": False,
+               "node_id": "lost", "seconds": np.nan}
         if rec["image_id"] not in on_disk:
             row.update(status="error", reason=f"its Ray task failed (a dying worker, e.g. killed for memory, is retried "
                                               f"{TASK_RETRIES} times; an error in the task is in the Ray logs): "

@@ -92,11 +92,13 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return (padded[1:-1, 1:-1] != 2)
 
 
-def _thumbnail_mask(img: np.ndarray, *, with_bright: bool = False):
+def _thumbnail_mask(img: np.ndarray) -> tuple[np.ndarray, float]:
+    """The breast on a 256-px thumbnail, and the share of the thumbnail that is bright but not
+    breast (labels, letters, markers, film edges)."""
     thumb, _ = _thumbnail(img, 256)
     t8 = _to_uint8(thumb)
     if int(t8.max()) == int(t8.min()):
-        return (np.ones(thumb.shape, bool), 0.0) if with_bright else np.ones(thumb.shape, bool)
+        return np.ones(thumb.shape, bool), 0.0
     t8 = cv2.GaussianBlur(t8, (5, 5), 0)
     otsu, _ = cv2.threshold(t8, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     # Otsu separates the two largest intensity modes; with a bright pectoral muscle or
@@ -111,12 +113,9 @@ def _thumbnail_mask(img: np.ndarray, *, with_bright: bool = False):
     binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     if n <= 1:
-        return (np.ones(thumb.shape, bool), 0.0) if with_bright else np.ones(thumb.shape, bool)
+        return np.ones(thumb.shape, bool), 0.0
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     mask = _fill_holes(labels == largest)
-    if not with_bright:
-        return mask
-    # bright pixels that are not breast: labels, letters, markers, film edges (share of the image)
     return mask, float(((t8 > level) & ~mask).mean())
 
 
@@ -127,7 +126,7 @@ def breast_mask(img: np.ndarray) -> np.ndarray:
     regions inside the breast (holes of the thresholded component) are kept.
     Returns an all-True mask for a constant image (nothing to separate).
     """
-    small = _thumbnail_mask(img).astype(np.uint8)
+    small = _thumbnail_mask(img)[0].astype(np.uint8)
     return cv2.resize(small, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
@@ -251,7 +250,7 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray,
         img = invert(img)
     # the mask is found at thumbnail resolution: flip side and box scale up exactly
     use_mask = spec.mask
-    mask, bright_removed = (_thumbnail_mask(img, with_bright=True) if (spec.crop or use_mask or spec.orientation != "none")
+    mask, bright_removed = (_thumbnail_mask(img) if (spec.crop or use_mask or spec.orientation != "none")
                             else (None, 0.0))
     flipped = mask is not None and needs_flip(mask, spec.orientation)
     if flipped:
