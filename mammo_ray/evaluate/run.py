@@ -49,19 +49,39 @@ def _check_spec(folder: str, spec, ckpt: str, allow_mismatch: bool) -> str | Non
     return message
 
 
-def prepare_external(path: str, spec, out: str, name: str) -> tuple[str, str]:
+def prepare_external(path: str, spec, out: str, name: str,
+                     cache: dict[tuple[str, str], str] | None = None) -> tuple[str, str]:
     """An external set as a Parquet folder made with ``spec``: used as is when it already is
-    one (checked later), otherwise preprocessed now into ``out/preprocessed/<name>``."""
+    one (checked later), otherwise preprocessed into ``out/preprocessed/<name>`` (the first
+    spec) or ``<name>-<spec hash>`` (another spec). ``cache`` maps (path, spec) to what this
+    run already preprocessed, so a sweep's checkpoints, which share one spec, preprocess each
+    external set once, not once per checkpoint."""
     if mio.is_dir(path) and _has_parquet(path):
         return path, "preprocessed folder"
     from mammo_ray.data.pipeline import run_preprocess
 
+    how = "preprocessed here with the checkpoint's spec"
+    cache = {} if cache is None else cache
+    key = (path, spec_digest(spec))
+    if key in cache:
+        return cache[key], how
+    taken = set(cache.values())
     dest = mio.join(out, "preprocessed", name)
+    if dest in taken:
+        dest = f"{dest}-{key[1]}"
     cfg = PreprocessConfig(spec=spec, external=True)
     summary = run_preprocess([path], dest, cfg, overwrite=True)
     if summary["rows"] == 0:
         raise ValueError(f"--external {path}: no image could be preprocessed (see {dest}/errors.csv)")
-    return dest, "preprocessed here with the checkpoint's spec"
+    cache[key] = dest
+    return dest, how
+
+
+def spec_digest(spec) -> str:
+    """A short, stable name for a preprocessing spec (its fields as sorted JSON)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _split_arrays(folder: str, split: str):
@@ -119,12 +139,14 @@ def _set_result(labels: np.ndarray, scores: np.ndarray, groups: list, meta: list
 
 def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str, threshold_method: str = "youden",
                         target_sensitivity: float = 0.9, allow_spec_mismatch: bool = False, n_boot: int = 1000,
-                        seed: int = 0, batch_size: int = 64, distributed: str = "auto") -> dict[str, Any]:
-    """Scores, threshold (on val) and metrics of one checkpoint on test and every external set."""
+                        seed: int = 0, batch_size: int = 64, distributed: str = "auto",
+                        prepared: dict[tuple[str, str], str] | None = None) -> dict[str, Any]:
+    """Scores, threshold (on val) and metrics of one checkpoint on test and every external set.
+    ``prepared``: external sets already preprocessed by this run, by (path, spec digest)."""
     import torch
 
     from mammo_ray.evaluate.inference import score_split
-    from mammo_ray.evaluate.metrics import choose_threshold
+    from mammo_ray.metrics import choose_threshold
     from mammo_ray.train.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
     from mammo_ray.train.loop import predict, resolve_device
 
@@ -146,7 +168,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
     sources = [("test", data, "test", "training data's test split")]
     for path in externals:
         name = external_set_name(path)
-        folder, how = prepare_external(path, spec, out, name)
+        folder, how = prepare_external(path, spec, out, name, prepared)
         split = "external" if split_files(folder, "external") else next(s for s in SPLIT_DIRS if split_files(folder, s))
         sources.append((name, folder, split, how))
     tag = _checkpoint_tag(state, ckpt)
@@ -212,7 +234,9 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
     check_out_location(out, folders=[data, *(e for e in externals if mio.is_dir(e))],
                        files=[e for e in externals if not mio.is_dir(e)])
     mio.makedirs(out)
-    results = [evaluate_checkpoint(c, data=data, externals=externals, out=out, **kwargs) for c in checkpoints]
+    prepared: dict[tuple[str, str], str] = {}  # each external set preprocessed once per spec
+    results = [evaluate_checkpoint(c, data=data, externals=externals, out=out, prepared=prepared, **kwargs)
+               for c in checkpoints]
     report = {"data": data, "externals": externals, "checkpoints": results}
     mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(report, indent=2, default=_json_default).encode())
     write_report(report, out)

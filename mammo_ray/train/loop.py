@@ -157,19 +157,18 @@ def predict(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
-    """Loss-free validation metrics; AUC is None when only one class is present (undefined)."""
-    from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+    """Loss-free validation metrics, by the same definitions evaluation uses (``mammo_ray.metrics``):
+    an undefined value (AUC with one class, precision with no positive prediction) is None,
+    not 0. ``val_auc_low``/``val_auc_high``: DeLong's 95% interval (images as independent)."""
+    from mammo_ray.metrics import binary_metrics as set_metrics, choose_threshold, delong_auc_ci
 
-    from mammo_ray.evaluate.metrics import choose_threshold
-
-    auc = float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else None
-    pred = (probs >= 0.5).astype(int)
+    m = set_metrics(labels, probs, threshold=0.5)
+    ci = delong_auc_ci(labels, probs) or {}
     # the Youden threshold on val travels in the checkpoint: explain's predicted labels use it
-    return {"val_auc": auc, "val_threshold": float(choose_threshold(labels, probs)["threshold"]),
-            "val_accuracy": float((pred == labels).mean()),
-            "val_precision": float(precision_score(labels, pred, zero_division=0)),
-            "val_recall": float(recall_score(labels, pred, zero_division=0)),
-            "val_f1": float(f1_score(labels, pred, zero_division=0))}
+    return {"val_auc": m["roc_auc"], "val_auc_low": ci.get("low"), "val_auc_high": ci.get("high"),
+            "val_threshold": float(choose_threshold(labels, probs)["threshold"]),
+            "val_accuracy": m["accuracy"], "val_precision": m["precision"], "val_recall": m["recall"],
+            "val_f1": m["f1"]}
 
 
 def evaluate(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec, device: torch.device,

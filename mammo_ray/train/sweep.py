@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from typing import Any
 
+import numpy as np
 import yaml
 
 from mammo_ray import io as mio
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 EXPERIMENT = "sweep"
 RESULT_FIELDS = ("trial_id", "backbone", "freeze_ratio", "base_lr", "max_lr", "clr_mode", "status", "epochs_run",
-                 "best_epoch", "val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_loss",
+                 "best_epoch", "val_auc", "val_auc_low", "val_auc_high", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_loss",
                  "time_s", "restored", "node_id", "checkpoint")
 
 
@@ -107,17 +108,35 @@ def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, An
         resume = os.path.join(work, "last.pt")
         logger.info("trial restored from its checkpoint (epoch in %s)", resume)
 
+    # the trial's best val AUC so far is what Tune ranks ("Current best trial" on the console,
+    # ASHA's rungs): the last epoch's AUC would rank a trial by where its LR cycle happens to be
+    best_auc = [_restored_best_auc(work)]
+
     def on_epoch(metrics: dict[str, Any], out: str | None) -> None:
+        auc = metrics.get("val_auc")
+        if auc is not None and not _isnan(auc) and (best_auc[0] is None or auc > best_auc[0]):
+            best_auc[0] = float(auc)
         # fit() has just written last.pt/best.pt into `out`: Tune persists that folder as the
         # epoch's checkpoint (one copy, into the storage path; no staging copy of our own)
-        tune.report(_finite({**metrics, "restored": resume is not None, "node_id": node_id}),
-                    checkpoint=tune.Checkpoint.from_directory(out))
+        tune.report(_finite({**metrics, "best_val_auc": best_auc[0], "restored": resume is not None,
+                             "node_id": node_id}), checkpoint=tune.Checkpoint.from_directory(out))
 
     try:
         fit(cfg, spec, train, val, out=work, resume=resume, on_epoch=on_epoch,
             initial_state=(start_weights or {}).get(cfg.backbone))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _restored_best_auc(work: str) -> float | None:
+    """The val AUC of a restored trial's best epoch (None for a fresh trial)."""
+    from mammo_ray.train.checkpoint import load_checkpoint
+
+    path = os.path.join(work, "best.pt")
+    if not os.path.exists(path):
+        return None
+    auc = (load_checkpoint(path).get("metrics") or {}).get("val_auc")
+    return None if auc is None or _isnan(auc) else float(auc)
 
 
 def check_resources(sweep: SweepConfig) -> None:
@@ -148,7 +167,6 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
     Raises:
         ValueError: bad data, a resume path without a sweep, trials larger than any node.
     """
-    import ray
     from ray import tune
 
     from mammo_ray.outputs import check_out_location
@@ -185,7 +203,7 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
                                       grace_period=min(sweep.grace_period, sweep.epochs), reduction_factor=2)
         tuner = tune.Tuner(
             trainable, param_space=param_space(sweep),
-            tune_config=tune.TuneConfig(metric="val_auc", mode="max", num_samples=sweep.num_samples,
+            tune_config=tune.TuneConfig(metric="best_val_auc", mode="max", num_samples=sweep.num_samples,
                                         scheduler=scheduler),
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=storage_path(out), verbose=1,
@@ -251,7 +269,8 @@ def write_outputs(grid, out: str, sweep: SweepConfig) -> dict[str, Any]:
             "base_lr": base_lr, "max_lr": max_lr, "clr_mode": config.get("clr_mode"),
             "status": "ERROR" if result.error else "TERMINATED",
             "epochs_run": metrics.get("training_iteration"), "best_epoch": (state or {}).get("epoch"),
-            **{k: best.get(k) for k in ("val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_loss")},
+            **{k: best.get(k) for k in ("val_auc", "val_auc_low", "val_auc_high", "val_accuracy", "val_precision",
+                                         "val_recall", "val_f1", "val_loss")},
             "time_s": metrics.get("time_total_s"), "restored": bool(metrics.get("restored", False)),
             "node_id": metrics.get("node_id"), "checkpoint": local,
         })
@@ -267,10 +286,14 @@ def write_outputs(grid, out: str, sweep: SweepConfig) -> dict[str, Any]:
         _copy_checkpoint(overall["checkpoint"], mio.join(out, "best", "overall", "checkpoint.pt"))
     public = [{k: r[k] for k in RESULT_FIELDS if k != "checkpoint"} for r in rows]
     _write_csv(mio.join(out, "results.csv"), public)
-    mio.write_bytes(mio.join(out, "table.md"), table_markdown(table_rows).encode())
+    overlap = best_vs_rest(table_rows)
+    if overlap:
+        logger.info("%s", overlap["statement"])
+    mio.write_bytes(mio.join(out, "table.md"), table_markdown(table_rows, overlap).encode())
     plot_auc_vs_freezing(rows, mio.join(out, "auc_vs_freezing.png"))
     summary = {"trials": len(rows), "errors": sum(r["status"] == "ERROR" for r in rows),
-               "best": {k: overall[k] for k in RESULT_FIELDS if k != "checkpoint"} if overall else None}
+               "best": {k: overall[k] for k in RESULT_FIELDS if k != "checkpoint"} if overall else None,
+               "best_vs_rest": overlap}
     mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2, default=str).encode())
     for local in files.values():
         if local:
@@ -298,18 +321,53 @@ def _group_best(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[
     return table, best
 
 
-def table_markdown(rows: list[dict[str, Any]]) -> str:
-    """The paper's table: per backbone x freezing ratio, the best trial's validation metrics."""
-    lines = ["| backbone | freezing ratio | val AUC | accuracy | precision | recall | F1 | LR bounds | trial |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def _cell(x: Any, fmt: str = ".4f") -> str:
+    return "n/a" if x is None or _isnan(x) or x == "" else format(float(x), fmt)
+
+
+def table_markdown(rows: list[dict[str, Any]], overlap: dict[str, Any] | None = None) -> str:
+    """The paper's table: per backbone x freezing ratio, the best trial's validation metrics,
+    with DeLong's 95% interval of the val AUC, and what the intervals say about the ranking."""
+    lines = ["| backbone | freezing ratio | val AUC | 95% CI (DeLong) | accuracy | precision | recall | F1 | LR bounds | trial |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("trial_id") is None:
-            lines.append(f"| {r['backbone']} | {r['freeze_ratio']:g} | n/a | | | | | | no finished trial |")
+            lines.append(f"| {r['backbone']} | {r['freeze_ratio']:g} | n/a | | | | | | | no finished trial |")
             continue
-        lines.append(f"| {r['backbone']} | {float(r['freeze_ratio']):g} | {r['val_auc']:.4f} | {r['val_accuracy']:.4f} | "
-                     f"{r['val_precision']:.4f} | {r['val_recall']:.4f} | {r['val_f1']:.4f} | "
-                     f"{float(r['base_lr']):.1e}-{float(r['max_lr']):.1e} | {r['trial_id']} |")
-    return "\n".join(lines) + "\n"
+        ci = (f"[{_cell(r.get('val_auc_low'), '.3f')}, {_cell(r.get('val_auc_high'), '.3f')}]"
+              if r.get("val_auc_low") is not None else "n/a")
+        lines.append(f"| {r['backbone']} | {float(r['freeze_ratio']):g} | {_cell(r['val_auc'])} | {ci} | "
+                     f"{_cell(r['val_accuracy'])} | {_cell(r['val_precision'])} | {_cell(r['val_recall'])} | "
+                     f"{_cell(r['val_f1'])} | {float(r['base_lr']):.1e}-{float(r['max_lr']):.1e} | {r['trial_id']} |")
+    text = "\n".join(lines) + "\n"
+    if overlap and overlap.get("statement"):
+        text += "\n" + overlap["statement"] + "\n"
+    return text
+
+
+def best_vs_rest(table_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Which groups' val AUC intervals overlap the best group's: an overlap means the ranking
+    between them is within noise, and the sweep summary says so."""
+    scored = [r for r in table_rows if r.get("trial_id") is not None and r.get("val_auc") is not None
+              and not _isnan(r["val_auc"])]
+    if len(scored) < 2:
+        return None
+    top = max(scored, key=lambda r: r["val_auc"])
+    name = lambda r: f"{r['backbone']}-r{float(r['freeze_ratio']):g}"  # noqa: E731
+    rest = [r for r in scored if r is not top]
+    if top.get("val_auc_low") is None or any(r.get("val_auc_high") is None for r in rest):
+        return {"best": name(top), "overlapping": None, "separated": None,
+                "statement": "no val AUC interval (one class in val): the ranking cannot be judged"}
+    overlapping = [name(r) for r in rest if r["val_auc_high"] >= top["val_auc_low"]]
+    separated = [name(r) for r in rest if r["val_auc_high"] < top["val_auc_low"]]
+    if overlapping:
+        statement = (f"The best group, {name(top)} (val AUC {top['val_auc']:.3f} [{top['val_auc_low']:.3f}, "
+                     f"{top['val_auc_high']:.3f}]), overlaps {len(overlapping)} of the other {len(rest)} groups' 95% "
+                     f"intervals ({', '.join(overlapping)}): their ranking is within noise.")
+    else:
+        statement = (f"The best group, {name(top)} (val AUC {top['val_auc']:.3f} [{top['val_auc_low']:.3f}, "
+                     f"{top['val_auc_high']:.3f}]), is separated from every other group's 95% interval.")
+    return {"best": name(top), "overlapping": overlapping, "separated": separated, "statement": statement}
 
 
 def _copy_checkpoint(local: str | None, dest: str) -> None:
@@ -336,13 +394,21 @@ def plot_auc_vs_freezing(rows: list[dict[str, Any]], path: str) -> None:
     table, _ = _group_best(rows)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for backbone in sorted({r["backbone"] for r in table}):
-        pts = [(float(r["freeze_ratio"]), r["val_auc"]) for r in table
-               if r["backbone"] == backbone and r.get("trial_id") is not None]
+        pts = sorted((float(r["freeze_ratio"]), r["val_auc"], r.get("val_auc_low"), r.get("val_auc_high"))
+                     for r in table if r["backbone"] == backbone and r.get("trial_id") is not None
+                     and r.get("val_auc") is not None and not _isnan(r["val_auc"]))
         if pts:
-            xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", label=backbone)
+            xs, ys, lo, hi = zip(*pts)
+            # error bars: DeLong's 95% interval (none where it is undefined), so noise is not read as a trend
+            err = np.array([[y - (y if a is None else a) for y, a in zip(ys, lo)],
+                            [(y if b is None else b) - y for y, b in zip(ys, hi)]])
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=backbone)
+    # a fixed [0.5, 1] axis (widened only for AUCs below chance): zooming to the points' range
+    # made a 0.03 spread look like a finding
+    low = min([0.5] + [float(r["val_auc_low"]) for r in table if r.get("val_auc_low") is not None])
+    ax.set_ylim(max(0.0, low - 0.02), 1.0)
     ax.set_xlabel("freezing ratio")
-    ax.set_ylabel("best validation AUC")
+    ax.set_ylabel("best validation AUC (95% CI, DeLong)")
     ax.set_title("Validation AUC against freezing ratio")
     ax.grid(alpha=0.3)
     ax.legend()

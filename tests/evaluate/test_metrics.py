@@ -8,14 +8,12 @@ import time
 import numpy as np
 import pytest
 
-from mammo_ray.evaluate.metrics import (
+from mammo_ray.evaluate.metrics import _replicate_metrics, aggregate, bootstrap_ci, evaluate_set
+from mammo_ray.metrics import (
     METRIC_NAMES,
-    _replicate_metrics,
-    aggregate,
     binary_metrics,
-    bootstrap_ci,
     choose_threshold,
-    evaluate_set,
+    delong_auc_ci,
     expected_calibration_error,
     reliability_curve,
     sensitivity_at_specificity,
@@ -413,7 +411,7 @@ def test_evaluate_set_one_class_and_no_bootstrap():
 
 def test_small_sets_are_marked_unreliable():
     """8 images with 2 positives reported 'AUC 1.000 [1.000, 1.000]' as if it were a finding."""
-    from mammo_ray.evaluate.metrics import MIN_PER_CLASS, evaluate_set
+    from mammo_ray.metrics import MIN_PER_CLASS
     from mammo_ray.evaluate.report import _fmt
 
     small = evaluate_set([0, 0, 0, 0, 0, 0, 1, 1], [0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.8, 0.9], threshold=0.5, n_boot=200)
@@ -454,3 +452,39 @@ def test_report_table_sorts_by_backbone_and_ratio_and_stars_the_val_choice():
     rows = table_rows(report)
     assert [(r[0], r[1], r[2]) for r in rows] == [("resnet50", "0", "0.650"), ("resnet50 *", "0.5", "0.700"),
                                                    ("vgg19", "0", "0.610")]
+
+
+def test_delong_interval_matches_its_definition_and_the_bootstrap():
+    """DeLong's structural components computed pair by pair (ties count 1/2) give the same AUC
+    and variance as the midrank form; the interval's width is close to a bootstrap's."""
+    from sklearn.metrics import roc_auc_score
+
+    y, s = synthetic(300, 3, sep=0.6)
+    s = np.round(s, 2)  # ties
+    pos, neg = s[y == 1], s[y == 0]
+    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+    var = v10.var(ddof=1) / len(pos) + v01.var(ddof=1) / len(neg)
+    ci = delong_auc_ci(y, s)
+    assert ci["auc"] == pytest.approx(roc_auc_score(y, s)) and ci["se"] == pytest.approx(np.sqrt(var))
+    assert ci["low"] == pytest.approx(ci["auc"] - 1.959964 * ci["se"], abs=1e-6)
+    boot = bootstrap_ci(y, s, threshold=0.5, n_boot=2000, seed=1)["roc_auc"]
+    assert (ci["high"] - ci["low"]) == pytest.approx(boot["high"] - boot["low"], rel=0.2)
+    assert delong_auc_ci([0, 0, 1], [0.1, 0.2, 0.9])["high"] == 1.0  # clipped to [0, 1]
+    assert delong_auc_ci([1, 1], [0.2, 0.3]) is None  # one class: undefined, not a number
+
+
+def test_training_reports_evaluations_values_and_undefined_cases():
+    """A sweep's table and the evaluation report cannot disagree on the same scores: training's
+    validation metrics are evaluation's definitions (None where undefined, never 0)."""
+    from mammo_ray.train.loop import binary_metrics as val_metrics
+
+    y, s = synthetic(120, 4)
+    ev, tr = binary_metrics(y, s, threshold=0.5), val_metrics(y, s)
+    for key in ("accuracy", "precision", "recall", "f1"):
+        assert tr[f"val_{key}"] == pytest.approx(ev[key])
+    assert tr["val_auc"] == pytest.approx(ev["roc_auc"])
+    nothing_positive = val_metrics(np.array([0, 1, 0, 1]), np.array([0.1, 0.2, 0.3, 0.4]))
+    assert nothing_positive["val_precision"] is None and nothing_positive["val_recall"] == 0.0
+    one_class = val_metrics(np.array([0, 0, 0]), np.array([0.1, 0.7, 0.3]))
+    assert one_class["val_auc"] is None and one_class["val_auc_low"] is None

@@ -79,6 +79,9 @@ def test_end_to_end_report(ray_local, sweep_dir, train_data_dir, external_raw, t
         from mammo_ray.config import PreprocessSpec, from_mapping
 
         assert read_spec(ext["source"]) == from_mapping(PreprocessSpec, ck["spec"])
+    # both checkpoints share one spec: the external set was preprocessed once, not once each
+    assert len({ck["sets"][f"external-{external_raw.name}"]["source"] for ck in metrics["checkpoints"]}) == 1
+    assert [p.name for p in (out / "preprocessed").iterdir()] == [f"external-{external_raw.name}"]
     figures = list((out / "figures").glob("*.png"))
     assert len(figures) == 2 * (3 + 2)  # per checkpoint: ROC, PR, reliability + 2 confusion matrices
     assert report["checkpoints"][0]["sets"]["test"]["metrics"]["roc_auc"] is not None
@@ -168,6 +171,27 @@ def test_distributed_scoring_matches_in_process(ray_local, sweep_dir, train_data
     remote = score_split(model, arrays, distributed="always", **kw)
     assert remote.shape == local.shape == (len(arrays),)
     np.testing.assert_allclose(remote, local, atol=1e-5)
+
+
+def test_external_set_preprocessed_once_per_spec(monkeypatch, tmp_path):
+    """Checkpoints sharing a spec reuse one preprocessed copy; another spec gets its own folder."""
+    import mammo_ray.data.pipeline as pipeline
+    from mammo_ray.config import PreprocessSpec
+    from mammo_ray.evaluate.run import prepare_external
+
+    calls = []
+    monkeypatch.setattr(pipeline, "run_preprocess", lambda inputs, dest, cfg, overwrite: calls.append((dest, cfg.spec))
+                        or {"rows": 3})
+    raw = tmp_path / "films"
+    raw.mkdir()
+    cache: dict = {}
+    a, b = PreprocessSpec(size=64), PreprocessSpec(size=96)
+    first = prepare_external(str(raw), a, str(tmp_path / "eval"), "external-films", cache)
+    again = prepare_external(str(raw), a, str(tmp_path / "eval"), "external-films", cache)
+    other = prepare_external(str(raw), b, str(tmp_path / "eval"), "external-films", cache)
+    assert first == again and first[0] != other[0]
+    assert [c[1] for c in calls] == [a, b]  # once per spec
+    assert first[0].endswith("preprocessed/external-films") and other[0].startswith(first[0] + "-")
 
 
 def test_breast_and_exam_level_aggregation():

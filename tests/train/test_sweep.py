@@ -35,10 +35,14 @@ def read_results(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_four_trial_sweep_writes_every_output(ray_local, train_data_dir, tmp_path):
+def test_four_trial_sweep_writes_every_output(ray_local, train_data_dir, tmp_path, capfd):
     out = tmp_path / "sweep"
     summary = run_sweep(str(train_data_dir), str(out), small_sweep())
     assert summary["trials"] == 4 and summary["errors"] == 0
+    console = capfd.readouterr()
+    # Tune's console ranks trials by their best epoch so far, not by the last epoch's AUC
+    shown = re.findall(r"Current best trial: \S+ with best_val_auc=([0-9.]+)", console.out + console.err)
+    assert shown, (console.out + console.err)[-3000:]
     for name in ("results.csv", "table.md", "auc_vs_freezing.png", "sweep.yaml", "summary.json",
                  "best/simplecnn-r0/checkpoint.pt", "best/simplecnn-r0.5/checkpoint.pt", "best/overall/checkpoint.pt"):
         assert (out / name).exists(), name
@@ -51,13 +55,29 @@ def test_four_trial_sweep_writes_every_output(ray_local, train_data_dir, tmp_pat
     assert len(table) == 2
     for line in table:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        ratio, auc, acc, prec, rec, f1, trial = float(cells[1]), *map(float, cells[2:7]), cells[8]
+        num = lambda c: None if c == "n/a" else float(c)  # noqa: E731 (undefined, e.g. no positive prediction)
+        ratio, auc, acc, prec, rec, f1, trial = (float(cells[1]), float(cells[2]), *map(num, cells[4:8]), cells[9])
+        low, high = map(float, re.fullmatch(r"\[(\S+), (\S+)\]", cells[3]).groups())
         group = [r for r in rows if float(r["freeze_ratio"]) == ratio]
         best = max(group, key=lambda r: float(r["val_auc"]))
         assert trial == best["trial_id"]
+        assert low <= auc <= high and (low, high) == (round(float(best["val_auc_low"]), 3),
+                                                      round(float(best["val_auc_high"]), 3))
         for value, key in ((auc, "val_auc"), (acc, "val_accuracy"), (prec, "val_precision"), (rec, "val_recall"),
                            (f1, "val_f1")):
-            assert value == pytest.approx(float(best[key]), abs=5e-5)
+            if value is None:  # undefined in the table is undefined (empty) in results.csv, never a 0
+                assert best[key] in ("", "nan"), (key, best[key])
+            else:
+                assert value == pytest.approx(float(best[key]), abs=5e-5)
+    assert float(shown[-1]) == pytest.approx(max(float(r["val_auc"]) for r in rows), abs=1e-4)
+    # the summary says whether the best group's interval overlaps the others'
+    verdict = summary["best_vs_rest"]
+    top = max(rows, key=lambda r: float(r["val_auc"]))
+    others = [max((r for r in rows if r["freeze_ratio"] == ratio), key=lambda r: float(r["val_auc"]))
+              for ratio in {r["freeze_ratio"] for r in rows} - {top["freeze_ratio"]}]
+    assert verdict["overlapping"] == [f"simplecnn-r{float(o['freeze_ratio']):g}" for o in others
+                                      if float(o["val_auc_high"]) >= float(top["val_auc_low"])]
+    assert verdict["statement"] in (out / "table.md").read_text()
     # the overall checkpoint is the best trial's best epoch, and loads with weights_only=True
     from mammo_ray.train.checkpoint import load_checkpoint
 
