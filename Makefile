@@ -26,10 +26,13 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "install chromium (e.g. sudo apt-get install chromium) for the HTML report test" >&2; exit 1; fi; }
 
+# lint-imports: the layer contract in pyproject.toml (an import against it fails the run)
 test: venv browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-quick: venv
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:

@@ -118,9 +118,10 @@ def cam_stage(args, device: torch.device) -> dict:
 def whole_job(args, root: str) -> dict:
     from mammo_ray.config import PreprocessSpec, TrainConfig
     from mammo_ray.data.synth import write_phantoms
-    from mammo_ray.explain.job import ExplainOptions, run_explain
+    from mammo_ray.config import ExplainConfig
+    from mammo_ray.explain.job import run_explain
     from mammo_ray.models.registry import build_model
-    from mammo_ray.train.checkpoint import save_checkpoint
+    from mammo_ray.models.checkpoint import save_checkpoint
 
     ckpt = os.path.join(root, "ckpt.pt")
     save_checkpoint(ckpt, model=build_model(args.backbone), cfg=TrainConfig(backbone=args.backbone),
@@ -135,7 +136,7 @@ def whole_job(args, root: str) -> dict:
         os.link(files[i % len(files)], os.path.join(archive, f"img_{i:06d}.dcm"))
     t0 = time.perf_counter()
     summary = run_explain([archive], ckpt, os.path.join(root, "out"),
-                          ExplainOptions(method=args.method, batch_size=args.batch_size))
+                          ExplainConfig(method=args.method, batch_size=args.batch_size))
     wall = time.perf_counter() - t0
     assert summary["balanced"] and summary["errors"] == 0, summary
     return {"job_images": args.job_images, "job_source": f"{h}x{w} uint16 DICOM (synthetic)",

@@ -85,7 +85,8 @@ def main(args) -> dict:
     from mammo_ray.config import PreprocessConfig, SweepConfig
     from mammo_ray.data.pipeline import run_preprocess
     from mammo_ray.evaluate.run import run_evaluate
-    from mammo_ray.explain.job import ExplainOptions, run_explain
+    from mammo_ray.config import ExplainConfig
+    from mammo_ray.explain.job import run_explain
     from mammo_ray.ray_utils import init_ray
     from mammo_ray.train.sweep import run_sweep
 
@@ -128,7 +129,7 @@ def main(args) -> dict:
 
     pretrained = sweep("sweep-imagenet", args.freeze_ratios, "imagenet")
     best_ratio = float(pretrained["best"]["freeze_ratio"])
-    random_init = sweep("sweep-random", [best_ratio], None)
+    sweep("sweep-random", [best_ratio], None)
 
     t = time.perf_counter()
     from mammo_ray.evaluate.run import sweep_checkpoints
@@ -140,7 +141,7 @@ def main(args) -> dict:
     t = time.perf_counter()
     best_ck = os.path.join(out, "sweep-imagenet", "best", "overall", "checkpoint.pt")
     expl = run_explain([explain_input], best_ck, os.path.join(out, "explain"),
-                       ExplainOptions(annotations=annotations, batch_size=16))
+                       ExplainConfig(annotations=annotations, batch_size=16))
     times["explain"] = time.perf_counter() - t
 
     rows = []

@@ -7,16 +7,40 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
-import time
+from dataclasses import replace
+
+from mammo_ray.config import (
+    CAM_METHODS,
+    CLR_MODES,
+    EQUALIZE_MODES,
+    IMBALANCE,
+    MAX_SIDE,
+    OPTIMIZERS,
+    ORIENTATIONS,
+    OTHER_MODALITY,
+    OUTPUT_DTYPES,
+    PRETRAINED,
+    RESIZE_MODES,
+    SCHEDULERS,
+    ExplainConfig,
+    PreprocessConfig,
+    SweepConfig,
+    TrainConfig,
+    backbone_names,
+)
+from mammo_ray.outputs import check_out_location
+
+# The stages' modules (data.pipeline, train, evaluate, explain, demo) are imported inside the
+# command functions that run them: they import torch and Ray, and `mammo-ray --help` or a
+# refused flag must not wait for either (tests/test_layers.py checks it).
 
 logger = logging.getLogger("mammo_ray")
 
 
 def _add_preprocess(sub) -> None:
-    from mammo_ray.config import EQUALIZE_MODES, ORIENTATIONS, OTHER_MODALITY, OUTPUT_DTYPES, RESIZE_MODES
-
     p = sub.add_parser("preprocess", help="decode + transform images into Parquet shards with Ray Data")
     p.add_argument("inputs", nargs="+", help="class folders, CSV manifests, DICOM trees or files (local or s3://...)")
     p.add_argument("--out", required=True, help="output folder or URI")
@@ -42,7 +66,6 @@ def _add_preprocess(sub) -> None:
 
 
 def _run_preprocess(args) -> int:
-    from mammo_ray.config import PreprocessConfig
     from mammo_ray.data.pipeline import run_preprocess
 
     size = None
@@ -65,8 +88,6 @@ def _run_preprocess(args) -> int:
 
 def finite_float(text: str) -> float:
     """argparse type: a float that is not NaN or inf (a NaN passes every range check)."""
-    import math
-
     try:
         value = float(text)
     except ValueError:
@@ -97,8 +118,6 @@ def _run_synth(args) -> int:
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ValueError(f"--formats {args.formats!r}: use a comma list of {', '.join(FORMATS)}")
-    from mammo_ray.config import MAX_SIDE
-
     if not 1 <= args.n <= 10_000_000:
         raise ValueError(f"--n {args.n}: use an int in [1, 10000000]")
     if not (32 <= args.height <= MAX_SIDE and 32 <= args.width <= MAX_SIDE):
@@ -110,13 +129,10 @@ def _run_synth(args) -> int:
 
 
 def _train_options(p, *, full: bool = True) -> None:
-    from mammo_ray.config import CLR_MODES, IMBALANCE, OPTIMIZERS, PRETRAINED
-    from mammo_ray.models.registry import list_backbones
-
     p.add_argument("--data", required=True, help="a preprocessed folder (train/ and val/ splits)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", help="YAML file of TrainConfig keys (flags override it)")
-    p.add_argument("--backbone", choices=list_backbones())
+    p.add_argument("--backbone", choices=backbone_names())
     p.add_argument("--freeze-ratio", type=finite_float, help="fraction of backbone units frozen, in [0, 1]")
     p.add_argument("--pretrained", choices=PRETRAINED,
                    help="ImageNet weights: torch hub cache, downloaded once with a hash check; efficientnet_lite0 "
@@ -149,8 +165,6 @@ _TRAIN_KEYS = ("backbone", "freeze_ratio", "pretrained", "weights", "offline", "
 
 
 def _train_config(args, **extra):
-    from mammo_ray.config import TrainConfig
-
     over = {k: getattr(args, k, None) for k in _TRAIN_KEYS}
     over.update(extra)
     return TrainConfig.load(args.config, **over)
@@ -162,7 +176,6 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from mammo_ray.outputs import check_out_location
     from mammo_ray.train.data import load_training_data
     from mammo_ray.train.loop import fit
 
@@ -186,7 +199,6 @@ def _add_lr_find(sub) -> None:
 
 
 def _run_lr_find(args) -> int:
-    from mammo_ray.outputs import check_out_location
     from mammo_ray.train.data import load_training_data
     from mammo_ray.train.lr_find import lr_range_test, write_lr_find
 
@@ -210,15 +222,12 @@ def _lr_pair(text: str) -> tuple[float, float]:
 
 
 def _add_tune(sub) -> None:
-    from mammo_ray.config import CLR_MODES, OPTIMIZERS, PRETRAINED, SCHEDULERS, SweepConfig, TrainConfig
-    from mammo_ray.models.registry import list_backbones
-
     d, t = SweepConfig(), TrainConfig()
     p = sub.add_parser("tune", help="Ray Tune sweep over backbone x freezing ratio x cyclic-LR bounds")
     p.add_argument("--data", required=True, help="a preprocessed folder (train/ and val/)")
     p.add_argument("--out", required=True, help="output folder or URI (Tune storage under OUT/tune)")
     p.add_argument("--config", help="sweep YAML (SweepConfig keys; flags override it)")
-    p.add_argument("--backbones", nargs="+", choices=list_backbones(), help=f"default: {' '.join(d.backbones)}")
+    p.add_argument("--backbones", nargs="+", choices=backbone_names(), help=f"default: {' '.join(d.backbones)}")
     p.add_argument("--freeze-ratios", nargs="+", type=finite_float,
                    help=f"default: {' '.join(f'{r:g}' for r in d.freeze_ratios)}")
     p.add_argument("--lr-bounds", nargs="+", type=_lr_pair, metavar="BASE:MAX",
@@ -247,7 +256,6 @@ def _add_tune(sub) -> None:
 
 
 def _run_tune(args) -> int:
-    from mammo_ray.config import SweepConfig
     from mammo_ray.train.sweep import run_sweep
 
     if args.resume and args.config is None and os.path.exists(os.path.join(args.out, "sweep.yaml")):
@@ -262,8 +270,6 @@ def _run_tune(args) -> int:
              "patience": args.patience, "step_size_epochs": args.step_size_epochs, "offline": args.offline or None}
     train = {k: v for k, v in train.items() if v is not None}
     if train:
-        from dataclasses import replace
-
         sweep = replace(sweep, train={**sweep.train, **train})
     summary = run_sweep(args.data, args.out, sweep, resume=args.resume, address=args.address)
     print(open(os.path.join(args.out, "table.md")).read() if not args.out.startswith(("s3://", "gs://")) else "")
@@ -303,8 +309,6 @@ def _run_evaluate(args) -> int:
 
 
 def _add_explain(sub) -> None:
-    from mammo_ray.explain.cam import CAM_METHODS
-
     p = sub.add_parser("explain", help="score and Grad-CAM an image archive with a Ray Data batch job")
     p.add_argument("inputs", nargs="+", help="folders, DICOM trees, CSV manifests or files (local or s3://...)")
     p.add_argument("--checkpoint", required=True, help="a mammo-ray checkpoint (train/tune best)")
@@ -325,9 +329,9 @@ def _add_explain(sub) -> None:
 
 
 def _run_explain(args) -> int:
-    from mammo_ray.explain.job import ExplainOptions, run_explain
+    from mammo_ray.explain.job import run_explain
 
-    opts = ExplainOptions(method=args.method, target_layer=args.target_layer, batch_size=args.batch_size,
+    opts = ExplainConfig(method=args.method, target_layer=args.target_layer, batch_size=args.batch_size,
                           gpus_per_worker=args.gpus_per_worker, workers=args.workers, preview_size=args.preview_size,
                           heatmap_max_side=args.heatmap_max_side, threshold=args.threshold,
                           annotations=args.annotations, top_n=args.top)
@@ -351,8 +355,6 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from dataclasses import replace
-
     from mammo_ray.demo import DemoConfig, run_demo
 
     make = DemoConfig.full if args.full else DemoConfig.laptop

@@ -213,6 +213,26 @@ class PreprocessConfig:
         return from_mapping(cls, data, spec=spec, **overrides)
 
 
+#: the backbones the model registry ships. Named here, below the model layer, so configs validate
+#: and ``--help`` lists them without importing torch; ``mammo_ray.models.registry`` adds any
+#: backbone registered later (tests/test_layers.py checks the two lists agree).
+BUILTIN_BACKBONES = ("efficientnet_b0", "efficientnet_lite0", "resnet18", "resnet50", "simplecnn", "vgg19")
+_REGISTERED_BACKBONES: set[str] = set(BUILTIN_BACKBONES)
+
+
+def add_backbone_name(name: str) -> None:
+    """Called by the model registry for every backbone it registers."""
+    _REGISTERED_BACKBONES.add(name)
+
+
+def backbone_names() -> list[str]:
+    """Every backbone a config accepts, sorted."""
+    return sorted(_REGISTERED_BACKBONES)
+
+
+#: the CAM methods explain offers (pytorch-grad-cam's classes of those names)
+CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "hirescam")
+
 CLR_MODES = ("triangular", "triangular2", "exp_range")
 OPTIMIZERS = ("sgd", "adamw")
 IMBALANCE = ("weighted_loss", "balanced_sampler", "none")
@@ -271,9 +291,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_finite(self)
-        from mammo_ray.models.registry import list_backbones
-
-        names = list_backbones()
+        names = backbone_names()
         if self.backbone not in names:
             raise ValueError(f"backbone={self.backbone!r}: use one of {', '.join(names)}")
         if not 0.0 <= float(self.freeze_ratio) <= 1.0:
@@ -338,9 +356,7 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         check_finite(self)
-        from mammo_ray.models.registry import list_backbones
-
-        names = list_backbones()
+        names = backbone_names()
         for key in ("backbones", "freeze_ratios", "clr_modes"):
             if not getattr(self, key):
                 raise ValueError(f"{key}: the grid is empty; give at least one value")
@@ -400,3 +416,41 @@ class SweepConfig:
             if key in data and isinstance(data[key], list):
                 data[key] = tuple(tuple(x) if isinstance(x, list) else x for x in data[key])
         return from_mapping(cls, data, **overrides)
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """How ``mammo-ray explain`` explains (YAML keys of the same names). ``workers``: size of the
+    CAM actor pool (default: one per GPU, or the CPUs less one on CPU-only clusters, so the read
+    tasks keep a core). ``threshold``: the probability at or above which an image is called
+    malignant (default: the checkpoint's val threshold); ``amp``: bf16/fp16 autocast on CUDA."""
+
+    method: str = "gradcam"
+    target_layer: str | None = None
+    batch_size: int = 32
+    gpus_per_worker: float | None = None
+    workers: int | None = None
+    preview_size: int = 512
+    heatmap_max_side: int = 0
+    threshold: float | None = None
+    annotations: str | None = None
+    top_n: int = 16
+    prep_batch_size: int = 8
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        _check_choice("method", self.method, CAM_METHODS)
+        for name, top in (("batch_size", MAX_BATCH), ("preview_size", MAX_SIDE), ("top_n", 1024),
+                          ("prep_batch_size", MAX_BATCH)):
+            if not 1 <= int(getattr(self, name)) <= top:
+                raise ValueError(f"{name}={getattr(self, name)!r}: use an int in [1, {top}]")
+        if not 0 <= self.heatmap_max_side <= MAX_SIDE:
+            raise ValueError(f"heatmap_max_side={self.heatmap_max_side!r}: 0 (the source's size) or a side in "
+                             f"[1, {MAX_SIDE}] pixels")
+        if self.workers is not None and not 1 <= self.workers <= 100_000:
+            raise ValueError(f"workers={self.workers!r}: use an int in [1, 100000]")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r}: must be >= 0")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold!r}: must be in [0, 1]")

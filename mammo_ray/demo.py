@@ -142,7 +142,8 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, full: bool = False, add
     from mammo_ray.data.preview import contact_sheet
     from mammo_ray.data.synth import write_phantoms
     from mammo_ray.evaluate.run import run_evaluate, sweep_checkpoints
-    from mammo_ray.explain.job import ExplainOptions, run_explain
+    from mammo_ray.config import ExplainConfig
+    from mammo_ray.explain.job import run_explain
     from mammo_ray.ray_utils import init_ray
     from mammo_ray.train.sweep import run_sweep
 
@@ -205,7 +206,7 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, full: bool = False, add
     t = time.perf_counter()
     expl_dir = _fresh(os.path.join(out, "explain"))
     expl = run_explain([ext_raw], best_ckpt, expl_dir,
-                       ExplainOptions(preview_size=384, annotations=os.path.join(ext_raw, "labels.csv")))
+                       ExplainConfig(preview_size=384, annotations=os.path.join(ext_raw, "labels.csv")))
     times["explain"] = time.perf_counter() - t
     loc = expl.get("localization") or {}
     print(f"[4/4] explain: {expl['rows']} images, pointing game {_num(loc.get('pointing_game')):.2f} vs "

@@ -13,6 +13,16 @@ LOOPBACK = "127.0.0.1"
 CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_")
 
 
+def node_id() -> str:
+    """The Ray node this code runs on ("local" outside Ray, e.g. a single-process baseline)."""
+    try:
+        import ray  # deferred: this module must import without Ray for the CLI's --help
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return "local"
+
+
 def credential_env() -> dict[str, str]:
     """The usual object-store variables (``AWS_*``, GCS) of this process, to forward to workers.
 

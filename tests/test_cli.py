@@ -75,6 +75,24 @@ def test_train_job_smoke_test(tmp_path):
     assert "best epoch" in r.stdout and (tmp_path / "model" / "best.pt").exists() and (tmp_path / "model" / "history.csv").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["evaluate", "explain"])
+def test_evaluate_and_explain_jobs_smoke_test(stage, ray_local, tmp_path, monkeypatch, capsys):
+    """Every job has --smoke-test (mammo_ray.smoke): run in this process on the session's Ray."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [f"jobs/{stage}.py", "--smoke-test", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(REPO / "jobs" / f"{stage}.py"), run_name="__main__")
+    assert done.value.code == 0, capsys.readouterr().err[-3000:]
+    if stage == "evaluate":
+        metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+        assert set(metrics["checkpoints"][0]["sets"]) == {"test", "external-external-phantoms"}
+    else:
+        summary = json.loads((tmp_path / "explain" / "summary.json").read_text())
+        assert summary["balanced"] and summary["rows"] == 12
+
+
 def test_tune_pretrained_without_weights_stops_before_any_trial_and_help_shows_defaults(train_data_dir, tmp_path, capsys):
     """`tune --pretrained imagenet` on a backbone without ImageNet weights is one line listing
     those that have them, before a trial starts (the driver resolves weights once)."""
@@ -97,7 +115,7 @@ def test_train_defaults_alone_learn_phantoms(train_data_dir, tmp_path, capsys):
     import re
 
     from mammo_ray.config import TrainConfig
-    from mammo_ray.train.checkpoint import load_checkpoint
+    from mammo_ray.models.checkpoint import load_checkpoint
 
     out = tmp_path / "model"
     assert main(["train", "--data", str(train_data_dir), "--out", str(out), "--backbone", "simplecnn"]) == 0

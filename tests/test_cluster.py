@@ -9,10 +9,16 @@ import pandas as pd
 import pytest
 
 import mammo_ray  # noqa: F401  (loopback-only environment before ray is imported)
-from mammo_ray.config import PreprocessConfig
+from mammo_ray.config import ExplainConfig, PreprocessConfig
 from mammo_ray.data.pipeline import run_preprocess
-from mammo_ray.explain.job import SCORES, ExplainOptions, run_explain
-from tests.conftest import copies_archive, listening_beyond_loopback, node_of_pid, remove_node_when
+from mammo_ray.explain.job import run_explain
+from mammo_ray.explain.results import SCORES
+from tests.conftest import (
+    copies_archive,
+    listening_beyond_loopback,
+    node_of_pid,
+    remove_node_when,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -30,7 +36,7 @@ def test_preprocess_shards_across_both_workers(ray_cluster, phantom_dir, tmp_pat
 def test_explain_spreads_over_both_workers(ray_cluster, phantom_dir, trained_checkpoint, tmp_path):
     _, workers = ray_cluster
     summary = run_explain([str(phantom_dir)], str(trained_checkpoint), str(tmp_path / "out"),
-                          ExplainOptions(workers=2, batch_size=8, preview_size=64))
+                          ExplainConfig(workers=2, batch_size=8, preview_size=64))
     assert summary["balanced"] and summary["rows"] == 60
     ids = {w.node_id for w in workers}
     assert set(summary["cam_nodes"]) == ids, summary["cam_nodes"]
@@ -78,7 +84,7 @@ def test_worker_removed_mid_explain_loses_nothing(ray_cluster, phantom_dir, trai
     removed: list = []
     thread = remove_node_when(cluster, lambda: True, actor_node, removed)
     summary = run_explain([str(archive)], str(trained_checkpoint), str(out),
-                          ExplainOptions(workers=1, batch_size=8, preview_size=64))
+                          ExplainConfig(workers=1, batch_size=8, preview_size=64))
     thread.join(timeout=5)
     assert removed, "the job ended before the actor's node could be removed"
     assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (240, 240, 0)

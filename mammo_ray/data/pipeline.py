@@ -35,7 +35,7 @@ from mammo_ray.data.transforms import INVERSION_WARN_MARGIN, preprocess_image
 from mammo_ray.outputs import (check_inputs_vs_out, clear_owned, is_project_parquet, list_relative, read_marker,
                                write_marker)
 from mammo_ray.privacy import PatientSecret, load_patient_secret, patient_key
-from mammo_ray.ray_utils import remote_args
+from mammo_ray.ray_utils import node_id, remote_args
 from mammo_ray.resources import (RESERVED_SOURCE_PIXELS, TASK_RETRIES, check_fits, largest_node_memory,
                                  preprocess_task_bytes)
 
@@ -50,15 +50,6 @@ class OutputExistsError(ValueError):
 
 
 # ----------------------------------------------------------------------------- worker side
-def _node_id() -> str:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # outside Ray (the single-process baseline)
-        return "local"
-
-
 def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = False) -> tuple[dict | None, dict]:
     """Read, decode and transform one input. Returns (Parquet row or None, status row).
 
@@ -120,7 +111,7 @@ def process_batch(batch: pd.DataFrame, *, cfg: PreprocessConfig, out: str) -> pd
     # One image per core: Ray already runs a task per CPU, so OpenCV's own thread pool would
     # only oversubscribe the cores (and makes the single-process baseline use several).
     cv2.setNumThreads(1)
-    node = _node_id()
+    node = node_id()
     rows_by_split: dict[str, list[dict]] = defaultdict(list)
     statuses = []
     for rec in batch.to_dict("records"):

@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from mammo_ray.data.arrays import SplitArrays, pixels_from_bytes
 from mammo_ray.data.parquet import split_files
+from mammo_ray.models.inference import load_for_inference, predict
 
 logger = logging.getLogger(__name__)
 
@@ -18,28 +20,16 @@ class ScoreActor:
     """Ray Data callable class: loads a checkpoint once, scores batches of Parquet rows."""
 
     def __init__(self, checkpoint: str, batch_size: int = 64) -> None:
-        import torch
-
-        from mammo_ray.train.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
-        from mammo_ray.train.loop import resolve_device
-
-        state = load_checkpoint(checkpoint)
-        self.spec = checkpoint_spec(state)
-        self.device = resolve_device("auto")
-        self.model = model_from_checkpoint(state).to(self.device).to(memory_format=torch.channels_last)
+        self.loaded = load_for_inference(checkpoint)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mammo_ray.train.data import SplitArrays
-        from mammo_ray.train.loop import predict
-
         n = len(batch["image_id"])
-        h, w, dtype = int(batch["height"][0]), int(batch["width"][0]), np.dtype(str(batch["dtype"][0]))
-        pixels = np.stack([np.frombuffer(p, dtype=dtype).reshape(h, w) for p in batch["pixels"]]) if n else \
-            np.zeros((0, h, w), dtype)
+        pixels = pixels_from_bytes(list(batch["pixels"]), batch["height"], batch["width"], batch["dtype"])
         arrays = SplitArrays(pixels=pixels, labels=np.zeros(n, np.int64), image_ids=list(batch["image_id"]),
                              patient_keys=[None] * n, split="")
-        scores = predict(self.model, arrays, spec=self.spec, device=self.device, batch_size=self.batch_size)
+        m = self.loaded
+        scores = predict(m.model, arrays, spec=m.spec, device=m.device, batch_size=self.batch_size)
         return {"image_id": np.asarray(batch["image_id"]), "probability": scores.astype(np.float32)}
 
 
@@ -74,7 +64,6 @@ def score_split(model: Any, arrays, *, spec, device, checkpoint: str, folder: st
                 distributed: str = "auto", batch_size: int = 64) -> np.ndarray:
     """Scores in ``arrays`` order; Ray Data when ``distributed`` is ``always`` or the split is
     large (``auto``: at least DISTRIBUTED_MIN_ROWS rows), else batched in this process."""
-    from mammo_ray.train.loop import predict
 
     if distributed not in ("auto", "always", "never"):
         raise ValueError(f"distributed={distributed!r}: use one of auto, always, never")

@@ -16,7 +16,11 @@ import numpy as np
 
 from mammo_ray import io as mio
 from mammo_ray.config import PreprocessConfig, to_dict
-from mammo_ray.data.parquet import SPLIT_DIRS, read_spec, split_files
+from mammo_ray.data.arrays import load_split
+from mammo_ray.data.parquet import SPLIT_DIRS, read_spec, read_split, split_files
+from mammo_ray.evaluate.inference import score_split
+from mammo_ray.metrics import choose_threshold
+from mammo_ray.models.inference import load_for_inference, predict
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +89,7 @@ def spec_digest(spec) -> str:
 
 
 def _split_arrays(folder: str, split: str):
-    from mammo_ray.train.data import load_split
-
-    from mammo_ray.data.parquet import read_split
-
     arrays = load_split(folder, split)
-
     meta = read_split(folder, split, columns=["image_id", "laterality", "view"]).to_pylist()
     return arrays, meta
 
@@ -143,18 +142,8 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
                         prepared: dict[tuple[str, str], str] | None = None) -> dict[str, Any]:
     """Scores, threshold (on val) and metrics of one checkpoint on test and every external set.
     ``prepared``: external sets already preprocessed by this run, by (path, spec digest)."""
-    import torch
-
-    from mammo_ray.evaluate.inference import score_split
-    from mammo_ray.metrics import choose_threshold
-    from mammo_ray.train.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
-    from mammo_ray.train.loop import predict, resolve_device
-
-    state = load_checkpoint(ckpt)
-    spec = checkpoint_spec(state)
-    model = model_from_checkpoint(state)
-    device = resolve_device("auto")
-    model = model.to(device).to(memory_format=torch.channels_last)
+    loaded = load_for_inference(ckpt)
+    state, spec, model, device = loaded.state, loaded.spec, loaded.model, loaded.device
     notes = []
     mismatch = _check_spec(data, spec, ckpt, allow_spec_mismatch)
     if mismatch:

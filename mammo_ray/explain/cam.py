@@ -19,7 +19,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "hirescam")
+from mammo_ray.config import CAM_METHODS
+from mammo_ray.models.inference import autocast
+
+__all__ = ["CAM_METHODS", "cam_extractor", "check_method", "resolve_target_layer", "score_and_cam"]
 
 
 def _cam_class(method: str):
@@ -109,11 +112,9 @@ def score_and_cam(model: torch.nn.Module, backbone: str, x: torch.Tensor, *, met
     CUDA (ignored on CPU)."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from mammo_ray.train.loop import _autocast
-
     device = next(model.parameters()).device
     with cam_extractor(model, backbone, method, target_layer=target_layer, stop_at_target=stop_at_target) as cam:
-        with (_autocast(device, True) if amp else nullcontext()):
+        with (autocast(device, True) if amp else nullcontext()):
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)] * x.shape[0])  # the malignancy logit
         probs = torch.sigmoid(cam.outputs[:, 0].detach().float()).cpu().numpy()
     maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)

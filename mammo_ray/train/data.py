@@ -1,7 +1,7 @@
-"""Preprocessed Parquet splits as in-memory arrays, batches, and seeded augmentation.
+"""Training data: the train/val splits checked for training, epoch orders and seeded augmentation.
 
-Rows are 224x224 (or smaller) 8/16-bit images, so a split of tens of thousands fits in
-memory and is decoded once; a training step then only slices arrays. Augmentation is
+The splits are read by ``mammo_ray.data.arrays`` (decoded once; a training step only slices
+arrays). Augmentation is
 drawn per image from a generator seeded by (seed, epoch, image_id) and applied to the
 whole batch at once (one ``affine_grid``/``grid_sample``), so a rerun is identical and
 the cost does not grow with Python per-image loops.
@@ -10,78 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mammo_ray import io as mio
 from mammo_ray.config import PreprocessSpec
-from mammo_ray.data.parquet import read_spec, read_split, split_files
-
-
-@dataclass
-class SplitArrays:
-    """One split in memory: pixels (N, H, W) as stored, labels (N,), ids."""
-
-    pixels: np.ndarray
-    labels: np.ndarray
-    image_ids: list[str]
-    patient_keys: list[str | None]
-    split: str
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def scale(self) -> float:
-        """The stored value that means white (255, 65535 or 1.0)."""
-        return float(np.iinfo(self.pixels.dtype).max) if self.pixels.dtype.kind in "ui" else 1.0
-
-    def class_counts(self) -> dict[int, int]:
-        values, counts = np.unique(self.labels, return_counts=True)
-        return {int(v): int(c) for v, c in zip(values, counts)}
-
-
-def load_split(data_dir: str, split: str) -> SplitArrays:
-    """Read a split's rows into arrays (ordered by image_id).
-
-    Raises:
-        ValueError: an empty split or mixed shapes; MemoryBoundError (a ValueError) when the
-            split cannot fit this machine's memory (checked from the Parquet metadata first).
-    """
-    check_split_fits(data_dir, split)
-    table = read_split(data_dir, split, columns=["image_id", "label", "patient_key", "pixels", "height", "width", "dtype"])
-    if table.num_rows == 0:
-        raise ValueError(f"{data_dir}/{split}: the split has no rows")
-    dtypes = set(table.column("dtype").to_pylist())
-    shapes = set(zip(table.column("height").to_pylist(), table.column("width").to_pylist()))
-    if len(dtypes) != 1 or len(shapes) != 1:
-        raise ValueError(f"{data_dir}/{split}: mixed pixel dtypes {sorted(dtypes)} or shapes {sorted(shapes)}")
-    dtype, (h, w) = np.dtype(dtypes.pop()), shapes.pop()
-    buf = b"".join(table.column("pixels").to_pylist())
-    pixels = np.frombuffer(buf, dtype=dtype).reshape(table.num_rows, h, w)
-    return SplitArrays(pixels=pixels, labels=np.asarray(table.column("label").to_pylist(), dtype=np.int64),
-                       image_ids=table.column("image_id").to_pylist(),
-                       patient_keys=table.column("patient_key").to_pylist(), split=split)
-
-
-def check_split_fits(data_dir: str, split: str) -> None:
-    """Refuse a split whose pixels (read, then joined: two copies) exceed the memory available."""
-    import pyarrow.parquet as pq
-
-    from mammo_ray.resources import available_memory, check_fits, split_bytes
-
-    spec = read_spec(data_dir)
-    rows = 0
-    for f in split_files(data_dir, split):
-        fs, inner = mio.resolve(f)
-        with fs.open_input_file(inner) as fh:
-            rows += pq.ParquetFile(fh).metadata.num_rows
-    need = 2 * split_bytes(rows, spec.size, spec.dtype)
-    check_fits(need, available_memory(), what=f"{data_dir}/{split}: {rows} images of {spec.size[0]}x{spec.size[1]} "
-               f"{spec.dtype} held in memory", hint="train on a machine with more memory or preprocess at a smaller --size")
+from mammo_ray.data.arrays import SplitArrays, load_split
+from mammo_ray.data.parquet import read_spec, split_files
 
 
 def load_training_data(data_dir: str) -> tuple[PreprocessSpec, SplitArrays, SplitArrays]:
@@ -103,12 +38,6 @@ def load_training_data(data_dir: str) -> tuple[PreprocessSpec, SplitArrays, Spli
         only = {0: "benign", 1: "malignant"}[next(iter(counts))]
         raise ValueError(f"{data_dir}/train: one class only ({counts[next(iter(counts))]} {only}); training needs both benign and malignant")
     return spec, train, val
-
-
-def to_model_input(pixels: torch.Tensor, scale: float, spec: PreprocessSpec) -> torch.Tensor:
-    """(B, H, W) stored pixels -> (B, 1, H, W) float, normalized with the spec's mean/std."""
-    x = pixels.unsqueeze(1).float().div_(scale)
-    return x.sub_(spec.mean).div_(spec.std)
 
 
 def _image_seed(seed: int, epoch: int, image_id: str) -> int:

@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,21 +18,15 @@ import yaml
 
 from mammo_ray import io as mio
 from mammo_ray.config import PreprocessSpec, TrainConfig, to_dict
-from mammo_ray.train.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
-from mammo_ray.train.data import SplitArrays, augment_batch, augment_params, epoch_order
+from mammo_ray.data.arrays import SplitArrays
+from mammo_ray.models.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
+from mammo_ray.models.inference import autocast, normalize, predict, resolve_device, to_unit
+from mammo_ray.train.data import augment_batch, augment_params, epoch_order
 
 logger = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1",
                   "lr", "seconds", "train_images_per_s")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda': no CUDA device is available here; use auto or cpu")
-    return torch.device(name)
 
 
 def build_training_model(cfg: TrainConfig, initial_state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
@@ -81,21 +74,13 @@ def make_loss(cfg: TrainConfig, train: SplitArrays, device: torch.device) -> tor
     return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if device.type != "cuda" or not enabled:
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def _batch_input(arrays: SplitArrays, idx: np.ndarray, spec: PreprocessSpec, device: torch.device, *,
                  channels_last: bool, augment: np.ndarray | None = None) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(arrays.pixels[idx])).to(device, non_blocking=True)
-    x = x.unsqueeze(1).float().div_(arrays.scale)
+    """A training batch: stored pixels -> [0, 1] -> (seeded augmentation) -> normalized."""
+    x = to_unit(arrays.pixels[idx], device)
     if augment is not None:
         x = augment_batch(x, augment)
-    x = x.sub_(spec.mean).div_(spec.std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return normalize(x, spec, channels_last=channels_last)
 
 
 def train_one_epoch(model: torch.nn.Module, train: SplitArrays, *, cfg: TrainConfig, spec: PreprocessSpec,
@@ -120,7 +105,7 @@ def train_one_epoch(model: torch.nn.Module, train: SplitArrays, *, cfg: TrainCon
         aug = augment_params([train.image_ids[i] for i in idx], seed=cfg.seed, epoch=epoch, hflip=cfg.hflip) if cfg.augment else None
         x = _batch_input(train, idx, spec, device, channels_last=cfg.channels_last, augment=aug)
         y = labels[idx].to(device, non_blocking=True)
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp):
             loss = loss_fn(model(x).squeeze(1).float(), y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -136,24 +121,6 @@ def train_one_epoch(model: torch.nn.Module, train: SplitArrays, *, cfg: TrainCon
     seconds = time.perf_counter() - t0
     return {"train_loss": total / max(seen, 1), "images": seen, "seconds": seconds,
             "train_images_per_s": seen / seconds if seconds > 0 else 0.0}
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec, device: torch.device,
-            batch_size: int = 64, channels_last: bool = True, amp: bool = True) -> np.ndarray:
-    """Malignancy probabilities for every row, in order (model in eval mode)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for i in range(0, len(arrays), batch_size):
-            idx = np.arange(i, min(i + batch_size, len(arrays)))
-            x = _batch_input(arrays, idx, spec, device, channels_last=channels_last)
-            with _autocast(device, amp):
-                out.append(torch.sigmoid(model(x).squeeze(1).float()).cpu().numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:

@@ -130,7 +130,7 @@ def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, An
 
 def _restored_best_auc(work: str) -> float | None:
     """The val AUC of a restored trial's best epoch (None for a fresh trial)."""
-    from mammo_ray.train.checkpoint import load_checkpoint
+    from mammo_ray.models.checkpoint import load_checkpoint
 
     path = os.path.join(work, "best.pt")
     if not os.path.exists(path):
@@ -239,7 +239,7 @@ def _fit_or_explain(tuner, data_dir: str, out: str, address: str | None = None):
 
 
 def _best_state(result) -> tuple[dict[str, Any] | None, str | None]:
-    from mammo_ray.train.checkpoint import load_checkpoint
+    from mammo_ray.models.checkpoint import load_checkpoint
 
     if result.checkpoint is None:
         return None, None

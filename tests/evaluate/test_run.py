@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +158,7 @@ def test_distributed_scoring_matches_in_process(ray_local, sweep_dir, train_data
     import torch
 
     from mammo_ray.evaluate.inference import score_split
-    from mammo_ray.train.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
+    from mammo_ray.models.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
     from mammo_ray.train.data import load_split
 
     ckpt = sweep_checkpoints(str(sweep_dir))[0]

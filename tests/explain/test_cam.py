@@ -59,7 +59,7 @@ def test_localization_scores():
 def test_trained_model_cam_points_at_phantom_lesions(tmp_path):
     """simplecnn trained on phantoms: the GradCAM peak, mapped back to the source image, falls
     inside the lesion far more often than the lesion's area fraction (chance)."""
-    from mammo_ray.train.loop import fit, resolve_device
+    from mammo_ray.train.loop import fit
 
     spec = PreprocessSpec(size=96)
     imgs, labels, lesions, geoms = [], [], [], []
@@ -81,7 +81,7 @@ def test_trained_model_cam_points_at_phantom_lesions(tmp_path):
                       step_size_epochs=2, patience=0)
     result = fit(cfg, spec, train, val, out=str(tmp_path))
     assert result.best_metrics["val_auc"] >= 0.9
-    from mammo_ray.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from mammo_ray.models.checkpoint import load_checkpoint, model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(str(tmp_path / "best.pt")))
     idx = [i for i in range(300, 360) if labels[i] == 1]

@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mammo_ray.explain.job import (SCORE_COLUMNS, SCORES, ExplainOptions, OutputInUseError, load_annotations,
-                                   run_explain)
+from mammo_ray.config import ExplainConfig
+from mammo_ray.explain.job import run_explain
+from mammo_ray.explain.lesions import load_annotations
+from mammo_ray.explain.results import SCORE_COLUMNS, SCORES, OutputInUseError
 from tests.conftest import REPO, copies_archive
 
 
@@ -35,7 +37,7 @@ def _read_scores(out: Path) -> pd.DataFrame:
 
 
 def test_outputs_at_source_geometry_and_cam_hits_lesions(ray_local, trained_checkpoint, phantom_dir, tmp_path):
-    from mammo_ray.train.checkpoint import load_checkpoint
+    from mammo_ray.models.checkpoint import load_checkpoint
 
     bad = _bad_inputs(tmp_path / "bad")
     out = tmp_path / "explain"
@@ -45,7 +47,7 @@ def test_outputs_at_source_geometry_and_cam_hits_lesions(ray_local, trained_chec
     ann["mask_path"] = ""
     ann.loc[0, "mask_path"] = str(tmp_path / "missing-mask.png")
     ann.to_csv(tmp_path / "ann.csv", index=False)
-    opts = ExplainOptions(preview_size=128, batch_size=16, annotations=str(tmp_path / "ann.csv"))
+    opts = ExplainConfig(preview_size=128, batch_size=16, annotations=str(tmp_path / "ann.csv"))
     summary = run_explain([str(phantom_dir), str(bad)], str(trained_checkpoint), str(out), opts)
 
     assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (63, 60, 3)
@@ -185,7 +187,7 @@ def test_killed_actor_still_accounts_for_every_input(ray_local, trained_checkpoi
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     summary = run_explain([str(archive)], str(trained_checkpoint), str(out),
-                          ExplainOptions(batch_size=8, preview_size=96))
+                          ExplainConfig(batch_size=8, preview_size=96))
     thread.join()
     assert killed, "no CamActor process was found to kill"
     assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (201, 200, 1)
@@ -210,7 +212,7 @@ def test_memory_is_flat_in_the_archive_size(ray_local, trained_checkpoint, phant
         archive = copies_archive(phantom_dir, tmp_path / f"archive-{n}", n)
         with PeakMemory(metric="uss") as mem:
             summary = run_explain([str(archive)], str(trained_checkpoint), str(tmp_path / f"out-{n}"),
-                                  ExplainOptions(preview_size=96, heatmap_max_side=128))
+                                  ExplainConfig(preview_size=96, heatmap_max_side=128))
         assert summary["balanced"] and summary["rows"] == n
         peaks[n] = {"driver": mem.driver_peak, "worker": mem.worker_peak}
     growth = {k: (peaks[1600][k] - peaks[400][k]) / 2**20 for k in ("driver", "worker")}
@@ -226,7 +228,7 @@ def test_memory_is_flat_in_the_archive_size(ray_local, trained_checkpoint, phant
 def test_unknown_method_lists_the_offered_ones(tmp_path):
     with pytest.raises(ValueError, match=r"method='gradcam3': use one of gradcam, gradcam\+\+, xgradcam, layercam, "
                                          r"eigencam, hirescam"):
-        ExplainOptions(method="gradcam3")
+        ExplainConfig(method="gradcam3")
     r = subprocess.run([sys.executable, "-m", "mammo_ray.cli", "explain", str(tmp_path), "--checkpoint", "x.pt",
                         "--out", str(tmp_path / "o"), "--method", "gradcam3"], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
@@ -239,7 +241,7 @@ def test_checkpoint_without_cam_layer_and_non_spatial_layer_are_refused(trained_
 
     out = tmp_path / "o"
     with pytest.raises(ValueError, match=r"--target-layer 'head': its output has shape \(1, 1\)"):
-        run_explain([str(phantom_dir)], str(trained_checkpoint), str(out), ExplainOptions(target_layer="head"))
+        run_explain([str(phantom_dir)], str(trained_checkpoint), str(out), ExplainConfig(target_layer="head"))
     monkeypatch.setitem(registry.BACKBONES, "simplecnn", dataclasses.replace(registry.BACKBONES["simplecnn"], cam_layer=None))
     with pytest.raises(ValueError, match="backbone 'simplecnn' has no CAM target layer in the registry: pass --target-layer"):
         run_explain([str(phantom_dir)], str(trained_checkpoint), str(out))
@@ -249,40 +251,40 @@ def test_checkpoint_without_cam_layer_and_non_spatial_layer_are_refused(trained_
 def test_folder_of_another_checkpoint_is_refused(ray_local, trained_checkpoint, phantom_dir, tmp_path):
     import torch
 
-    from mammo_ray.train.checkpoint import load_checkpoint
+    from mammo_ray.models.checkpoint import load_checkpoint
 
     small = tmp_path / "small"
     (small / "benign").mkdir(parents=True)
     for p in sorted((phantom_dir / "benign").glob("*.png"))[:3]:
         os.link(p, small / "benign" / p.name)
     out = tmp_path / "o"
-    run_explain([str(small)], str(trained_checkpoint), str(out), ExplainOptions(preview_size=64))
+    run_explain([str(small)], str(trained_checkpoint), str(out), ExplainConfig(preview_size=64))
     state = load_checkpoint(str(trained_checkpoint))
     state["epoch"] += 1  # another checkpoint of the same backbone
     other = tmp_path / "other.pt"
     torch.save(state, other)
     with pytest.raises(OutputInUseError, match="already holds another checkpoint's results .*pass --resume"):
-        run_explain([str(small)], str(other), str(out), ExplainOptions(preview_size=64))
+        run_explain([str(small)], str(other), str(out), ExplainConfig(preview_size=64))
     with pytest.raises(OutputInUseError, match="--resume needs the same run, but checkpoint_sha256 differ"):
-        run_explain([str(small)], str(other), str(out), ExplainOptions(preview_size=64), resume=True)
+        run_explain([str(small)], str(other), str(out), ExplainConfig(preview_size=64), resume=True)
     with pytest.raises(OutputInUseError, match="method differ"):
-        run_explain([str(small)], str(trained_checkpoint), str(out), ExplainOptions(method="eigencam", preview_size=64),
+        run_explain([str(small)], str(trained_checkpoint), str(out), ExplainConfig(method="eigencam", preview_size=64),
                     resume=True)
     (tmp_path / "ann.csv").write_text("path,lesion_x,lesion_y,lesion_r\n")
     with pytest.raises(OutputInUseError, match="annotations_sha256 differ"):
         run_explain([str(small)], str(trained_checkpoint), str(out),
-                    ExplainOptions(preview_size=64, annotations=str(tmp_path / "ann.csv")), resume=True)
+                    ExplainConfig(preview_size=64, annotations=str(tmp_path / "ann.csv")), resume=True)
     fresh = tmp_path / "fresh"
     with pytest.raises(ValueError, match="--workers 2 CPU actors on 2 CPU"):
-        run_explain([str(small)], str(trained_checkpoint), str(fresh), ExplainOptions(workers=2))
+        run_explain([str(small)], str(trained_checkpoint), str(fresh), ExplainConfig(workers=2))
     assert not (fresh / "explain.yaml").exists()  # refused before the folder was claimed
     # the same run resumed: nothing left to do, still balanced
-    summary = run_explain([str(small)], str(trained_checkpoint), str(out), ExplainOptions(preview_size=64), resume=True)
+    summary = run_explain([str(small)], str(trained_checkpoint), str(out), ExplainConfig(preview_size=64), resume=True)
     assert summary["balanced"] and summary["rows"] == 3 and summary["processed_this_run"] == 0
 
 
 def test_annotations_circles_masks_and_bad_rows(tmp_path):
-    from mammo_ray.explain.job import _lesion_scores
+    from mammo_ray.explain.lesions import lesion_scores
 
     (tmp_path / "a.png").write_bytes(b"x")
     mask = np.zeros((40, 30), np.uint8)
@@ -296,13 +298,13 @@ def test_annotations_circles_masks_and_bad_rows(tmp_path):
     assert counts == {"annotated": 2, "lesions": 2, "unmatched_rows": 1, "ambiguous_rows": 0, "rows_without_lesion": 0}
     heat = np.zeros((40, 30), np.float32)
     heat[15, 10] = 1.0  # inside the mask
-    hit = _lesion_scores(heat, 1.0, found["ida"])
+    hit = lesion_scores(heat, 1.0, found["ida"])
     assert hit["pointing_hit"] and hit["energy_inside"] == pytest.approx(1.0)
     assert hit["lesion_area_fraction"] == pytest.approx(100 / 1200)
     # a circle given in source pixels, heatmap at half the source size
     half = np.zeros((20, 15), np.float32)
     half[15, 10] = 1.0  # source (x=20, y=30) / 2
-    assert _lesion_scores(half, 0.5, found["idb"])["pointing_hit"]
+    assert lesion_scores(half, 0.5, found["idb"])["pointing_hit"]
 
     (tmp_path / "bad.csv").write_text("path,lesion_x,lesion_y,lesion_r\na.png,12,abc,3\n")
     with pytest.raises(ValueError, match=r"bad.csv line 2: lesion_x/lesion_y/lesion_r \['12', 'abc', '3'\] are not numbers"):
@@ -348,31 +350,31 @@ def test_annotations_match_by_csv_folder_absolute_path_or_input_root(tmp_path, c
 def test_several_lesions_on_one_image_are_one_union():
     """Two lesions on an image: a peak in either is a hit; energy and chance are over the union
     (the old loader kept only the image's last row)."""
-    from mammo_ray.explain.job import _lesion_scores
+    from mammo_ray.explain.lesions import lesion_scores
 
     lesions = [{"x": 10.0, "y": 10.0, "r": 3.0}, {"x": 40.0, "y": 30.0, "r": 3.0}]
     heat = np.zeros((50, 60), np.float32)
     heat[10, 10] = 1.0  # peak in the first lesion
     heat[30, 40] = 0.5  # mass in the second
-    res = _lesion_scores(heat, 1.0, lesions)
+    res = lesion_scores(heat, 1.0, lesions)
     assert res["pointing_hit"] and res["energy_inside"] == pytest.approx(1.0)
     assert res["lesion_area_fraction"] == pytest.approx(2 * 29 / 3000)  # two discs of radius 3: 29 pixels each
     heat[10, 10] = 0.0
-    assert _lesion_scores(heat, 1.0, lesions)["pointing_hit"]  # peak now in the second lesion
-    assert not _lesion_scores(heat, 1.0, lesions[:1])["pointing_hit"]
+    assert lesion_scores(heat, 1.0, lesions)["pointing_hit"]  # peak now in the second lesion
+    assert not lesion_scores(heat, 1.0, lesions[:1])["pointing_hit"]
 
 
 def test_pointing_game_within_the_breast_mask():
     """The peak searched inside the breast only: a hot label outside the breast no longer wins,
     and chance becomes the lesion's share of the breast."""
-    from mammo_ray.explain.job import _lesion_scores
+    from mammo_ray.explain.lesions import lesion_scores
 
     heat = np.zeros((40, 60), np.float32)
     breast = np.zeros((40, 60), bool)
     breast[:, :30] = True
     heat[5, 50] = 1.0  # a burned-in label, outside the breast: the global peak
     heat[20, 10] = 0.6  # the lesion
-    res = _lesion_scores(heat, 1.0, [{"x": 10.0, "y": 20.0, "r": 2.0}], breast)
+    res = lesion_scores(heat, 1.0, [{"x": 10.0, "y": 20.0, "r": 2.0}], breast)
     assert res["pointing_hit"] is False and res["pointing_hit_in_breast"] is True
     assert res["lesion_area_fraction_in_breast"] == pytest.approx(13 / 1200)  # disc of radius 2: 13 pixels
     assert res["lesion_area_fraction"] == pytest.approx(13 / 2400)
@@ -381,7 +383,7 @@ def test_pointing_game_within_the_breast_mask():
 @pytest.mark.slow
 def test_explain_s3_in_s3_out(ray_local, s3_server, phantom_dir, trained_checkpoint):
     """Archive, checkpoint, annotations and outputs on s3:// (moto on loopback), then a resume."""
-    from mammo_ray.explain.job import read_parts
+    from mammo_ray.explain.results import read_parts
     from tests.conftest import S3_BUCKET as BUCKET
 
     files = sorted(p for p in phantom_dir.rglob("*") if p.is_file() and p.suffix != ".csv" and not p.name.startswith("."))[:16]
@@ -391,7 +393,7 @@ def test_explain_s3_in_s3_out(ray_local, s3_server, phantom_dir, trained_checkpo
     s3_server.put_object(Bucket=BUCKET, Key="archive/benign/broken.dcm", Body=b"DICM? no")
     s3_server.upload_file(str(trained_checkpoint), BUCKET, "runs/best.pt")
     out = f"s3://{BUCKET}/explain"
-    opts = ExplainOptions(preview_size=64, annotations=f"s3://{BUCKET}/archive/labels.csv")
+    opts = ExplainConfig(preview_size=64, annotations=f"s3://{BUCKET}/archive/labels.csv")
     summary = run_explain([f"s3://{BUCKET}/archive"], f"s3://{BUCKET}/runs/best.pt", out, opts)
     assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (17, 16, 1)
     assert summary["localization"]["n"] == 16
@@ -415,7 +417,7 @@ def test_an_image_the_model_cannot_take_fails_alone(trained_checkpoint, phantom_
     from mammo_ray.config import PreprocessConfig
     from mammo_ray.data.inputs import discover
     from mammo_ray.explain.job import CamActor, prepare_batch
-    from mammo_ray.train.checkpoint import load_checkpoint
+    from mammo_ray.models.checkpoint import load_checkpoint
 
     state = load_checkpoint(str(trained_checkpoint))
     cfg = PreprocessConfig(spec=state["spec"], external=True)
@@ -450,7 +452,7 @@ def test_rows_written_twice_by_a_dying_run_and_its_resume_are_deduplicated(tmp_p
     import pyarrow as pa
 
     from mammo_ray.data.parquet import write_table
-    from mammo_ray.explain.job import ERROR_PARTS, ERROR_SCHEMA, SCORE_SCHEMA, dedupe_parts, read_parts
+    from mammo_ray.explain.results import ERROR_PARTS, ERROR_SCHEMA, SCORE_SCHEMA, dedupe_parts, read_parts
 
     def part(folder, name, rows, schema):
         write_table(pa.Table.from_pylist(rows, schema=schema), str(tmp_path / folder / name))

@@ -13,7 +13,7 @@ import torch
 
 from mammo_ray.cli import main
 from mammo_ray.config import TrainConfig
-from mammo_ray.train.checkpoint import load_checkpoint, model_from_checkpoint
+from mammo_ray.models.checkpoint import load_checkpoint, model_from_checkpoint
 from mammo_ray.train.data import load_training_data
 from mammo_ray.train.loop import fit, predict
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import signal
@@ -79,7 +78,7 @@ def test_four_trial_sweep_writes_every_output(ray_local, train_data_dir, tmp_pat
                                       if float(o["val_auc_high"]) >= float(top["val_auc_low"])]
     assert verdict["statement"] in (out / "table.md").read_text()
     # the overall checkpoint is the best trial's best epoch, and loads with weights_only=True
-    from mammo_ray.train.checkpoint import load_checkpoint
+    from mammo_ray.models.checkpoint import load_checkpoint
 
     state = load_checkpoint(str(out / "best" / "overall" / "checkpoint.pt"))
     top = max(rows, key=lambda r: float(r["val_auc"]))
@@ -269,7 +268,7 @@ def test_start_weights_are_resolved_once_on_the_driver_and_shipped(ray_local, tr
 
     import mammo_ray.models.weights as weights_module
     from mammo_ray.models.registry import get_backbone
-    from mammo_ray.train.checkpoint import load_checkpoint
+    from mammo_ray.models.checkpoint import load_checkpoint
 
     torch.manual_seed(123)
     state = get_backbone("simplecnn").builder(weights=None).state_dict()

@@ -1,0 +1,143 @@
+"""The explain job's results folder: the Parquet schemas of scores and errors, the committed
+parts and their reading, de-duplication after a resume, and the run's identity file that
+``--resume`` checks."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from mammo_ray import io as mio
+from mammo_ray.config import ExplainConfig
+from mammo_ray.data.parquet import write_table
+
+logger = logging.getLogger(__name__)
+
+SCORES = "scores.parquet"
+ERROR_PARTS = "_errors"
+IDENTITY_FILE = "explain.yaml"
+IDENTITY_KEYS = ("checkpoint_sha256", "backbone", "method", "target_layer", "threshold", "preview_size",
+                 "heatmap_max_side", "inputs", "annotations_sha256", "amp")
+SCORE_COLUMNS = ("image_id", "source_path", "label", "probability", "predicted", "threshold",
+                 "cam_peak_x", "cam_peak_y", "cam_peak_value", "cam_top5_energy", "orig_height", "orig_width",
+                 "heatmap_path", "overlay_path", "pointing_hit", "energy_inside", "lesion_area_fraction",
+                 "cam_peak_in_breast", "pointing_hit_in_breast", "lesion_area_fraction_in_breast",
+                 "warning", "node_id", "seconds_preprocess", "seconds_cam", "seconds_write")
+
+
+class OutputInUseError(ValueError):
+    pass
+
+
+def _schemas():
+    score = pa.schema([
+        ("image_id", pa.string()), ("source_path", pa.string()), ("label", pa.int8()),
+        ("probability", pa.float32()), ("predicted", pa.int8()), ("threshold", pa.float32()),
+        ("cam_peak_x", pa.float32()), ("cam_peak_y", pa.float32()), ("cam_peak_value", pa.float32()),
+        ("cam_top5_energy", pa.float32()), ("orig_height", pa.int32()), ("orig_width", pa.int32()),
+        ("heatmap_path", pa.string()), ("overlay_path", pa.string()),
+        ("pointing_hit", pa.bool_()), ("energy_inside", pa.float32()), ("lesion_area_fraction", pa.float32()),
+        ("cam_peak_in_breast", pa.bool_()), ("pointing_hit_in_breast", pa.bool_()),
+        ("lesion_area_fraction_in_breast", pa.float32()),
+        ("warning", pa.string()), ("node_id", pa.string()),
+        ("seconds_preprocess", pa.float32()), ("seconds_cam", pa.float32()), ("seconds_write", pa.float32()),
+    ])
+    errors = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("reason", pa.string())])
+    return score, errors
+
+
+SCORE_SCHEMA, ERROR_SCHEMA = _schemas()
+
+
+def write_parts(out: str, image_ids: list[str], rows: list[dict], errors: list[dict]) -> None:
+    """A batch's error part, then its scores part, named by a hash of the batch's image ids (a
+    retried task rewrites its own parts). The scores part is written last: it commits the batch."""
+    digest = hashlib.sha1("\n".join(sorted(image_ids)).encode()).hexdigest()[:20]
+    if errors:
+        write_table(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), mio.join(out, ERROR_PARTS, f"part-{digest}.parquet"))
+    if rows:
+        write_table(pa.Table.from_pylist(rows, schema=SCORE_SCHEMA), mio.join(out, SCORES, f"part-{digest}.parquet"))
+
+
+def _parts(out: str, folder: str) -> list[str]:
+    base = mio.join(out, folder)
+    if not mio.exists(base):
+        return []
+    return sorted(p for p, _ in mio.list_files(base) if p.endswith(".parquet"))
+
+
+def read_parts(out: str, folder: str, columns: list[str]) -> pd.DataFrame:
+    """The rows of every committed part of ``scores.parquet`` or the error parts."""
+    schema = SCORE_SCHEMA if folder == SCORES else ERROR_SCHEMA
+    tables = []
+    for p in _parts(out, folder):
+        fs, inner = mio.resolve(p)
+        tables.append(pq.read_table(inner, filesystem=fs, columns=columns))
+    if not tables:
+        return pa.schema([schema.field(c) for c in columns]).empty_table().to_pandas()
+    return pa.concat_tables(tables).to_pandas()
+
+
+def dedupe_parts(out: str) -> int:
+    """Remove rows of images that were done twice, keeping their first row (parts in name order,
+    score rows before error rows). This happens only when a killed run's last tasks were still
+    writing while a ``--resume`` started: the work was repeated, not lost. Returns rows removed.
+    """
+    seen: set[str] = set()
+    removed = 0
+    for folder in (SCORES, ERROR_PARTS):
+        for p in _parts(out, folder):
+            fs, inner = mio.resolve(p)
+            table = pq.read_table(inner, filesystem=fs)
+            ids = table.column("image_id").to_pylist()
+            keep = [i not in seen for i in ids]
+            seen.update(ids)
+            if all(keep):
+                continue
+            removed += keep.count(False)
+            logger.warning("%s: %d row(s) of images already in another part removed", p, keep.count(False))
+            kept = table.filter(pa.array(keep))
+            if kept.num_rows:
+                write_table(kept, p)
+            else:
+                fs.delete_file(inner)
+    return removed
+
+
+def checkpoint_sha256(path: str) -> str:
+    return hashlib.sha256(mio.read_bytes(path)).hexdigest()
+
+
+def identity(checkpoint: str, state: dict, opts: ExplainConfig, layer: str, threshold: float,
+              inputs: list[str]) -> dict[str, Any]:
+    return {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256(checkpoint), "backbone": state["backbone"],
+            "method": opts.method, "target_layer": layer, "threshold": float(threshold),
+            "preview_size": int(opts.preview_size), "heatmap_max_side": int(opts.heatmap_max_side),
+            "inputs": list(inputs), "annotations": opts.annotations,
+            "annotations_sha256": hashlib.sha256(mio.read_bytes(opts.annotations)).hexdigest() if opts.annotations else None,
+            "amp": bool(opts.amp), "spec": state["spec"]}
+
+
+def check_output(out: str, identity: dict, resume: bool) -> bool:
+    """Refuse a folder holding other results; True when resuming previous results."""
+    path = mio.join(out, IDENTITY_FILE)
+    if not mio.exists(path):
+        stray = [p for p in (SCORES, ERROR_PARTS, "summary.json") if mio.exists(mio.join(out, p))]
+        if stray:
+            raise OutputInUseError(f"--out {out} holds results without {IDENTITY_FILE} ({', '.join(stray)}): use another folder")
+        return False
+    previous = yaml.safe_load(mio.read_bytes(path)) or {}
+    differ = [k for k in IDENTITY_KEYS if previous.get(k) != identity[k]]
+    if not resume:
+        what = ("another checkpoint's results (sha256 " + str(previous.get("checkpoint_sha256", "?"))[:12] + ")"
+                if "checkpoint_sha256" in differ else "explain results")
+        raise OutputInUseError(f"--out {out} already holds {what}: pass --resume to continue them, or use another folder")
+    if differ:
+        raise OutputInUseError(f"--out {out}: --resume needs the same run, but {', '.join(differ)} differ from its "
+                               f"{IDENTITY_FILE}: use another folder")
+    return True

@@ -1,0 +1,102 @@
+"""Running a model: the device, autocast, the one input normalisation, loading a checkpoint
+for inference, and batched prediction. Training, evaluation and the archive jobs all use these,
+so a model sees its inputs prepared the same way in every stage."""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mammo_ray.config import PreprocessSpec
+from mammo_ray.data.arrays import SplitArrays, pixel_scale
+from mammo_ray.models.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when this process sees a GPU (Ray sets CUDA_VISIBLE_DEVICES), else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda': no CUDA device is available here; use auto or cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 (or fp16 where bf16 is missing) autocast on CUDA; nothing on CPU."""
+    if device.type != "cuda" or not enabled:
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def to_unit(pixels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, H, W) stored pixels -> (B, 1, H, W) float in [0, 1] on ``device``."""
+    if isinstance(pixels, np.ndarray):
+        scale = pixel_scale(pixels.dtype)
+        # Parquet pixels are read-only views of their buffer: a copy (one small batch) rather
+        # than a tensor over memory torch must not write
+        x = torch.from_numpy(np.ascontiguousarray(pixels) if pixels.flags.writeable else pixels.copy())
+    else:
+        scale, x = pixel_scale(str(pixels.dtype).replace("torch.", "")), pixels
+    x = x.to(device, non_blocking=True).unsqueeze(1)
+    # float() copies integer pixels; float pixels are cloned, so the in-place ops below never
+    # write into the caller's array
+    return (x.float() if x.dtype != torch.float32 else x.clone()).div_(scale)
+
+
+def normalize(x01: torch.Tensor, spec: PreprocessSpec, *, channels_last: bool = True) -> torch.Tensor:
+    """The model input: (x - spec.mean) / spec.std, channels-last by default (faster convolutions
+    with cuDNN and oneDNN). The only place the spec's normalisation is applied."""
+    x = x01.sub_(spec.mean).div_(spec.std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def to_model_input(pixels: np.ndarray | torch.Tensor, spec: PreprocessSpec, device: torch.device, *,
+                   channels_last: bool = True) -> torch.Tensor:
+    """(B, H, W) stored pixels -> the normalized (B, 1, H, W) model input on ``device``."""
+    return normalize(to_unit(pixels, device), spec, channels_last=channels_last)
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready for inference: its state, spec and model (eval mode, on ``device``)."""
+
+    state: dict[str, Any]
+    spec: PreprocessSpec
+    model: torch.nn.Module
+    device: torch.device
+
+    @property
+    def backbone(self) -> str:
+        return self.state["backbone"]
+
+
+def load_for_inference(checkpoint: str | dict[str, Any], device: str = "auto") -> LoadedModel:
+    """Load a checkpoint (a path, or a state already loaded) and build its model on the device."""
+    state = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    dev = resolve_device(device)
+    model = model_from_checkpoint(state).to(dev).to(memory_format=torch.channels_last)
+    return LoadedModel(state=state, spec=checkpoint_spec(state), model=model, device=dev)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec, device: torch.device,
+            batch_size: int = 64, channels_last: bool = True, amp: bool = True) -> np.ndarray:
+    """Malignancy probabilities for every row, in order (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(arrays), batch_size):
+            x = to_model_input(arrays.pixels[i:i + batch_size], spec, device, channels_last=channels_last)
+            with autocast(device, amp):
+                out.append(torch.sigmoid(model(x).squeeze(1).float()).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -1,0 +1,79 @@
+"""The architecture's rules, checked: the import layers (import-linter), a `--help` that
+imports neither torch nor Ray, the registry's names known below the model layer, and job
+entrypoints that only call the CLI."""
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def _lint(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(pythonpath), "PATH": str(BIN)}
+    return subprocess.run([str(BIN / "lint-imports"), "--no-cache"], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_layers_contract_is_kept_and_breaking_it_fails(tmp_path):
+    ok = _lint(REPO, REPO)
+    assert ok.returncode == 0 and "1 kept, 0 broken" in ok.stdout, ok.stdout[-2000:] + ok.stderr[-2000:]
+    # the same contract on a copy where evaluate imports train (a peer): broken
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO / "mammo_ray", copy / "mammo_ray", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", copy / "pyproject.toml")
+    target = copy / "mammo_ray" / "evaluate" / "report.py"
+    target.write_text(target.read_text() + "\nfrom mammo_ray.train import loop  # noqa: E402,F401\n")
+    bad = _lint(copy, copy)
+    assert bad.returncode != 0, bad.stdout[-2000:]
+    assert "mammo_ray.evaluate is not allowed to import mammo_ray.train" in bad.stdout
+
+
+@pytest.mark.parametrize("argv", [[], ["preprocess"], ["train"], ["tune"], ["evaluate"], ["explain"], ["demo"],
+                                  ["lr-find"], ["synth"]])
+def test_help_imports_neither_torch_nor_ray(argv):
+    code = ("import sys\nfrom mammo_ray.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', 'torch' in sys.modules, 'ray' in sys.modules, 'torchvision' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, *argv, "--help"], capture_output=True, text=True, timeout=120,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "usage: " in r.stdout and r.stdout.strip().splitlines()[-1] == "LOADED False False False", r.stdout[-500:]
+
+
+def test_help_wall_time_against_bare_python():
+    """`mammo-ray --help` against `python -c pass` in the same run (the README's figure)."""
+    def best(cmd: list[str]) -> float:
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            subprocess.run(cmd, capture_output=True, timeout=120, check=True)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    bare = best([sys.executable, "-c", "pass"])
+    cli = best([str(BIN / "mammo-ray"), "--help"])
+    print(f"mammo-ray --help {cli:.2f} s vs python -c pass {bare:.2f} s")
+    assert cli < bare + 2.0  # torch alone costs about 2 s to import here
+
+
+def test_config_knows_the_registrys_backbones():
+    from mammo_ray.config import BUILTIN_BACKBONES, backbone_names
+    from mammo_ray.models.registry import list_backbones
+
+    assert sorted(BUILTIN_BACKBONES) == list_backbones() == backbone_names()
+
+
+def test_job_entrypoints_only_call_the_cli():
+    for path in sorted((REPO / "jobs").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        used = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("mammo_ray")}
+        used |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names if a.name.startswith("mammo_ray")}
+        assert used == {"mammo_ray.smoke"}, (path.name, used)
