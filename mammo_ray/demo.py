@@ -2,13 +2,16 @@
 named by ``RAY_ADDRESS``), ending in one ``report.html`` that links everything.
 
     phantoms (a training site + an external site with another acquisition look)
-      -> preprocess (Ray Data) -> sweep (Ray Tune: 2 backbones x 2 freezing ratios, cyclic LR)
+      -> preprocess (Ray Data) -> sweep (Ray Tune: pretrained efficientnet_lite0 x 4 freezing ratios, cyclic LR)
       -> evaluate every group's best checkpoint on test + external (threshold from val)
       -> explain the external set with the best checkpoint (scores, Grad-CAM, localization)
       -> report.html
 
 The laptop configuration fits a 2-core CPU in a few minutes; ``full=True`` runs the paper's
 sweep (resnet50 and vgg19, freezing ratios 0-0.75, ImageNet weights) for a GPU box.
+
+The stages are imported inside the functions that run them: they import torch and Ray, and
+the CLI imports this module for ``mammo-ray demo --help``.
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mammo_ray.config import PreprocessConfig, SweepConfig
+from mammo_ray.config import ExplainConfig, PreprocessConfig, SweepConfig
+from mammo_ray.outputs import check_out_location
 
 logger = logging.getLogger(__name__)
 
@@ -136,82 +141,31 @@ def write_index(out: str, facts: dict[str, Any]) -> str:
     return path
 
 
-def run_demo(out: str, cfg: DemoConfig | None = None, *, full: bool = False, address: str | None = None) -> dict[str, Any]:
-    """Run every stage; returns the facts printed at the end (best test AUC, timings...)."""
-    from mammo_ray.data.pipeline import run_preprocess
-    from mammo_ray.data.preview import contact_sheet
-    from mammo_ray.data.synth import write_phantoms
-    from mammo_ray.evaluate.run import run_evaluate, sweep_checkpoints
-    from mammo_ray.config import ExplainConfig
-    from mammo_ray.explain.job import run_explain
-    from mammo_ray.ray_utils import init_ray
-    from mammo_ray.train.sweep import run_sweep
+def run_demo(out: str, cfg: DemoConfig | None = None, *, full: bool = False, address: str | None = None,
+             progress: Callable[[str], None] = logger.info) -> dict[str, Any]:
+    """Run every stage; returns the facts of the end (best test AUC, timings...). ``progress``
+    receives one line per stage (the CLI prints them; a library caller gets log lines)."""
+    from mammo_ray.ray_utils import init_ray  # deferred, as every stage import here: see the module doc
 
     cfg = cfg or (DemoConfig.full() if full else DemoConfig.laptop())
     t0 = time.perf_counter()
-    out = os.path.abspath(out)
-    # the demo replaces its own outputs on a rerun; it never empties a folder it did not make
-    from mammo_ray.outputs import check_out_location
-
-    check_out_location(out)
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, DEMO_MARKER)):
-        raise ValueError(f"--out {out} is not empty and is not a demo folder (no {DEMO_MARKER}): use a new folder")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, DEMO_MARKER), "w") as f:
-        f.write("a mammo-ray demo folder: `mammo-ray demo` replaces its contents\n")
+    out = _claim_folder(os.path.abspath(out))
     init_ray(address)
     if full:
         _check_full(cfg)
-    raw, ext_raw = _fresh(os.path.join(out, "phantoms")), _fresh(os.path.join(out, "phantoms-external"))
     times: dict[str, float] = {}
-
+    pre, ext, ext_raw = _demo_data(out, cfg, times, progress)
+    sweep, report, best, rows = _demo_models(out, cfg, times, progress)
     t = time.perf_counter()
-    write_phantoms(raw, cfg.n, seed=0, height=cfg.height, width=cfg.width)
-    # another "site": other seed, lower contrast, more noise, other file formats
-    write_phantoms(ext_raw, cfg.n_external, seed=1, height=cfg.height, width=cfg.width, contrast=0.8, noise=1.5,
-                   formats=("dcm-rle", "jpg", "dcm-mono1"))
-    times["synth"] = time.perf_counter() - t
+    from mammo_ray.explain.job import run_explain
 
-    t = time.perf_counter()
-    pre = run_preprocess([raw], os.path.join(out, "data"),
-                         PreprocessConfig.load(size=cfg.size, ratios=cfg.ratios, std=cfg.std), overwrite=True)
-    ext = run_preprocess([ext_raw], os.path.join(out, "external"),
-                         PreprocessConfig.load(size=cfg.size, external=True, std=cfg.std), overwrite=True)
-    contact_sheet(os.path.join(out, "data"), os.path.join(out, "preview-train.png"))
-    contact_sheet(os.path.join(out, "external"), os.path.join(out, "preview-external.png"), split="external")
-    times["preprocess"] = time.perf_counter() - t
-    print(f"[1/4] preprocess: {pre['rows']} rows {pre['splits']}, external {ext['rows']} rows; "
-          f"errors {pre['errors'] + ext['errors']} ({times['preprocess']:.0f} s)", flush=True)
-
-    t = time.perf_counter()
-    sweep_out = _fresh(os.path.join(out, "sweep"))
-    sweep = run_sweep(os.path.join(out, "data"), sweep_out, cfg.sweep)
-    times["sweep"] = time.perf_counter() - t
-    print(f"[2/4] sweep: {sweep['trials']} trials, best val AUC {sweep['best']['val_auc']:.3f} "
-          f"({sweep['best']['backbone']}, freeze {float(sweep['best']['freeze_ratio']):g}) ({times['sweep']:.0f} s)",
-          flush=True)
-
-    t = time.perf_counter()
-    report = run_evaluate(sweep_checkpoints(sweep_out), data=os.path.join(out, "data"),
-                          externals=[os.path.join(out, "external")], out=os.path.join(out, "evaluate"), n_boot=cfg.n_boot)
-    times["evaluate"] = time.perf_counter() - t
-    best_ckpt = os.path.join(sweep_out, "best", "overall", "checkpoint.pt")
-    rows = [_aucs(ck) for ck in report["checkpoints"]]
-    # the sweep's overall best (chosen on val AUC, never on test) is the one explained below
-    overall = f"{sweep['best']['backbone']}-r{float(sweep['best']['freeze_ratio']):g}"
-    best = next((r for r in rows if r["name"] == overall), max(rows, key=lambda r: r["val_auc"]))
-    print(f"[3/4] evaluate: {len(report['checkpoints'])} checkpoints; best by val: {best['name']} test AUC "
-          f"{best['test_auc']:.3f}, external AUC {best['external_auc']:.3f} ({times['evaluate']:.0f} s)", flush=True)
-
-    t = time.perf_counter()
-    expl_dir = _fresh(os.path.join(out, "explain"))
-    expl = run_explain([ext_raw], best_ckpt, expl_dir,
+    best_ckpt = os.path.join(out, "sweep", "best", "overall", "checkpoint.pt")
+    expl = run_explain([ext_raw], best_ckpt, _fresh(os.path.join(out, "explain")),
                        ExplainConfig(preview_size=384, annotations=os.path.join(ext_raw, "labels.csv")))
     times["explain"] = time.perf_counter() - t
     loc = expl.get("localization") or {}
-    print(f"[4/4] explain: {expl['rows']} images, pointing game {_num(loc.get('pointing_game')):.2f} vs "
-          f"chance {_num(loc.get('chance')):.3f} ({times['explain']:.0f} s)", flush=True)
-
+    progress(f"[4/4] explain: {expl['rows']} images, pointing game {_num(loc.get('pointing_game')):.2f} vs "
+             f"chance {_num(loc.get('chance')):.3f} ({times['explain']:.0f} s)")
     seconds = time.perf_counter() - t0
     facts = {
         "mode": "full (paper)" if full else "laptop", "seconds": seconds, "best": best, "checkpoints": rows,
@@ -226,6 +180,67 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, full: bool = False, add
         json.dump({k: v for k, v in facts.items() if k != "summary"}, f, indent=2, default=str)
     facts["report"] = index
     return facts
+
+
+def _claim_folder(out: str) -> str:
+    """The demo replaces its own outputs on a rerun; it never empties a folder it did not make."""
+    check_out_location(out)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, DEMO_MARKER)):
+        raise ValueError(f"--out {out} is not empty and is not a demo folder (no {DEMO_MARKER}): use a new folder")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, DEMO_MARKER), "w") as f:
+        f.write("a mammo-ray demo folder: `mammo-ray demo` replaces its contents\n")
+    return out
+
+
+def _demo_data(out: str, cfg: DemoConfig, times: dict[str, float], progress: Callable[[str], None]):
+    """Phantoms (training set, and another "site"), preprocessed; (pre, ext summaries, external raw folder)."""
+    from mammo_ray.data.pipeline import run_preprocess
+    from mammo_ray.data.preview import contact_sheet
+    from mammo_ray.data.synth import write_phantoms
+
+    raw, ext_raw = _fresh(os.path.join(out, "phantoms")), _fresh(os.path.join(out, "phantoms-external"))
+    t = time.perf_counter()
+    write_phantoms(raw, cfg.n, seed=0, height=cfg.height, width=cfg.width)
+    # another "site": other seed, lower contrast, more noise, other file formats
+    write_phantoms(ext_raw, cfg.n_external, seed=1, height=cfg.height, width=cfg.width, contrast=0.8, noise=1.5,
+                   formats=("dcm-rle", "jpg", "dcm-mono1"))
+    times["synth"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pre = run_preprocess([raw], os.path.join(out, "data"),
+                         PreprocessConfig.load(size=cfg.size, ratios=cfg.ratios, std=cfg.std), overwrite=True)
+    ext = run_preprocess([ext_raw], os.path.join(out, "external"),
+                         PreprocessConfig.load(size=cfg.size, external=True, std=cfg.std), overwrite=True)
+    contact_sheet(os.path.join(out, "data"), os.path.join(out, "preview-train.png"))
+    contact_sheet(os.path.join(out, "external"), os.path.join(out, "preview-external.png"), split="external")
+    times["preprocess"] = time.perf_counter() - t
+    progress(f"[1/4] preprocess: {pre['rows']} rows {pre['splits']}, external {ext['rows']} rows; "
+             f"errors {pre['errors'] + ext['errors']} ({times['preprocess']:.0f} s)")
+    return pre, ext, ext_raw
+
+
+def _demo_models(out: str, cfg: DemoConfig, times: dict[str, float], progress: Callable[[str], None]):
+    """The sweep, then every group's best evaluated; (sweep, report, best row, rows)."""
+    from mammo_ray.evaluate.run import run_evaluate, sweep_checkpoints
+    from mammo_ray.train.sweep import run_sweep
+
+    t = time.perf_counter()
+    sweep_out = _fresh(os.path.join(out, "sweep"))
+    sweep = run_sweep(os.path.join(out, "data"), sweep_out, cfg.sweep)
+    times["sweep"] = time.perf_counter() - t
+    progress(f"[2/4] sweep: {sweep['trials']} trials, best val AUC {sweep['best']['val_auc']:.3f} "
+             f"({sweep['best']['backbone']}, freeze {float(sweep['best']['freeze_ratio']):g}) ({times['sweep']:.0f} s)")
+    t = time.perf_counter()
+    report = run_evaluate(sweep_checkpoints(sweep_out), data=os.path.join(out, "data"),
+                          externals=[os.path.join(out, "external")], out=os.path.join(out, "evaluate"), n_boot=cfg.n_boot)
+    times["evaluate"] = time.perf_counter() - t
+    rows = [_aucs(ck) for ck in report["checkpoints"]]
+    # the sweep's overall best (chosen on val AUC, never on test) is the one explained
+    overall = f"{sweep['best']['backbone']}-r{float(sweep['best']['freeze_ratio']):g}"
+    best = next((r for r in rows if r["name"] == overall), max(rows, key=lambda r: r["val_auc"]))
+    progress(f"[3/4] evaluate: {len(report['checkpoints'])} checkpoints; best by val: {best['name']} test AUC "
+             f"{best['test_auc']:.3f}, external AUC {best['external_auc']:.3f} ({times['evaluate']:.0f} s)")
+    return sweep, report, best, rows
 
 
 def _num(x: Any) -> float:

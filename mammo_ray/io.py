@@ -113,50 +113,11 @@ def list_files(path: str, report: dict | None = None) -> Iterator[tuple[str, int
             ``linked`` (real paths of the symlinked folders followed).
     """
     report = report if report is not None else {}
-    skipped = report.setdefault("skipped", {})
-    unreadable = report.setdefault("unreadable", [])
-    linked = report.setdefault("linked", [])
-
-    def skip(reason: str, n: int = 1) -> None:
-        skipped[reason] = skipped.get(reason, 0) + n
-
+    report.setdefault("skipped", {})
+    report.setdefault("unreadable", [])
+    report.setdefault("linked", [])
     if not is_uri(path):
-        root = os.path.abspath(path)
-        found = []
-        seen: set[tuple[int, int]] = set()
-
-        def on_error(exc: OSError) -> None:
-            unreadable.append((exc.filename or root, f"unreadable folder: {type(exc).__name__}: {exc.strerror}"))
-
-        for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
-            try:
-                st = os.stat(dirpath)
-            except OSError as exc:
-                unreadable.append((dirpath, f"unreadable folder: {type(exc).__name__}: {exc.strerror}"))
-                dirnames[:] = []
-                continue
-            if (st.st_dev, st.st_ino) in seen:  # a link back into the tree (or a second link to a folder)
-                skip("folder already listed through another path (symlink)")
-                dirnames[:] = []
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            if dirpath != root and os.path.islink(dirpath):
-                linked.append(os.path.realpath(dirpath))
-            hidden = [d for d in dirnames if d.startswith(".")]
-            if hidden:
-                skip("hidden folder", len(hidden))
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in filenames:
-                if name.startswith("."):
-                    skip("hidden file")
-                    continue
-                full = os.path.join(dirpath, name)
-                try:
-                    size = os.stat(full).st_size
-                except OSError:
-                    size = 0
-                found.append((full, size))
-        yield from sorted(found)
+        yield from sorted(_walk_local(os.path.abspath(path), report))
         return
     fs, inner = resolve(path)
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
@@ -165,9 +126,53 @@ def list_files(path: str, report: dict | None = None) -> Iterator[tuple[str, int
             continue
         rel = info.path[len(inner):].lstrip("/")
         if any(part.startswith(".") for part in rel.split("/")):
-            skip("hidden file")
+            _skip(report, "hidden file")
             continue
         yield to_uri(fs, info.path, path), int(info.size or 0)
+
+
+def _skip(report: dict, reason: str, n: int = 1) -> None:
+    report["skipped"][reason] = report["skipped"].get(reason, 0) + n
+
+
+def _walk_local(root: str, report: dict) -> list[tuple[str, int]]:
+    """(path, size) of the files under a local ``root``, following symlinked folders once each."""
+    found: list[tuple[str, int]] = []
+    seen: set[tuple[int, int]] = set()
+    unreadable = report["unreadable"]
+
+    def on_error(exc: OSError) -> None:
+        unreadable.append((exc.filename or root, f"unreadable folder: {type(exc).__name__}: {exc.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError as exc:
+            unreadable.append((dirpath, f"unreadable folder: {type(exc).__name__}: {exc.strerror}"))
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a link back into the tree (or a second link to a folder)
+            _skip(report, "folder already listed through another path (symlink)")
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        if dirpath != root and os.path.islink(dirpath):
+            report["linked"].append(os.path.realpath(dirpath))
+        hidden = [d for d in dirnames if d.startswith(".")]
+        if hidden:
+            _skip(report, "hidden folder", len(hidden))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                _skip(report, "hidden file")
+                continue
+            full = os.path.join(dirpath, name)
+            try:
+                size = os.stat(full).st_size
+            except OSError:
+                size = 0
+            found.append((full, size))
+    return found
 
 
 def relpath(path: str, root: str) -> str:

@@ -26,6 +26,7 @@ import yaml
 
 from mammo_ray import io as mio
 from mammo_ray.config import PreprocessConfig, to_dict
+from mammo_ray.data.accounting import check_nothing_lost, tally
 from mammo_ray.data.decode import (MG_MODALITY, DecodeError, decode_bytes, describe_exception, dicom_meta,
                                    read_dicom_header)
 from mammo_ray.data.inputs import CLASS_NAMES, Listing, discover, needs_header_probe
@@ -35,7 +36,7 @@ from mammo_ray.data.transforms import INVERSION_WARN_MARGIN, preprocess_image
 from mammo_ray.outputs import (check_inputs_vs_out, clear_owned, is_project_parquet, list_relative, read_marker,
                                write_marker)
 from mammo_ray.privacy import PatientSecret, load_patient_secret, patient_key
-from mammo_ray.ray_utils import node_id, remote_args
+from mammo_ray.ray_utils import init_ray, node_id, remote_args
 from mammo_ray.resources import (RESERVED_SOURCE_PIXELS, TASK_RETRIES, check_fits, largest_node_memory,
                                  preprocess_task_bytes)
 
@@ -213,7 +214,6 @@ def _summarize(listing: Listing, statuses: pd.DataFrame, cfg: PreprocessConfig, 
     errors = len(listing.errors) + int((statuses["status"] != "ok").sum())
     return {
         "inputs": listing.inputs, "rows": int(len(ok)), "errors": errors,
-        "balanced": listing.inputs == int(len(ok)) + errors,
         "splits": counts, "ignored_non_image_files": dict(sorted(listing.ignored.items())),
         "skipped_while_listing": dict(sorted(listing.skipped.items())),
         "warnings": int((ok["warning"].fillna("") != "").sum()),
@@ -282,10 +282,6 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
         ValueError: bad inputs or an output folder already used (before any work starts).
         RuntimeError: if the accounting ``inputs == rows + errors`` fails.
     """
-    import ray
-
-    from mammo_ray.ray_utils import init_ray
-
     t0 = time.perf_counter()
     listing = discover(list(inputs), unlabeled=cfg.unlabeled)
     check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out, extra_folders=listing.linked_folders)
@@ -300,23 +296,49 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
     _check_output(out, overwrite)
     mio.makedirs(out)
     write_marker(out, "preprocess")  # the folder is ours from here: a later --overwrite may clear it
-    # Ray reserves this much per task, so a node runs only as many tasks as fit; sized for the
-    # largest real mammograms, not the max_pixels ceiling (which only has to fit one node)
-    task_bytes = preprocess_task_bytes(size=cfg.spec.size, dtype=cfg.spec.dtype, batch_size=cfg.batch_size,
-                                       max_pixels=min(cfg.max_pixels, RESERVED_SOURCE_PIXELS))
     # patient ids group the split and drive patient-level bootstrap (external sets too)
     _probe_patients(listing.records, cfg)
     _assign(listing.records, cfg, secret)
     logger.info("%d inputs: %d to process, %d refused while listing", listing.inputs, len(listing.records), len(listing.errors))
+    statuses = _run_tasks(listing.records, inputs, out, cfg)
+    statuses = _account_lost(listing.records, statuses, out)
+    failed = statuses[statuses["status"] != "ok"][["path", "image_id", "reason"]].to_dict("records")
+    write_errors(out, listing.errors + failed)
+    t = tally(listing.inputs, [r["image_id"] for r in listing.records],
+              statuses.loc[statuses["status"] == "ok", "image_id"], [f["image_id"] for f in failed],
+              listing_errors=len(listing.errors))
+    summary = {**_summarize(listing, statuses, cfg, time.perf_counter() - t0), "balanced": t.balanced,
+               # which key made the pseudonyms (a fingerprint, not the key): sets made with the same key link
+               "patient_key_id": secret.key_id}
+    config_out = to_dict(cfg)
+    config_out["spec"] = to_dict(cfg.spec)
+    mio.write_bytes(mio.join(out, "preprocess.yaml"), yaml.safe_dump(config_out, sort_keys=False).encode())
+    mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    write_marker(out, "preprocess", files=list_relative(out, PREPROCESS_OUTPUTS))
+    if listing.records and (statuses["node_id"] == "lost").all():
+        # no task came back at all: the job itself failed (an unwritable --out, workers killed
+        # every time), not some images; the accounting above is written, and the run fails
+        raise RuntimeError(f"every task of the job failed ({t.line}; errors.csv lists every input): "
+                           "see the Ray logs above (--out not writable? out of memory?)")
+    check_nothing_lost(t, logger)
+    return summary
+
+
+def _run_tasks(records: list[dict], inputs: list[str], out: str, cfg: PreprocessConfig) -> pd.DataFrame:
+    """The Ray Data map over every record; one status row per record whose task reported."""
+    import ray  # deferred: the module's pure functions (process_record) run without Ray
 
     frames = []
-    if listing.records:
-        n = len(listing.records)
+    if records:
+        # Ray reserves this much per task, so a node runs only as many tasks as fit; sized for the
+        # largest real mammograms, not the max_pixels ceiling (which only has to fit one node)
+        task_bytes = preprocess_task_bytes(size=cfg.spec.size, dtype=cfg.spec.dtype, batch_size=cfg.batch_size,
+                                           max_pixels=min(cfg.max_pixels, RESERVED_SOURCE_PIXELS))
         # The job is a single CPU-bound map. Ray Data's per-operator reservation would hold
         # back part of the CPUs for the (CPU-free) input and output operators: on a 2-CPU
         # node that idled a core (10.4 vs 14.0 img/s on full-size DICOM, benchmarks/).
         ray.data.DataContext.get_current().op_resource_reservation_enabled = False
-        ds = ray.data.from_items(listing.records, override_num_blocks=max(1, math.ceil(n / cfg.batch_size)))
+        ds = ray.data.from_items(records, override_num_blocks=max(1, math.ceil(len(records) / cfg.batch_size)))
         # A batch whose task keeps failing (its worker killed for memory, a crash) is dropped
         # after TASK_RETRIES retries instead of failing the job; its images become errors below.
         # Set on this dataset's own context, not the process-wide one.
@@ -327,28 +349,5 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
             ds = ds.map_batches(process_batch, batch_format="pandas", batch_size=cfg.batch_size,
                                 fn_kwargs={"cfg": cfg, "out": out}, num_cpus=1, memory=task_bytes,
                                 max_retries=TASK_RETRIES, **remote_args([*inputs, out]))
-        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-            frames.append(batch)
-    statuses = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(RESULT_COLUMNS))
-    statuses = _account_lost(listing.records, statuses, out)
-
-    failed = statuses[statuses["status"] != "ok"][["path", "image_id", "reason"]].to_dict("records")
-    write_errors(out, listing.errors + failed)
-    summary = _summarize(listing, statuses, cfg, time.perf_counter() - t0)
-    # which key made the pseudonyms (a fingerprint, not the key): sets made with the same key link
-    summary["patient_key_id"] = secret.key_id
-    config_out = to_dict(cfg)
-    config_out["spec"] = to_dict(cfg.spec)
-    mio.write_bytes(mio.join(out, "preprocess.yaml"), yaml.safe_dump(config_out, sort_keys=False).encode())
-    mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
-    write_marker(out, "preprocess", files=list_relative(out, PREPROCESS_OUTPUTS))
-    line = f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']}"
-    if listing.records and (statuses["node_id"] == "lost").all():
-        # no task came back at all: the job itself failed (an unwritable --out, workers killed
-        # every time), not some images; the accounting above is written, and the run fails
-        raise RuntimeError(f"every task of the job failed ({line}; errors.csv lists every input): "
-                           "see the Ray logs above (--out not writable? out of memory?)")
-    if not summary["balanced"]:
-        raise RuntimeError(f"nothing-lost check failed: {line}")
-    logger.info("nothing lost: %s", line)
-    return summary
+        frames = list(ds.iter_batches(batch_format="pandas", batch_size=None))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(RESULT_COLUMNS))

@@ -269,12 +269,7 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray,
     else:
         bright_removed = 0.0
     small, sy, sx, (pt, pl, pb, pr) = resize(img, spec.size, spec.resize_mode)
-    # the breast mask in model space (all True without masking): explanations score CAMs
-    # within it and flag peaks outside it
-    model_mask = np.zeros(spec.size, bool)
-    inner = (np.ones(small.shape, bool) if full is None else
-             cv2.resize(full.astype(np.uint8), (small.shape[1], small.shape[0]), interpolation=cv2.INTER_NEAREST) > 0)
-    model_mask[pt:pt + small.shape[0], pl:pl + small.shape[1]] = inner
+    model_mask = _model_mask(full, small.shape, spec.size, pt, pl)
     small = equalize(small, spec.equalize, clip=spec.clahe_clip, grid=spec.clahe_grid)
     out = cv2.copyMakeBorder(small, pt, pb, pl, pr, cv2.BORDER_CONSTANT, value=0)
     out = cast(out, spec.dtype)
@@ -288,6 +283,17 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray,
         "breast_mask": model_mask,
     }
     return out, geometry
+
+
+def _model_mask(full: np.ndarray | None, shape: tuple[int, int], size: tuple[int, int], top: int,
+                left: int) -> np.ndarray:
+    """The breast mask in model space (padding False; all of the image without masking):
+    explanations score CAMs within it and flag peaks outside it."""
+    model_mask = np.zeros(size, bool)
+    inner = (np.ones(shape, bool) if full is None else
+             cv2.resize(full.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST) > 0)
+    model_mask[top:top + shape[0], left:left + shape[1]] = inner
+    return model_mask
 
 
 def map_to_original(arr: np.ndarray, geometry: dict[str, Any]) -> np.ndarray:

@@ -87,30 +87,40 @@ def _replicate_metrics(y: np.ndarray, s: np.ndarray, w: np.ndarray, *, threshold
             onehot[np.arange(len(s)), idx] = s - yf
             out["ece"] = np.abs(w @ onehot).sum(axis=1) / total
         if any(m in metrics for m in _RANKING):
-            order = np.argsort(-s, kind="mergesort")
-            s_desc = s[order]
-            # Last position of each run of equal scores: ties form one ROC step (as roc_curve).
-            ends = np.r_[np.flatnonzero(np.diff(s_desc)), len(s) - 1]
-            w_desc, y_desc = w[:, order], yf[order]
-            tps = np.cumsum(w_desc * y_desc, axis=1)[:, ends]
-            fps = np.cumsum(w_desc * (1.0 - y_desc), axis=1)[:, ends]
-            zero = np.zeros((len(w), 1))
-            tpr = np.hstack([zero, tps / n_pos[:, None]])
-            fpr = np.hstack([zero, fps / n_neg[:, None]])
-            both = (n_pos > 0) & (n_neg > 0)
-            if "roc_auc" in metrics:
-                auc = np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2.0, axis=1)
-                out["roc_auc"] = np.where(both, auc, nan)
-            if "pr_auc" in metrics:
-                # AP = sum_k (R_k - R_{k-1}) P_k. Thresholds none of whose images were drawn have
-                # 0/0 precision but also zero recall step, so they contribute 0.
-                d = tps + fps
-                prec = np.divide(tps, d, out=np.zeros_like(tps), where=d > 0)
-                out["pr_auc"] = np.where(both, np.sum(np.diff(tpr, axis=1) * prec, axis=1), nan)
-            if "sensitivity_at_90_specificity" in metrics:
-                ok = (1.0 - fpr) >= 0.9 - _TOL
-                sens = np.where(ok, tpr, -np.inf).max(axis=1)
-                out["sensitivity_at_90_specificity"] = np.where(both, sens, nan)
+            out.update(_replicate_ranking(yf, s, w, n_pos, n_neg, metrics))
+    return out
+
+
+def _replicate_ranking(yf: np.ndarray, s: np.ndarray, w: np.ndarray, n_pos: np.ndarray, n_neg: np.ndarray,
+                       metrics: Sequence[str]) -> dict[str, np.ndarray]:
+    """The ranking metrics (ROC AUC, average precision, sensitivity at 90% specificity) of every
+    replicate, from one sort of the scores (see ``_replicate_metrics``)."""
+    nan, out = np.nan, {}
+    order = np.argsort(-s, kind="mergesort")
+    s_desc = s[order]
+    # Last position of each run of equal scores: ties form one ROC step (as roc_curve).
+    ends = np.r_[np.flatnonzero(np.diff(s_desc)), len(s) - 1]
+    w_desc, y_desc = w[:, order], yf[order]
+    tps = np.cumsum(w_desc * y_desc, axis=1)[:, ends]
+    fps = np.cumsum(w_desc * (1.0 - y_desc), axis=1)[:, ends]
+    zero = np.zeros((len(w), 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tpr = np.hstack([zero, tps / n_pos[:, None]])
+        fpr = np.hstack([zero, fps / n_neg[:, None]])
+    both = (n_pos > 0) & (n_neg > 0)
+    if "roc_auc" in metrics:
+        auc = np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2.0, axis=1)
+        out["roc_auc"] = np.where(both, auc, nan)
+    if "pr_auc" in metrics:
+        # AP = sum_k (R_k - R_{k-1}) P_k. Thresholds none of whose images were drawn have
+        # 0/0 precision but also zero recall step, so they contribute 0.
+        d = tps + fps
+        prec = np.divide(tps, d, out=np.zeros_like(tps), where=d > 0)
+        out["pr_auc"] = np.where(both, np.sum(np.diff(tpr, axis=1) * prec, axis=1), nan)
+    if "sensitivity_at_90_specificity" in metrics:
+        ok = (1.0 - fpr) >= 0.9 - _TOL
+        sens = np.where(ok, tpr, -np.inf).max(axis=1)
+        out["sensitivity_at_90_specificity"] = np.where(both, sens, nan)
     return out
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from mammo_ray import io as mio
-from mammo_ray.config import PreprocessConfig, to_dict
+from mammo_ray.config import EvaluateConfig, PreprocessConfig, to_dict
 from mammo_ray.data.arrays import load_split
 from mammo_ray.data.parquet import SPLIT_DIRS, read_spec, read_split, split_files
 from mammo_ray.evaluate.inference import score_split
@@ -136,23 +137,22 @@ def _set_result(labels: np.ndarray, scores: np.ndarray, groups: list, meta: list
     return res
 
 
-def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str, threshold_method: str = "youden",
-                        target_sensitivity: float = 0.9, allow_spec_mismatch: bool = False, n_boot: int = 1000,
-                        seed: int = 0, batch_size: int = 64, distributed: str = "auto",
+def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str, cfg: EvaluateConfig,
                         prepared: dict[tuple[str, str], str] | None = None) -> dict[str, Any]:
     """Scores, threshold (on val) and metrics of one checkpoint on test and every external set.
     ``prepared``: external sets already preprocessed by this run, by (path, spec digest)."""
     loaded = load_for_inference(ckpt)
     state, spec, model, device = loaded.state, loaded.spec, loaded.model, loaded.device
     notes = []
-    mismatch = _check_spec(data, spec, ckpt, allow_spec_mismatch)
+    mismatch = _check_spec(data, spec, ckpt, cfg.allow_spec_mismatch)
     if mismatch:
         notes.append(mismatch)
     if not split_files(data, "val") or not split_files(data, "test"):
         raise ValueError(f"--data {data}: needs val/ (to choose the threshold) and test/ splits")
     val, _ = _split_arrays(data, "val")
-    val_scores = predict(model, val, spec=spec, device=device, batch_size=batch_size)
-    thr = choose_threshold(val.labels, val_scores, method=threshold_method, target_sensitivity=target_sensitivity)
+    val_scores = predict(model, val, spec=spec, device=device, batch_size=cfg.batch_size)
+    thr = choose_threshold(val.labels, val_scores, method=cfg.threshold_method,
+                           target_sensitivity=cfg.target_sensitivity)
     sets: dict[str, dict[str, Any]] = {}
     sources = [("test", data, "test", "training data's test split")]
     for path in externals:
@@ -163,15 +163,15 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
     tag = _checkpoint_tag(state, ckpt)
     for name, folder, split, how in sources:
         if folder != data:
-            mismatch = _check_spec(folder, spec, ckpt, allow_spec_mismatch)
+            mismatch = _check_spec(folder, spec, ckpt, cfg.allow_spec_mismatch)
             if mismatch:
                 notes.append(mismatch)
         arrays, meta = _split_arrays(folder, split)
         scores = score_split(model, arrays, spec=spec, device=device, checkpoint=ckpt, folder=folder, split=split,
-                             distributed=distributed, batch_size=batch_size)
+                             distributed=cfg.distributed, batch_size=cfg.batch_size)
         _write_scores(mio.join(out, "scores", tag, f"{name}.csv"), arrays, scores, thr["threshold"])
         res = _set_result(arrays.labels, scores, arrays.patient_keys, meta, threshold=thr["threshold"],
-                          n_boot=n_boot, seed=seed)
+                          n_boot=cfg.n_boot, seed=cfg.seed)
         res.update({"source": folder, "split": split, "how": how})
         sets[name] = res
     return {"checkpoint": ckpt, "tag": tag, "backbone": state["backbone"], "freeze_ratio": state["freeze_ratio"],
@@ -209,8 +209,11 @@ def _write_scores(path: str, arrays, scores: np.ndarray, threshold: float) -> No
     mio.write_bytes(path, buf.getvalue().encode())
 
 
-def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out: str, **kwargs: Any) -> dict[str, Any]:
-    """Evaluate every checkpoint; write ``metrics.json``, ``report.md``, ``report.html`` and figures."""
+def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out: str,
+                 cfg: EvaluateConfig | None = None, **overrides: Any) -> dict[str, Any]:
+    """Evaluate every checkpoint; write ``metrics.json``, ``report.md``, ``report.html`` and figures.
+    ``overrides``: EvaluateConfig fields (``n_boot=200``...) on top of ``cfg``."""
+    cfg = replace(cfg, **overrides) if cfg is not None else EvaluateConfig.load(None, **overrides)
     from mammo_ray.evaluate.report import write_report
 
     if not checkpoints:
@@ -224,7 +227,7 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
                        files=[e for e in externals if not mio.is_dir(e)])
     mio.makedirs(out)
     prepared: dict[tuple[str, str], str] = {}  # each external set preprocessed once per spec
-    results = [evaluate_checkpoint(c, data=data, externals=externals, out=out, prepared=prepared, **kwargs)
+    results = [evaluate_checkpoint(c, data=data, externals=externals, out=out, cfg=cfg, prepared=prepared)
                for c in checkpoints]
     report = {"data": data, "externals": externals, "checkpoints": results}
     mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(report, indent=2, default=_json_default).encode())

@@ -87,6 +87,16 @@ def _annotation_keys(records: list[dict], inputs: list[str]) -> dict[str, set[st
     return keys
 
 
+def _circle(vals: list[str], path: str, lineno: int) -> dict[str, float]:
+    try:
+        x, y, r = (float(v) for v in vals)
+    except ValueError:
+        raise ValueError(f"annotations {path} line {lineno}: lesion_x/lesion_y/lesion_r {vals} are not numbers") from None
+    if not (r > 0 and math.isfinite(x) and math.isfinite(y)):
+        raise ValueError(f"annotations {path} line {lineno}: lesion_r={r} must be > 0 with finite lesion_x, lesion_y")
+    return {"x": x, "y": y, "r": r}
+
+
 def load_annotations(path: str, records: list[dict], inputs: list[str] | None = None
                      ) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """Lesion annotations keyed by image id: a list of lesions per image.
@@ -97,11 +107,8 @@ def load_annotations(path: str, records: list[dict], inputs: list[str] | None = 
     equal to the input's; relative to the CSV's folder; or the input's path relative to the
     input folder (or manifest folder) it was listed from. Several rows for one image are
     several lesions. Rows without a lesion are counted and skipped; rows that match no input
-    are counted (``unmatched_rows``) and warned about.
-
-    Raises:
-        ValueError: missing columns, a malformed value (names the line), or rows with lesions
-            none of which matches an input (names the first path and the rules).
+    are counted (``unmatched_rows``) and warned about. Raises ValueError for missing columns,
+    a malformed value (names the line), or lesion rows none of which matches an input.
     """
     reader = csv.DictReader(io.StringIO(read_csv_text(path, "annotations")))
     reader.fieldnames = [c.strip() for c in (reader.fieldnames or [])]
@@ -133,21 +140,11 @@ def load_annotations(path: str, records: list[dict], inputs: list[str] | None = 
         vals = [(row.get(k) or "").strip() for k in ("lesion_x", "lesion_y", "lesion_r")]
         if not mask and not any(vals):
             skipped += 1
-            continue
-        if iid not in ids:
+        elif iid not in ids:
             unmatched += 1
             first_unmatched = first_unmatched or (raw or iid)
-            continue
-        if mask:
-            found.setdefault(iid, []).append({"mask_path": resolve(mask)})
-            continue
-        try:
-            x, y, r = (float(v) for v in vals)
-        except ValueError:
-            raise ValueError(f"annotations {path} line {lineno}: lesion_x/lesion_y/lesion_r {vals} are not numbers") from None
-        if not (r > 0 and math.isfinite(x) and math.isfinite(y)):
-            raise ValueError(f"annotations {path} line {lineno}: lesion_r={r} must be > 0 with finite lesion_x, lesion_y")
-        found.setdefault(iid, []).append({"x": x, "y": y, "r": r})
+        else:
+            found.setdefault(iid, []).append({"mask_path": resolve(mask)} if mask else _circle(vals, path, lineno))
     rules = (f"a path matches when absolute, relative to the CSV's folder {root}, or relative to the input folder "
              f"it was listed from")
     if unmatched and not found:

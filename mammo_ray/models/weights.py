@@ -38,7 +38,13 @@ import torch
 import torchvision
 
 from mammo_ray import io as mio
-from mammo_ray.models.registry import PRETRAINED_CHOICES, BackboneSpec, get_backbone, list_backbones
+from mammo_ray.models.checkpoint import unsafe_globals
+from mammo_ray.models.registry import (
+    PRETRAINED_CHOICES,
+    BackboneSpec,
+    get_backbone,
+    list_backbones,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +59,7 @@ StateDict = dict[str, torch.Tensor]
 Source = Union[Path, bytes]
 
 
-# ---------------------------------------------------------------------------------------
-# where ImageNet weights come from
-
+# ---- where ImageNet weights come from
 
 def offline_from_env() -> bool:
     """Whether ``MAMMO_RAY_OFFLINE`` asks for offline mode.
@@ -138,9 +142,7 @@ def check_file_hash(path: Path) -> None:
                          f"(corrupt or replaced file): reinstall or delete it")
 
 
-# ---------------------------------------------------------------------------------------
-# reading files safely
-
+# ---- reading files safely
 
 def _one_line(exc: BaseException) -> str:
     # The first sentence of the first line: messages here are one line, torch's go on with
@@ -150,20 +152,9 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _unsafe_globals(src: Source) -> list[str]:
-    # Names the pickle would import and call (e.g. posix.system). Only for zip-format
-    # torch.save files; read without executing anything. Empty when it cannot tell.
-    find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
-    if find is None:
-        return []
-    try:
-        return list(find(io.BytesIO(src) if isinstance(src, bytes) else str(src)))
-    except Exception:  # noqa: BLE001 - a best-effort detail for the message; the refusal stands anyway
-        return []
-
-
 def _refusal(src: Source, source: str) -> str:
-    names = _unsafe_globals(src)
+    # the callables the pickle would import, listed without running any (torch's scanner)
+    names = unsafe_globals(src if isinstance(src, bytes) else Path(src).read_bytes())
     what = f"(it references {', '.join(names[:3])})" if names else "(or is no PyTorch file at all)"
     return (f"weights {source} refused: the file needs arbitrary code execution to load {what}; only plain tensor "
             f"state dicts are read (torch.load weights_only=True)")
@@ -208,9 +199,7 @@ def load_state_file(src: Source, *, source: str) -> StateDict:
     return _as_state_dict(obj, source)
 
 
-# ---------------------------------------------------------------------------------------
-# download
-
+# ---- download
 
 @contextlib.contextmanager
 def _socket_timeout(seconds: float) -> Iterator[None]:
@@ -263,9 +252,7 @@ def download_weights(url: str, dst: Path, *, name: str, progress: bool = False,
     return state
 
 
-# ---------------------------------------------------------------------------------------
-# fitting a state dict to a backbone
-
+# ---- fitting a state dict to a backbone
 
 def _mismatch(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
     # The first mismatching key in model order (then the first unexpected one in file
@@ -326,9 +313,7 @@ def _reference_state(spec: BackboneSpec) -> StateDict:
         return spec.builder(weights=None).state_dict()
 
 
-# ---------------------------------------------------------------------------------------
-# the one entry point
-
+# ---- the one entry point
 
 def _imagenet_state(spec: BackboneSpec, *, offline: bool, progress: bool) -> tuple[StateDict, str]:
     if spec.imagenet_file is not None:  # shipped in a package: never downloaded

@@ -174,43 +174,22 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitAr
             reports and checkpoints from there).
         initial_state: starting weights resolved by the caller (see :func:`build_training_model`).
 
-    Raises:
-        ValueError: a resume checkpoint of another backbone or freezing ratio.
+    Raises ValueError for a resume checkpoint of another backbone or freezing ratio.
     """
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    start_epoch, history, best_score, best_epoch, best_metrics = 1, [], -math.inf, 0, {}
-    state = None
-    if resume:
-        state = load_checkpoint(resume)
-        old = checkpoint_config(state)
-        if old.backbone != cfg.backbone or abs(old.freeze_ratio - cfg.freeze_ratio) > 1e-9:
-            raise ValueError(f"checkpoint {resume} is {old.backbone} at freeze_ratio={old.freeze_ratio}, "
-                             f"not {cfg.backbone} at freeze_ratio={cfg.freeze_ratio}")
+    state = _resume_state(resume, cfg) if resume else None
     model = build_training_model(cfg, initial_state).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    steps = max(1, len(train) // cfg.batch_size)
-    if cfg.max_batches:
-        steps = min(steps, cfg.max_batches)
+    steps = min(max(1, len(train) // cfg.batch_size), cfg.max_batches or len(train))
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps)
     loss_fn = make_loss(cfg, train, device)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported() else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        if "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-        if "scheduler" in state:
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = list(state.get("history", []))
-        best_epoch = int(state.get("best_epoch", 0))
-        best_metrics = dict(state.get("best_metrics", {}))
-        best_score = _score(best_metrics) if best_metrics else -math.inf
-        logger.info("resuming %s at epoch %d", resume, start_epoch)
+    start_epoch, history, best_epoch, best_metrics = _restore(state, model, optimizer, scheduler)
+    best_score = _score(best_metrics) if best_metrics else -math.inf
     if out:
-        mio.makedirs(out)
         mio.write_bytes(mio.join(out, "config.yaml"),
                         yaml.safe_dump({"train": to_dict(cfg), "spec": to_dict(spec)}, sort_keys=False).encode())
     stale, stopped = 0, False
@@ -227,33 +206,66 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitAr
             best_score, best_epoch, best_metrics, stale = _score(vm), epoch, dict(row), 0
         else:
             stale += 1
-        auc = "n/a" if vm["val_auc"] is None else f"{vm['val_auc']:.4f}"
-        logger.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auc %s val_acc %.3f lr %.2e %.1f img/s%s",
-                    epoch, cfg.epochs, tr["train_loss"], vm["val_loss"], auc, vm["val_accuracy"], lr,
-                    tr["train_images_per_s"], " *" if improved else "")
+        _log_epoch(row, cfg, improved)
         stopped = cfg.patience > 0 and stale >= cfg.patience and epoch < cfg.epochs
         if out:
-            extra = {"history": history, "best_epoch": best_epoch, "best_metrics": best_metrics}
-            if improved:
-                save_checkpoint(mio.join(out, "best.pt"), model=model, cfg=cfg, spec=spec, epoch=epoch,
-                                metrics={k: v for k, v in row.items() if k != "epoch"},
-                                extra={"best_epoch": epoch})
-            save_checkpoint(mio.join(out, "last.pt"), model=model, cfg=cfg, spec=spec, epoch=epoch,
-                            metrics={k: v for k, v in row.items() if k != "epoch"},
-                            optimizer=optimizer, scheduler=scheduler, extra=extra)
-            _write_history(out, history)
+            _save_epoch(out, model, cfg, spec, row, optimizer, scheduler, improved=improved,
+                        extra={"history": history, "best_epoch": best_epoch, "best_metrics": best_metrics})
         if on_epoch is not None:
             on_epoch({**row, "best_epoch": best_epoch, "best_val_auc": best_metrics.get("val_auc")}, out)
         if stopped:
             logger.info("early stop: val AUC did not improve for %d epochs (best %s at epoch %d)",
                         cfg.patience, best_metrics.get("val_auc"), best_epoch)
             break
-    result = FitResult(best_epoch=best_epoch, best_metrics=best_metrics, history=history, stopped_early=stopped, out=out)
     if out:
         mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(
             {"best_epoch": best_epoch, "best": best_metrics, "stopped_early": stopped,
              "epochs_run": len(history)}, indent=2).encode())
-    return result
+    return FitResult(best_epoch=best_epoch, best_metrics=best_metrics, history=history, stopped_early=stopped, out=out)
+
+
+def _resume_state(resume: str, cfg: TrainConfig) -> dict[str, Any]:
+    state = load_checkpoint(resume)
+    old = checkpoint_config(state)
+    if old.backbone != cfg.backbone or abs(old.freeze_ratio - cfg.freeze_ratio) > 1e-9:
+        raise ValueError(f"checkpoint {resume} is {old.backbone} at freeze_ratio={old.freeze_ratio}, "
+                         f"not {cfg.backbone} at freeze_ratio={cfg.freeze_ratio}")
+    return state
+
+
+def _restore(state: dict[str, Any] | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any) -> tuple[int, list[dict[str, Any]], int, dict[str, Any]]:
+    """A resumed run's weights, optimizer and scheduler states; (start epoch, history, best
+    epoch, best metrics), or a fresh start's."""
+    if state is None:
+        return 1, [], 0, {}
+    model.load_state_dict(state["model"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    logger.info("resuming at epoch %d", int(state["epoch"]) + 1)
+    return (int(state["epoch"]) + 1, list(state.get("history", [])), int(state.get("best_epoch", 0)),
+            dict(state.get("best_metrics", {})))
+
+
+def _log_epoch(row: dict[str, Any], cfg: TrainConfig, improved: bool) -> None:
+    auc = "n/a" if row["val_auc"] is None else f"{row['val_auc']:.4f}"
+    logger.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auc %s val_acc %.3f lr %.2e %.1f img/s%s",
+                row["epoch"], cfg.epochs, row["train_loss"], row["val_loss"], auc, row["val_accuracy"], row["lr"],
+                row["train_images_per_s"], " *" if improved else "")
+
+
+def _save_epoch(out: str, model: torch.nn.Module, cfg: TrainConfig, spec: PreprocessSpec, row: dict[str, Any],
+                optimizer: torch.optim.Optimizer, scheduler: Any, *, improved: bool, extra: dict[str, Any]) -> None:
+    """best.pt (when the epoch improved), last.pt (with optimizer/scheduler for --resume), history.csv."""
+    metrics = {k: v for k, v in row.items() if k != "epoch"}
+    if improved:
+        save_checkpoint(mio.join(out, "best.pt"), model=model, cfg=cfg, spec=spec, epoch=row["epoch"], metrics=metrics,
+                        extra={"best_epoch": row["epoch"]})
+    save_checkpoint(mio.join(out, "last.pt"), model=model, cfg=cfg, spec=spec, epoch=row["epoch"], metrics=metrics,
+                    optimizer=optimizer, scheduler=scheduler, extra=extra)
+    _write_history(out, extra["history"])
 
 
 def _write_history(out: str, history: list[dict[str, Any]]) -> None:

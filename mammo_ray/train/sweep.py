@@ -7,29 +7,31 @@ every epoch (``last.pt`` + ``best.pt``); a failed trial restarts from its last c
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import math
 import os
 import shlex
 import shutil
 import tempfile
 from typing import Any
 
-import numpy as np
 import yaml
 
 from mammo_ray import io as mio
 from mammo_ray.config import SweepConfig, TrainConfig, to_dict
+from mammo_ray.train.sweep_report import (
+    RESULT_FIELDS,
+    best_vs_rest,
+    group_best,
+    is_nan,
+    plot_auc_vs_freezing,
+    table_markdown,
+    write_results_csv,
+)
 
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "sweep"
-RESULT_FIELDS = ("trial_id", "backbone", "freeze_ratio", "base_lr", "max_lr", "clr_mode", "status", "epochs_run",
-                 "best_epoch", "val_auc", "val_auc_low", "val_auc_high", "val_accuracy", "val_precision", "val_recall", "val_f1", "val_loss",
-                 "time_s", "restored", "node_id", "checkpoint")
 
 
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
@@ -108,35 +110,19 @@ def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, An
         resume = os.path.join(work, "last.pt")
         logger.info("trial restored from its checkpoint (epoch in %s)", resume)
 
-    # the trial's best val AUC so far is what Tune ranks ("Current best trial" on the console,
-    # ASHA's rungs): the last epoch's AUC would rank a trial by where its LR cycle happens to be
-    best_auc = [_restored_best_auc(work)]
-
     def on_epoch(metrics: dict[str, Any], out: str | None) -> None:
-        auc = metrics.get("val_auc")
-        if auc is not None and not _isnan(auc) and (best_auc[0] is None or auc > best_auc[0]):
-            best_auc[0] = float(auc)
         # fit() has just written last.pt/best.pt into `out`: Tune persists that folder as the
-        # epoch's checkpoint (one copy, into the storage path; no staging copy of our own)
-        tune.report(_finite({**metrics, "best_val_auc": best_auc[0], "restored": resume is not None,
-                             "node_id": node_id}), checkpoint=tune.Checkpoint.from_directory(out))
+        # epoch's checkpoint (one copy, into the storage path; no staging copy of our own).
+        # metrics carry best_val_auc (the trial's best epoch so far, kept across a restore): what
+        # Tune ranks by ("Current best trial" on the console, ASHA's rungs), not the last epoch's
+        tune.report(_finite({**metrics, "restored": resume is not None, "node_id": node_id}),
+                    checkpoint=tune.Checkpoint.from_directory(out))
 
     try:
         fit(cfg, spec, train, val, out=work, resume=resume, on_epoch=on_epoch,
             initial_state=(start_weights or {}).get(cfg.backbone))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _restored_best_auc(work: str) -> float | None:
-    """The val AUC of a restored trial's best epoch (None for a fresh trial)."""
-    from mammo_ray.models.checkpoint import load_checkpoint
-
-    path = os.path.join(work, "best.pt")
-    if not os.path.exists(path):
-        return None
-    auc = (load_checkpoint(path).get("metrics") or {}).get("val_auc")
-    return None if auc is None or _isnan(auc) else float(auc)
 
 
 def check_resources(sweep: SweepConfig) -> None:
@@ -276,16 +262,16 @@ def write_outputs(grid, out: str, sweep: SweepConfig) -> dict[str, Any]:
         })
         files[trial_id] = local
     rows.sort(key=lambda r: (r["backbone"], r["freeze_ratio"], r["base_lr"], r["trial_id"]))
-    table_rows, best_rows = _group_best(rows)
+    table_rows, best_rows = group_best(rows)
     for r in best_rows:
         name = f"{r['backbone']}-r{r['freeze_ratio']:g}"
         _copy_checkpoint(r["checkpoint"], mio.join(out, "best", name, "checkpoint.pt"))
-    scored = [r for r in rows if r["val_auc"] is not None and not _isnan(r["val_auc"])]
+    scored = [r for r in rows if r["val_auc"] is not None and not is_nan(r["val_auc"])]
     overall = max(scored, key=lambda r: r["val_auc"]) if scored else None
     if overall:
         _copy_checkpoint(overall["checkpoint"], mio.join(out, "best", "overall", "checkpoint.pt"))
     public = [{k: r[k] for k in RESULT_FIELDS if k != "checkpoint"} for r in rows]
-    _write_csv(mio.join(out, "results.csv"), public)
+    write_results_csv(mio.join(out, "results.csv"), public)
     overlap = best_vs_rest(table_rows)
     if overlap:
         logger.info("%s", overlap["statement"])
@@ -301,119 +287,9 @@ def write_outputs(grid, out: str, sweep: SweepConfig) -> dict[str, Any]:
     return {**summary, "results": public}
 
 
-def _isnan(x: Any) -> bool:
-    return isinstance(x, float) and math.isnan(x)
-
-
-def _group_best(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["backbone"], float(r["freeze_ratio"])), []).append(r)
-    table, best = [], []
-    for key in sorted(groups):
-        scored = [r for r in groups[key] if r["val_auc"] is not None and not _isnan(r["val_auc"])]
-        if not scored:
-            table.append({"backbone": key[0], "freeze_ratio": key[1], "trial_id": None})
-            continue
-        top = max(scored, key=lambda r: r["val_auc"])
-        table.append(top)
-        best.append(top)
-    return table, best
-
-
-def _cell(x: Any, fmt: str = ".4f") -> str:
-    return "n/a" if x is None or _isnan(x) or x == "" else format(float(x), fmt)
-
-
-def table_markdown(rows: list[dict[str, Any]], overlap: dict[str, Any] | None = None) -> str:
-    """The paper's table: per backbone x freezing ratio, the best trial's validation metrics,
-    with DeLong's 95% interval of the val AUC, and what the intervals say about the ranking."""
-    lines = ["| backbone | freezing ratio | val AUC | 95% CI (DeLong) | accuracy | precision | recall | F1 | LR bounds | trial |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.get("trial_id") is None:
-            lines.append(f"| {r['backbone']} | {r['freeze_ratio']:g} | n/a | | | | | | | no finished trial |")
-            continue
-        ci = (f"[{_cell(r.get('val_auc_low'), '.3f')}, {_cell(r.get('val_auc_high'), '.3f')}]"
-              if r.get("val_auc_low") is not None else "n/a")
-        lines.append(f"| {r['backbone']} | {float(r['freeze_ratio']):g} | {_cell(r['val_auc'])} | {ci} | "
-                     f"{_cell(r['val_accuracy'])} | {_cell(r['val_precision'])} | {_cell(r['val_recall'])} | "
-                     f"{_cell(r['val_f1'])} | {float(r['base_lr']):.1e}-{float(r['max_lr']):.1e} | {r['trial_id']} |")
-    text = "\n".join(lines) + "\n"
-    if overlap and overlap.get("statement"):
-        text += "\n" + overlap["statement"] + "\n"
-    return text
-
-
-def best_vs_rest(table_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Which groups' val AUC intervals overlap the best group's: an overlap means the ranking
-    between them is within noise, and the sweep summary says so."""
-    scored = [r for r in table_rows if r.get("trial_id") is not None and r.get("val_auc") is not None
-              and not _isnan(r["val_auc"])]
-    if len(scored) < 2:
-        return None
-    top = max(scored, key=lambda r: r["val_auc"])
-    name = lambda r: f"{r['backbone']}-r{float(r['freeze_ratio']):g}"  # noqa: E731
-    rest = [r for r in scored if r is not top]
-    if top.get("val_auc_low") is None or any(r.get("val_auc_high") is None for r in rest):
-        return {"best": name(top), "overlapping": None, "separated": None,
-                "statement": "no val AUC interval (one class in val): the ranking cannot be judged"}
-    overlapping = [name(r) for r in rest if r["val_auc_high"] >= top["val_auc_low"]]
-    separated = [name(r) for r in rest if r["val_auc_high"] < top["val_auc_low"]]
-    if overlapping:
-        statement = (f"The best group, {name(top)} (val AUC {top['val_auc']:.3f} [{top['val_auc_low']:.3f}, "
-                     f"{top['val_auc_high']:.3f}]), overlaps {len(overlapping)} of the other {len(rest)} groups' 95% "
-                     f"intervals ({', '.join(overlapping)}): their ranking is within noise.")
-    else:
-        statement = (f"The best group, {name(top)} (val AUC {top['val_auc']:.3f} [{top['val_auc_low']:.3f}, "
-                     f"{top['val_auc_high']:.3f}]), is separated from every other group's 95% interval.")
-    return {"best": name(top), "overlapping": overlapping, "separated": separated, "statement": statement}
-
-
 def _copy_checkpoint(local: str | None, dest: str) -> None:
     if local:
         with open(local, "rb") as f:
             mio.write_bytes(dest, f.read())
 
 
-def _write_csv(path: str, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=[f for f in RESULT_FIELDS if f != "checkpoint"], lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    mio.write_bytes(path, buf.getvalue().encode())
-
-
-def plot_auc_vs_freezing(rows: list[dict[str, Any]], path: str) -> None:
-    """Best val AUC per freezing ratio, one line per backbone."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table, _ = _group_best(rows)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for backbone in sorted({r["backbone"] for r in table}):
-        pts = sorted((float(r["freeze_ratio"]), r["val_auc"], r.get("val_auc_low"), r.get("val_auc_high"))
-                     for r in table if r["backbone"] == backbone and r.get("trial_id") is not None
-                     and r.get("val_auc") is not None and not _isnan(r["val_auc"]))
-        if pts:
-            xs, ys, lo, hi = zip(*pts)
-            # error bars: DeLong's 95% interval (none where it is undefined), so noise is not read as a trend
-            err = np.array([[y - (y if a is None else a) for y, a in zip(ys, lo)],
-                            [(y if b is None else b) - y for y, b in zip(ys, hi)]])
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=backbone)
-    # a fixed [0.5, 1] axis (widened only for AUCs below chance): zooming to the points' range
-    # made a 0.03 spread look like a finding
-    low = min([0.5] + [float(r["val_auc_low"]) for r in table if r.get("val_auc_low") is not None])
-    ax.set_ylim(max(0.0, low - 0.02), 1.0)
-    ax.set_xlabel("freezing ratio")
-    ax.set_ylabel("best validation AUC (95% CI, DeLong)")
-    ax.set_title("Validation AUC against freezing ratio")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    mio.write_bytes(path, buf.getvalue())

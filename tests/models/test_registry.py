@@ -63,13 +63,18 @@ def test_unknown_backbone_names_the_allowed_ones():
 
 
 def test_duplicate_registration_raises(monkeypatch):
+    import mammo_ray.config.stages as stages
+    from mammo_ray.config import TrainConfig
+
     monkeypatch.setattr(registry, "BACKBONES", dict(registry.BACKBONES))
+    monkeypatch.setattr(stages, "_REGISTERED_BACKBONES", set(stages._REGISTERED_BACKBONES))
     with pytest.raises(ValueError, match="'resnet18' is already registered"):
         register_backbone(get_backbone("resnet18"))
     spec = BackboneSpec(name="tiny", builder=registry.simplecnn, weights_enum=None, head="head",
                         cam_layer="features.3", units=get_backbone("simplecnn").units, first_conv="features.0.0")
     assert register_backbone(spec) is spec
     assert "tiny" in list_backbones() and get_backbone("tiny") is spec
+    assert TrainConfig(backbone="tiny").backbone == "tiny"  # a registered backbone is a valid config
     with pytest.raises(ValueError, match="'tiny' is already registered"):
         register_backbone(spec)
 

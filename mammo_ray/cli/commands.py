@@ -1,13 +1,11 @@
-"""``mammo-ray`` command line: one subcommand per stage.
-
-Library errors (``ValueError``) become a one-line ``mammo-ray: error: ...`` and exit 2.
-"""
+"""The subcommands: for each stage, its flags (defaults from the stage's config dataclass)
+and the call that runs it. The stages' modules are imported inside the ``_run_*`` functions:
+they import torch and Ray, and ``mammo-ray --help`` or a refused flag must not wait for
+either (tests/test_layers.py checks it)."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import replace
@@ -15,6 +13,7 @@ from dataclasses import replace
 from mammo_ray.config import (
     CAM_METHODS,
     CLR_MODES,
+    DISTRIBUTED_MODES,
     EQUALIZE_MODES,
     IMBALANCE,
     MAX_SIDE,
@@ -25,6 +24,8 @@ from mammo_ray.config import (
     PRETRAINED,
     RESIZE_MODES,
     SCHEDULERS,
+    THRESHOLD_METHODS,
+    EvaluateConfig,
     ExplainConfig,
     PreprocessConfig,
     SweepConfig,
@@ -32,10 +33,7 @@ from mammo_ray.config import (
     backbone_names,
 )
 from mammo_ray.outputs import check_out_location
-
-# The stages' modules (data.pipeline, train, evaluate, explain, demo) are imported inside the
-# command functions that run them: they import torch and Ray, and `mammo-ray --help` or a
-# refused flag must not wait for either (tests/test_layers.py checks it).
+from mammo_ray.cli.options import Renamed, config_overrides, finite_float, lr_pair
 
 logger = logging.getLogger("mammo_ray")
 
@@ -84,17 +82,6 @@ def _run_preprocess(args) -> int:
     print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "splits")}))
     print(f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']} -> {args.out}")
     return 0
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a float that is not NaN or inf (a NaN passes every range check)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
-    return value
 
 
 def _add_synth(sub) -> None:
@@ -158,16 +145,8 @@ def _train_options(p, *, full: bool = True) -> None:
         p.add_argument("--resume", help="a last.pt to continue from")
 
 
-_TRAIN_KEYS = ("backbone", "freeze_ratio", "pretrained", "weights", "offline", "batch_size", "optimizer", "imbalance",
-               "seed",
-               "device", "augment", "base_lr", "max_lr", "clr_mode", "clr_gamma", "step_size_epochs", "epochs",
-               "patience", "max_batches")
-
-
 def _train_config(args, **extra):
-    over = {k: getattr(args, k, None) for k in _TRAIN_KEYS}
-    over.update(extra)
-    return TrainConfig.load(args.config, **over)
+    return TrainConfig.load(args.config, **config_overrides(TrainConfig, args, **extra))
 
 
 def _add_train(sub) -> None:
@@ -214,13 +193,6 @@ def _run_lr_find(args) -> int:
     return 0
 
 
-def _lr_pair(text: str) -> tuple[float, float]:
-    parts = text.split(":")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"{text!r}: use BASE:MAX, e.g. 1e-4:1e-3")
-    return finite_float(parts[0]), finite_float(parts[1])
-
-
 def _add_tune(sub) -> None:
     d, t = SweepConfig(), TrainConfig()
     p = sub.add_parser("tune", help="Ray Tune sweep over backbone x freezing ratio x cyclic-LR bounds")
@@ -230,7 +202,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--backbones", nargs="+", choices=backbone_names(), help=f"default: {' '.join(d.backbones)}")
     p.add_argument("--freeze-ratios", nargs="+", type=finite_float,
                    help=f"default: {' '.join(f'{r:g}' for r in d.freeze_ratios)}")
-    p.add_argument("--lr-bounds", nargs="+", type=_lr_pair, metavar="BASE:MAX",
+    p.add_argument("--lr-bounds", nargs="+", type=lr_pair, metavar="BASE:MAX",
                    help=f"default: {' '.join(f'{a:g}:{b:g}' for a, b in d.lr_bounds)}")
     p.add_argument("--clr-modes", nargs="+", choices=CLR_MODES, help=f"default: {' '.join(d.clr_modes)}")
     p.add_argument("--epochs", type=int, help=f"default: {d.epochs}")
@@ -278,6 +250,7 @@ def _run_tune(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
+    d = EvaluateConfig()
     p = sub.add_parser("evaluate", help="evaluate checkpoints on the test split and external sets, with a report")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", nargs="+", help="checkpoint file(s)")
@@ -285,45 +258,50 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--data", required=True, help="the preprocessed training data (val/ for the threshold, test/)")
     p.add_argument("--external", nargs="*", default=[], help="external sets: preprocessed folders or raw images")
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", choices=("youden", "sensitivity", "fixed"), default="youden",
-                   help="how the decision threshold is chosen on val (fixed: 0.5)")
-    p.add_argument("--target-sensitivity", type=finite_float, default=0.9)
-    p.add_argument("--allow-spec-mismatch", action="store_true")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs")
-    p.add_argument("--distributed", choices=("auto", "always", "never"), default="auto",
-                   help="score with a Ray Data actor pool (auto: sets of 20,000+ images)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="YAML file of EvaluateConfig keys (flags override it)")
+    p.add_argument("--threshold-method", choices=THRESHOLD_METHODS,
+                   help=f"how the decision threshold is chosen on val (fixed: 0.5); default: {d.threshold_method}")
+    p.add_argument("--threshold", action=Renamed, hint="evaluate's threshold rule is now --threshold-method "
+                   f"({', '.join(THRESHOLD_METHODS)}); a probability threshold is explain's --threshold")
+    p.add_argument("--target-sensitivity", type=finite_float, help=f"default: {d.target_sensitivity:g}")
+    p.add_argument("--allow-spec-mismatch", action="store_true", default=None)
+    p.add_argument("--n-boot", type=int, help=f"bootstrap replicates for the CIs; default: {d.n_boot}")
+    p.add_argument("--batch-size", type=int, help=f"default: {d.batch_size}")
+    p.add_argument("--distributed", choices=DISTRIBUTED_MODES,
+                   help=f"score with a Ray Data actor pool (auto: sets of 20,000+ images); default: {d.distributed}")
+    p.add_argument("--seed", type=int, help=f"default: {d.seed}")
 
 
 def _run_evaluate(args) -> int:
     from mammo_ray.evaluate.run import run_evaluate, sweep_checkpoints
 
+    cfg = EvaluateConfig.load(args.config, **config_overrides(EvaluateConfig, args))
     checkpoints = sweep_checkpoints(args.sweep) if args.sweep else args.checkpoint
-    run_evaluate(checkpoints, data=args.data, externals=args.external, out=args.out,
-                 threshold_method=args.threshold, target_sensitivity=args.target_sensitivity,
-                 allow_spec_mismatch=args.allow_spec_mismatch, n_boot=args.n_boot, seed=args.seed,
-                 distributed=args.distributed)
+    run_evaluate(checkpoints, data=args.data, externals=args.external, out=args.out, cfg=cfg)
     print(open(os.path.join(args.out, "report.md")).read().split("\n## ")[0])
     print(f"report: {os.path.join(args.out, 'report.html')}")
     return 0
 
 
 def _add_explain(sub) -> None:
+    d = ExplainConfig()
     p = sub.add_parser("explain", help="score and Grad-CAM an image archive with a Ray Data batch job")
     p.add_argument("inputs", nargs="+", help="folders, DICOM trees, CSV manifests or files (local or s3://...)")
     p.add_argument("--checkpoint", required=True, help="a mammo-ray checkpoint (train/tune best)")
     p.add_argument("--out", required=True, help="output folder or URI")
-    p.add_argument("--method", choices=CAM_METHODS, default="gradcam")
+    p.add_argument("--config", help="YAML file of ExplainConfig keys (flags override it)")
+    p.add_argument("--method", choices=CAM_METHODS, help=f"default: {d.method}")
     p.add_argument("--target-layer", help="dotted module path (default: the backbone's registered CAM layer)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per CAM batch")
+    p.add_argument("--batch-size", type=int, help=f"images per CAM batch; default: {d.batch_size}")
     p.add_argument("--gpus-per-worker", type=finite_float, help="GPUs per CAM actor (default: 1 when the cluster has GPUs)")
     p.add_argument("--workers", type=int, help="CAM actors (default: one per GPU, or CPUs - 1)")
-    p.add_argument("--preview-size", type=int, default=512, help="long side of the overlay PNGs")
-    p.add_argument("--heatmap-max-side", type=int, default=0,
-                   help="long side of the heatmap PNGs (default 0: the source image's own size)")
-    p.add_argument("--threshold", type=finite_float, help="decision threshold (default: the checkpoint's val threshold)")
+    p.add_argument("--preview-size", type=int, help=f"long side of the overlay PNGs; default: {d.preview_size}")
+    p.add_argument("--heatmap-max-side", type=int,
+                   help=f"long side of the heatmap PNGs; default: {d.heatmap_max_side} (the source image's own size)")
+    p.add_argument("--threshold", type=finite_float,
+                   help="probability at or above which an image is called malignant (default: the checkpoint's val threshold)")
     p.add_argument("--annotations", help="CSV of lesions (path/image_id + lesion_x,lesion_y,lesion_r or mask_path)")
-    p.add_argument("--top", type=int, default=16, help="overlays on overview.png")
+    p.add_argument("--top", dest="top_n", type=int, help=f"overlays on overview.png; default: {d.top_n}")
     p.add_argument("--resume", action="store_true", help="continue a killed or partial run in --out")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
 
@@ -331,10 +309,7 @@ def _add_explain(sub) -> None:
 def _run_explain(args) -> int:
     from mammo_ray.explain.job import run_explain
 
-    opts = ExplainConfig(method=args.method, target_layer=args.target_layer, batch_size=args.batch_size,
-                          gpus_per_worker=args.gpus_per_worker, workers=args.workers, preview_size=args.preview_size,
-                          heatmap_max_side=args.heatmap_max_side, threshold=args.threshold,
-                          annotations=args.annotations, top_n=args.top)
+    opts = ExplainConfig.load(args.config, **config_overrides(ExplainConfig, args))
     summary = run_explain(args.inputs, args.checkpoint, args.out, opts, resume=args.resume, address=args.address)
     print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "images_per_second", "threshold")}))
     if "localization" in summary:
@@ -361,7 +336,7 @@ def _run_demo(args) -> int:
     cfg = make(n=args.n, n_external=args.n_external)
     if args.epochs:
         cfg = replace(cfg, sweep=replace(cfg.sweep, epochs=args.epochs))
-    facts = run_demo(args.out, cfg, full=args.full, address=args.address)
+    facts = run_demo(args.out, cfg, full=args.full, address=args.address, progress=lambda line: print(line, flush=True))
     best = facts["best"]
     print(f"demo finished in {facts['seconds']:.0f} s ({facts['seconds'] / 60:.1f} min); best checkpoint by val AUC: "
           f"{best['name']}, test AUC {best['test_auc']:.3f}, external AUC {best['external_auc']:.3f}")
@@ -374,50 +349,3 @@ COMMANDS = {"synth": (_add_synth, _run_synth), "preprocess": (_add_preprocess, _
             "train": (_add_train, _run_train), "lr-find": (_add_lr_find, _run_lr_find),
             "tune": (_add_tune, _run_tune), "evaluate": (_add_evaluate, _run_evaluate),
             "explain": (_add_explain, _run_explain), "demo": (_add_demo, _run_demo)}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump): 'mammo-ray preprocess: error: ...'."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mammo-ray", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add, _ in COMMANDS.values():
-        add(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return COMMANDS[args.command][1](args)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print(f"mammo-ray {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        # The boundary: every failure is one line (a traceback only behind --debug).
-        # Bad input (ValueError, a missing file) exits 2; anything else exits 1.
-        if args.debug:
-            raise
-        expected = isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                                    PermissionError))
-        text = (str(exc).strip().splitlines() or [""])[0]
-        plain = expected or getattr(exc, "user_facing", False)
-        what = text if plain else f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
-        print(f"mammo-ray {args.command}: error: {what}", file=sys.stderr)
-        return 2 if expected else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

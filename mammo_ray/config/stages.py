@@ -1,217 +1,10 @@
-"""Stage configurations: one frozen dataclass per stage, loaded from YAML then CLI overrides.
-
-Every dataclass validates itself in ``__post_init__`` and refuses unknown keys, so a typo in
-a YAML file is an error naming the key and the allowed ones, not a silently ignored option.
-"""
+"""The configurations of the model stages: training, the Tune sweep, evaluate and explain."""
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, TypeVar
+from typing import Any
 
-import yaml
-
-T = TypeVar("T")
-
-EQUALIZE_MODES = ("clahe", "global", "none")
-RESIZE_MODES = ("pad", "stretch")
-ORIENTATIONS = ("left", "right", "none")
-OUTPUT_DTYPES = ("uint8", "uint16", "float32")
-INVERSION_MODES = ("auto", "never")
-OTHER_MODALITY = ("warn", "refuse")
-#: Hard caps, whatever the memory: no mammography detector exceeds 8192 pixels a side, and
-#: a larger value (from a flag, a YAML file or a checkpoint's stored spec) is a typo or hostile.
-MAX_SIDE = 8192
-MAX_BATCH = 4096
-
-
-def check_finite(obj: Any) -> None:
-    """Refuse NaN and inf in any float field (or tuple of floats) of a config dataclass: a NaN
-    compares False with every bound, so range checks alone would let it through."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if "float" in str(f.type) and isinstance(value, str):
-            # YAML reads `nan` (no dot) as a string: a float field takes numbers only, as numbers
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"{f.name}={value!r}: must be a number") from None
-            object.__setattr__(obj, f.name, value)
-        items = value if isinstance(value, (tuple, list)) else (value,)
-        for v in items:
-            for x in (v if isinstance(v, (tuple, list)) else (v,)):
-                if isinstance(x, float) and not math.isfinite(x):
-                    raise ValueError(f"{f.name}={value!r}: must be a finite number")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r}: use one of {', '.join(allowed)}")
-
-
-def from_mapping(cls: type[T], data: Mapping[str, Any] | None, **overrides: Any) -> T:
-    """Build a config dataclass from a mapping plus overrides (``None`` overrides are ignored).
-
-    Raises:
-        ValueError: on a key the dataclass does not have (names the allowed keys).
-    """
-    data = dict(data or {})
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(
-            f"unknown {cls.__name__} key(s) {', '.join(unknown)}: allowed keys are {', '.join(names)}"
-        )
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in data and isinstance(data[f.name], list):
-            data[f.name] = tuple(data[f.name])
-    return cls(**data)
-
-
-def load_yaml(path: str | None) -> dict[str, Any]:
-    """Read a YAML mapping with ``yaml.safe_load`` (an empty file is an empty mapping)."""
-    if not path:
-        return {}
-    from mammo_ray.io import read_bytes
-
-    try:
-        data = yaml.safe_load(read_bytes(path).decode("utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not a plain YAML mapping: {' '.join(str(exc).split())}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain-python (YAML-safe) dict of a config dataclass; tuples become lists."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        return v
-
-    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """How pixels are made from a source image. Stored in ``preprocess.yaml``, in the Parquet
-    schema metadata and in every checkpoint; later stages read it from there.
-
-    Attributes:
-        size: output (height, width) in pixels.
-        crop: crop to the breast's bounding box before resizing.
-        mask: set every pixel outside the breast (its largest bright component, holes filled)
-            to 0 before resizing and equalizing: film labels, orientation letters and markers
-            that lie inside the crop box leave the picture.
-        orientation: flip so the chest wall is on this side (``left`` | ``right`` | ``none``).
-        resize_mode: ``pad`` keeps the aspect ratio and pads; ``stretch`` ignores it.
-        equalize: ``clahe`` | ``global`` | ``none``.
-        clahe_clip, clahe_grid: CLAHE clip limit and tile grid (OpenCV semantics).
-        invert: ``auto`` re-inverts images whose background is bright (exported MONOCHROME1
-            or inverted JPEGs); ``never`` leaves them.
-        dtype: stored pixel dtype (``uint8`` | ``uint16`` | ``float32`` in [0, 1]).
-        mean, std: normalization applied by the loaders to pixels scaled to [0, 1].
-    """
-
-    size: tuple[int, int] = (224, 224)
-    crop: bool = True
-    mask: bool = True
-    orientation: str = "left"
-    resize_mode: str = "pad"
-    equalize: str = "clahe"
-    clahe_clip: float = 2.0
-    clahe_grid: int = 8
-    invert: str = "auto"
-    dtype: str = "uint8"
-    mean: float = 0.5
-    std: float = 0.25
-
-    def __post_init__(self) -> None:
-        check_finite(self)
-        size = self.size
-        if isinstance(size, int):
-            size = (size, size)
-        size = tuple(int(s) for s in size)
-        if len(size) != 2 or min(size) < 8 or max(size) > MAX_SIDE:
-            raise ValueError(f"size={self.size!r}: use one int or [height, width], each in [8, {MAX_SIDE}]")
-        object.__setattr__(self, "size", size)
-        _check_choice("orientation", self.orientation, ORIENTATIONS)
-        _check_choice("resize_mode", self.resize_mode, RESIZE_MODES)
-        _check_choice("equalize", self.equalize, EQUALIZE_MODES)
-        _check_choice("invert", self.invert, INVERSION_MODES)
-        _check_choice("dtype", self.dtype, OUTPUT_DTYPES)
-        if not self.clahe_clip > 0:
-            raise ValueError(f"clahe_clip={self.clahe_clip!r}: must be > 0")
-        if not 1 <= int(self.clahe_grid) <= 64:
-            raise ValueError(f"clahe_grid={self.clahe_grid!r}: use an int in [1, 64]")
-        if not self.std > 0:
-            raise ValueError(f"std={self.std!r}: must be > 0")
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """The preprocessing job: the pixel spec plus how inputs are accepted, split and read.
-
-    Attributes:
-        min_side, max_pixels: sources outside these bounds are errors, not rows.
-        other_modality: DICOM whose Modality is not MG: ``warn`` keeps it with a warning
-            column, ``refuse`` makes it an error.
-        patient_key_file: the secret key file of the patient pseudonyms (``patient_key``, an
-            HMAC of the patient id); default ``$MAMMO_RAY_PATIENT_KEY``, else the user's key
-            file (see :mod:`mammo_ray.privacy`). The key itself is never written out.
-        batch_size: images per Ray task and per Parquet file.
-    """
-
-    spec: PreprocessSpec = field(default_factory=PreprocessSpec)
-    ratios: tuple[float, float, float] = (0.8, 0.15, 0.05)
-    seed: int = 0
-    external: bool = False
-    unlabeled: bool = False
-    batch_size: int = 32
-    min_side: int = 32
-    max_pixels: int = 100_000_000
-    other_modality: str = "warn"
-    patient_key_file: str | None = None
-
-    def __post_init__(self) -> None:
-        check_finite(self)
-        if isinstance(self.spec, Mapping):
-            object.__setattr__(self, "spec", from_mapping(PreprocessSpec, self.spec))
-        try:
-            r = tuple(float(x) for x in self.ratios)
-        except (TypeError, ValueError):
-            raise ValueError(f"ratios={self.ratios!r}: use three numbers train,val,test") from None
-        if len(r) != 3 or not all(math.isfinite(x) for x in r) or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6 or r[0] <= 0:
-            raise ValueError(f"ratios={self.ratios!r}: use three non-negative numbers train,val,test summing to 1 with train > 0")
-        object.__setattr__(self, "ratios", r)
-        _check_choice("other_modality", self.other_modality, OTHER_MODALITY)
-        if self.min_side < 1 or self.max_pixels < self.min_side**2:
-            raise ValueError(f"min_side={self.min_side}, max_pixels={self.max_pixels}: need 1 <= min_side and min_side**2 <= max_pixels")
-        if not 1 <= self.batch_size <= MAX_BATCH:
-            raise ValueError(f"batch_size={self.batch_size!r}: use an int in [1, {MAX_BATCH}]")
-        if self.max_pixels > 1_000_000_000:
-            raise ValueError(f"max_pixels={self.max_pixels!r}: at most 1000000000 (a 1-gigapixel source)")
-
-    @classmethod
-    def load(cls, path: str | None = None, **overrides: Any) -> "PreprocessConfig":
-        """YAML file first (keys of this class, with the pixel spec under ``spec:``), then overrides.
-
-        Spec keys given as overrides (``size=``, ``equalize=``...) go into the spec.
-        """
-        data = load_yaml(path)
-        if "patient_salt" in data:
-            raise ValueError("patient_salt: a public salt let anyone recover patient ids by brute force, so patient "
-                             "keys are now keyed by a secret: remove patient_salt and set $MAMMO_RAY_PATIENT_KEY or "
-                             "patient_key_file")
-        spec_names = {f.name for f in dataclasses.fields(PreprocessSpec)}
-        spec_over = {k: overrides.pop(k) for k in list(overrides) if k in spec_names}
-        spec_data = dict(data.pop("spec", {}) or {})
-        spec = from_mapping(PreprocessSpec, spec_data, **spec_over)
-        return from_mapping(cls, data, spec=spec, **overrides)
-
+from mammo_ray.config.base import MAX_BATCH, MAX_SIDE, _check_choice, check_finite, from_mapping, load_yaml
 
 #: the backbones the model registry ships. Named here, below the model layer, so configs validate
 #: and ``--help`` lists them without importing torch; ``mammo_ray.models.registry`` adds any
@@ -454,3 +247,44 @@ class ExplainConfig:
             raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r}: must be >= 0")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold={self.threshold!r}: must be in [0, 1]")
+
+    @classmethod
+    def load(cls, path: str | None = None, **overrides: Any) -> "ExplainConfig":
+        """YAML file first, then overrides (``None`` values ignored)."""
+        return from_mapping(cls, load_yaml(path), **overrides)
+
+
+THRESHOLD_METHODS = ("youden", "sensitivity", "fixed")
+DISTRIBUTED_MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How ``mammo-ray evaluate`` evaluates (YAML keys of the same names). ``threshold_method``:
+    how the decision threshold is chosen on val (youden; sensitivity: the highest threshold
+    reaching ``target_sensitivity``; fixed: 0.5). ``distributed``: score with a Ray Data actor
+    pool (auto: sets of 20,000 images or more)."""
+
+    threshold_method: str = "youden"
+    target_sensitivity: float = 0.9
+    allow_spec_mismatch: bool = False
+    n_boot: int = 1000
+    seed: int = 0
+    batch_size: int = 64
+    distributed: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        _check_choice("threshold_method", self.threshold_method, THRESHOLD_METHODS)
+        _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise ValueError(f"target_sensitivity={self.target_sensitivity!r}: use a number in (0, 1]")
+        if isinstance(self.n_boot, bool) or not isinstance(self.n_boot, int) or not 0 <= self.n_boot <= 1_000_000:
+            raise ValueError(f"n_boot={self.n_boot!r}: use an int in [0, 1000000] (0 skips the bootstrap)")
+        if not 1 <= int(self.batch_size) <= MAX_BATCH:
+            raise ValueError(f"batch_size={self.batch_size!r}: use an int in [1, {MAX_BATCH}]")
+
+    @classmethod
+    def load(cls, path: str | None = None, **overrides: Any) -> "EvaluateConfig":
+        """YAML file first, then overrides (``None`` values ignored)."""
+        return from_mapping(cls, load_yaml(path), **overrides)

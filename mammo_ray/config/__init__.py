@@ -1,0 +1,25 @@
+"""Stage configurations: one frozen dataclass per stage, loaded from YAML then CLI overrides.
+
+Every dataclass validates itself in ``__post_init__`` and refuses unknown keys, so a typo in
+a YAML file is an error naming the key and the allowed ones, not a silently ignored option.
+The CLI takes each flag's default from these classes, so a default lives in one place.
+
+``base``: caps, label/split names, helpers; ``data``: the pixel spec and preprocessing;
+``stages``: train, tune, evaluate and explain.
+"""
+from mammo_ray.config.base import (EXTERNAL, LABELS, MAX_BATCH, MAX_SIDE, SPLITS, TEST, TRAIN, VAL, _check_choice,
+                                   check_finite, from_mapping, load_yaml, to_dict)
+from mammo_ray.config.data import (EQUALIZE_MODES, INVERSION_MODES, ORIENTATIONS, OTHER_MODALITY, OUTPUT_DTYPES,
+                                   RESIZE_MODES, PreprocessConfig, PreprocessSpec)
+from mammo_ray.config.stages import (BUILTIN_BACKBONES, CAM_METHODS, CLR_MODES, DEVICES, DISTRIBUTED_MODES, IMBALANCE,
+                                     OPTIMIZERS, PRETRAINED, SCHEDULERS, THRESHOLD_METHODS, EvaluateConfig,
+                                     ExplainConfig, SweepConfig, TrainConfig, add_backbone_name, backbone_names)
+
+__all__ = [
+    "EXTERNAL", "LABELS", "MAX_BATCH", "MAX_SIDE", "SPLITS", "TEST", "TRAIN", "VAL", "_check_choice", "check_finite",
+    "from_mapping", "load_yaml", "to_dict", "EQUALIZE_MODES", "INVERSION_MODES", "ORIENTATIONS", "OTHER_MODALITY",
+    "OUTPUT_DTYPES", "RESIZE_MODES", "PreprocessConfig", "PreprocessSpec", "BUILTIN_BACKBONES", "CAM_METHODS",
+    "CLR_MODES", "DEVICES", "DISTRIBUTED_MODES", "IMBALANCE", "OPTIMIZERS", "PRETRAINED", "SCHEDULERS",
+    "THRESHOLD_METHODS", "EvaluateConfig", "ExplainConfig", "SweepConfig", "TrainConfig", "add_backbone_name",
+    "backbone_names",
+]
