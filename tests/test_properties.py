@@ -91,8 +91,9 @@ def test_yaml_strings_and_specials_refused_in_one_line(yaml_text, key, tmp_path)
 
 FLOAT_FIELDS = [
     (TrainConfig, "freeze_ratio", lambda v: 0 <= v <= 1),
-    (TrainConfig, "base_lr", lambda v: v > 0),
-    (TrainConfig, "max_lr", lambda v: v > 1e-3),
+    # the other bound at its default: base_lr < max_lr is required
+    (TrainConfig, "base_lr", lambda v: 0 < v < TrainConfig().max_lr),
+    (TrainConfig, "max_lr", lambda v: v > TrainConfig().base_lr),
     (TrainConfig, "clr_gamma", lambda v: math.isfinite(v)),
     (TrainConfig, "step_size_epochs", lambda v: v > 0),
     (TrainConfig, "momentum", lambda v: math.isfinite(v)),
