@@ -108,3 +108,18 @@ def test_evaluate_threshold_renamed_and_configs_load_from_yaml(tmp_path, capsys)
         EvaluateConfig.load(str(y))
     with _pytest.raises(ValueError, match="threshold_method='otsu'"):
         EvaluateConfig(threshold_method="otsu")
+
+
+def test_no_function_over_60_lines_and_no_module_over_400():
+    """The size rules of the architecture (data/synth.py, a drawing module, is exempt)."""
+    too_long = []
+    for path in sorted((REPO / "mammo_ray").rglob("*.py")):
+        if path.name == "synth.py":
+            continue
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            too_long.append(f"{path.relative_to(REPO)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                too_long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1}")
+    assert not too_long, too_long

@@ -14,17 +14,18 @@ import posixpath
 from dataclasses import dataclass, field
 
 from mammo_ray import io as mio
+from mammo_ray.config import LABELS, TEST, TRAIN, VAL
 
 logger = logging.getLogger(__name__)
 
-CLASS_NAMES = ("benign", "malignant")
+CLASS_NAMES = LABELS
 UNLABELED = -1
-SPLITS = ("train", "val", "test")
+SPLITS = (TRAIN, VAL, TEST)
 IMAGE_EXTENSIONS = (".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".pgm", ".pnm", ".ppm",
                     ".tif", ".tiff", "")
 DICOM_LIKE = (".dcm", ".dicom", ".dic", "")
 PATIENT_COLUMNS = ("patient_id", "source_patient_id")
-LABEL_VALUES = {"benign": 0, "0": 0, "malignant": 1, "1": 1}
+LABEL_VALUES = {LABELS[0]: 0, "0": 0, LABELS[1]: 1, "1": 1}
 
 
 @dataclass

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mammo_ray import io as mio
-from mammo_ray.config import PreprocessSpec, from_mapping
+from mammo_ray.config import SPLITS, PreprocessSpec, from_mapping
 
 SPEC_KEY = b"mammo_ray.spec"
-SPLIT_DIRS = ("train", "val", "test", "external")
+SPLIT_DIRS = SPLITS
 
 SCHEMA = pa.schema([
     ("image_id", pa.string()), ("source_path", pa.string()), ("label", pa.int8()),

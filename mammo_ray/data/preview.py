@@ -5,9 +5,10 @@ import cv2
 import numpy as np
 
 from mammo_ray import io as mio
+from mammo_ray.config import LABELS
 from mammo_ray.data.parquet import pixels_of, read_split
 
-LABEL_NAMES = {-1: "?", 0: "benign", 1: "malignant"}
+LABEL_NAMES = {-1: "?", **dict(enumerate(LABELS))}
 
 
 def contact_sheet(data_dir: str, out_path: str, *, split: str = "train", n: int = 24, cols: int = 8,

@@ -13,7 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
+from mammo_ray.config import TEST, TRAIN, VAL
+
+SPLITS = (TRAIN, VAL, TEST)
 
 
 def _order_key(seed: int, group: str) -> str:

@@ -35,6 +35,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
+from mammo_ray.config import LABELS
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("png8", "png16", "dcm", "dcm-mono1", "dcm-rle", "jpg")
@@ -43,7 +45,7 @@ FORMATS = ("png8", "png16", "dcm", "dcm-mono1", "dcm-rle", "jpg")
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 
 _EXTENSIONS = {"png8": "png", "png16": "png", "jpg": "jpg", "dcm": "dcm", "dcm-mono1": "dcm", "dcm-rle": "dcm"}
-_LABEL_NAMES = ("benign", "malignant")
+_LABEL_NAMES = LABELS
 _VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
 _WORK_MAX = 640  # anatomy is smooth, so it is rendered at most this large and resized up
 _REF_WIDTH = 416.0  # pixel sizes (spicule thickness, text) are specified at this width

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from mammo_ray.config import LABELS
+
 
 def _figure(size=(5, 4)):
     import matplotlib
@@ -59,7 +61,7 @@ def confusion_figure(confusion: dict[str, int], title: str) -> bytes:
     ax.imshow(m, cmap="Blues")
     for (i, j), v in np.ndenumerate(m):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > m.max() / 2 else "black")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["benign", "malignant"], yticklabels=["benign", "malignant"],
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=list(LABELS), yticklabels=list(LABELS),
            xlabel="predicted", ylabel="true", title=title)
     return _png(plt, fig)
 

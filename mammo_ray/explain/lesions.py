@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_ray import io as mio
+from mammo_ray.config import LABELS
 from mammo_ray.data.decode import decode_bytes
 from mammo_ray.data.inputs import printable_path, read_csv_text
 from mammo_ray.data.transforms import map_to_original, scale_geometry
@@ -172,7 +173,7 @@ def localization_summary(scores: pd.DataFrame, ann_counts: dict[str, int], metho
                 "n_in_breast": int(len(inb)), "pointing_game_in_breast": pg_b, "chance_in_breast": chance_b,
                 "pointing_game_in_breast_over_chance": pg_b / chance_b if pg_b is not None and chance_b else None}
 
-    names = {-1: "unlabeled", 0: "benign", 1: "malignant"}
+    names = {-1: "unlabeled", **dict(enumerate(LABELS))}
     return {"method": method, "target_layer": layer, **ann_counts, "all": block(done),
             "by_label": {names[int(k)]: block(g) for k, g in done.groupby("label")},
             "note": "pointing_game: share of images whose CAM peak lies inside the lesion (any of its lesions); "

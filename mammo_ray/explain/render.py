@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_ray import io as mio
+from mammo_ray.config import LABELS
 from mammo_ray.data.transforms import invert
 from mammo_ray.explain.lesions import lesion_mask
 
@@ -68,7 +69,7 @@ def contact_sheet(out: str, scores: pd.DataFrame, *, n: int = 16, cols: int = 4,
                   annotations: dict[str, list[dict]] | None = None) -> int:
     """``overview.png``: the ``n`` highest-scoring overlays, captioned with the probability, the
     label when known and the source file's name, with the annotated lesions outlined (green)."""
-    names = {0: "benign", 1: "malignant"}
+    names = dict(enumerate(LABELS))
     top = scores.sort_values(["probability", "image_id"], ascending=[False, True]).head(n)
     tiles = []
     for r in top.itertuples():

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mammo_ray.config import PreprocessSpec
+from mammo_ray.config import LABELS, TRAIN, VAL, PreprocessSpec
 from mammo_ray.data.arrays import SplitArrays, load_split
 from mammo_ray.data.parquet import read_spec, split_files
 
@@ -25,7 +26,7 @@ def load_training_data(data_dir: str) -> tuple[PreprocessSpec, SplitArrays, Spli
     Raises:
         ValueError: no ``train/`` or ``val/`` split, unlabeled rows, or a single class in train.
     """
-    for split in ("train", "val"):
+    for split in (TRAIN, VAL):
         if not split_files(data_dir, split):
             raise ValueError(f"{data_dir}: no {split}/ split with Parquet files (run `mammo-ray preprocess` without --external)")
     spec = read_spec(data_dir)
@@ -35,7 +36,7 @@ def load_training_data(data_dir: str) -> tuple[PreprocessSpec, SplitArrays, Spli
             raise ValueError(f"{data_dir}/{arr.split}: {int((arr.labels < 0).sum())} unlabeled rows; training needs benign/malignant labels")
     counts = train.class_counts()
     if len(counts) < 2:
-        only = {0: "benign", 1: "malignant"}[next(iter(counts))]
+        only = LABELS[next(iter(counts))]
         raise ValueError(f"{data_dir}/train: one class only ({counts[next(iter(counts))]} {only}); training needs both benign and malignant")
     return spec, train, val
 
