@@ -41,6 +41,11 @@ def pixels_from_bytes(values: Sequence[bytes], heights: Sequence[int], widths: S
     return np.frombuffer(b"".join(values), dtype=dtype).reshape(len(values), h, w)
 
 
+def pixels_of(row: dict) -> np.ndarray:
+    """The 2-D pixel array of one row."""
+    return pixels_from_bytes([row["pixels"]], [row["height"]], [row["width"]], [row["dtype"]])[0]
+
+
 @dataclass
 class SplitArrays:
     """One split in memory: pixels (N, H, W) as stored, labels (N,), ids."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -89,9 +88,3 @@ def read_split(data_dir: str, split: str, columns: list[str] | None = None) -> p
     fs, _ = mio.resolve(files[0])
     table = pq.ParquetDataset([mio.resolve(f)[1] for f in files], filesystem=fs).read(columns=columns)
     return table.sort_by("image_id") if "image_id" in table.column_names else table
-
-
-def pixels_of(row: dict[str, Any]) -> np.ndarray:
-    """The 2-D pixel array of one row."""
-    arr = np.frombuffer(row["pixels"], dtype=np.dtype(row["dtype"]))
-    return arr.reshape(int(row["height"]), int(row["width"]))

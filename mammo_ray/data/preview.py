@@ -6,7 +6,8 @@ import numpy as np
 
 from mammo_ray import io as mio
 from mammo_ray.config import LABELS
-from mammo_ray.data.parquet import pixels_of, read_split
+from mammo_ray.data.arrays import pixels_of
+from mammo_ray.data.parquet import read_split
 
 LABEL_NAMES = {-1: "?", **dict(enumerate(LABELS))}
 

@@ -22,6 +22,7 @@ File names are image ids (a hash of the source path), never patient identifiers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -237,13 +238,16 @@ def _threshold(opts: ExplainConfig, state: dict) -> tuple[float, str]:
 
 def _plan(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfig, resume: bool) -> _Run:
     """Every check that can refuse the run, before the output folder is touched."""
-    state = load_checkpoint(checkpoint)
+    if not mio.exists(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
+    data = mio.read_bytes(checkpoint)  # read once: loaded and hashed from the same bytes
+    state = load_checkpoint(checkpoint, data=data)
     layer = resolve_target_layer(state["backbone"], opts.target_layer)
     _check_layer(state, layer, opts.method)
     threshold, source = _threshold(opts, state)
     listing = discover(list(inputs), labels_optional=True)
     check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out, extra_folders=listing.linked_folders)
-    ident = identity(checkpoint, state, opts, layer, threshold, inputs)
+    ident = identity(checkpoint, hashlib.sha256(data).hexdigest(), state, opts, layer, threshold, inputs)
     run = _Run(listing=listing, todo=listing.records, state=state, layer=layer, threshold=threshold,
                threshold_source=source, identity=ident, resumed=check_output(out, ident, resume))
     if opts.annotations:

@@ -109,13 +109,10 @@ def dedupe_parts(out: str) -> int:
     return removed
 
 
-def checkpoint_sha256(path: str) -> str:
-    return hashlib.sha256(mio.read_bytes(path)).hexdigest()
-
-
-def identity(checkpoint: str, state: dict, opts: ExplainConfig, layer: str, threshold: float,
-              inputs: list[str]) -> dict[str, Any]:
-    return {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256(checkpoint), "backbone": state["backbone"],
+def identity(checkpoint: str, checkpoint_sha256: str, state: dict, opts: ExplainConfig, layer: str, threshold: float,
+             inputs: list[str]) -> dict[str, Any]:
+    """What produced a folder's results (``explain.yaml``); ``--resume`` needs the same."""
+    return {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256, "backbone": state["backbone"],
             "method": opts.method, "target_layer": layer, "threshold": float(threshold),
             "preview_size": int(opts.preview_size), "heatmap_max_side": int(opts.heatmap_max_side),
             "inputs": list(inputs), "annotations": opts.annotations,

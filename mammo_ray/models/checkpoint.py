@@ -52,16 +52,18 @@ def unsafe_globals(data: bytes) -> list[str]:
         return []
 
 
-def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu", data: bytes | None = None) -> dict[str, Any]:
     """Load and check a checkpoint with ``weights_only=True`` (no arbitrary code runs).
+    ``data``: the file's bytes when the caller already read them (named ``path`` in errors).
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: not a mammo_ray checkpoint, or one that would need unpickling code.
     """
-    if not mio.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    data = mio.read_bytes(path)
+    if data is None:
+        if not mio.exists(path):
+            raise FileNotFoundError(f"checkpoint {path} not found")
+        data = mio.read_bytes(path)
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

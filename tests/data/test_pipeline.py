@@ -16,7 +16,8 @@ import yaml
 from pydicom.data import get_testdata_file
 
 from mammo_ray.config import PreprocessConfig, to_dict
-from mammo_ray.data.parquet import SPEC_KEY, pixels_of, read_spec, read_split, split_files
+from mammo_ray.data.arrays import pixels_of
+from mammo_ray.data.parquet import SPEC_KEY, read_spec, read_split, split_files
 from mammo_ray.data.pipeline import OutputExistsError, run_preprocess
 
 
