@@ -27,8 +27,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args) -> dict:
     from mammo_ray.config import PreprocessSpec
     from mammo_ray.models.registry import build_model
-    from mammo_ray.train.data import SplitArrays
-    from mammo_ray.train.loop import predict
+    from mammo_ray.data.arrays import SplitArrays
+    from mammo_ray.models.inference import predict
 
     if args.smoke_test:
         args.backbone, args.size, args.images = "simplecnn", 64, 32

@@ -64,7 +64,7 @@ def cam_stage(args, device: torch.device) -> dict:
 
     from mammo_ray.explain.cam import _cam_class, resolve_target_layer, score_and_cam
     from mammo_ray.models.registry import build_model, get_submodule
-    from mammo_ray.train.loop import _autocast
+    from mammo_ray.models.inference import autocast as _autocast
 
     torch.manual_seed(0)
     model = build_model(args.backbone).eval().to(device)
@@ -144,7 +144,7 @@ def whole_job(args, root: str) -> dict:
 
 
 def main(args) -> dict:
-    from mammo_ray.train.loop import resolve_device
+    from mammo_ray.models.inference import resolve_device
 
     if args.smoke_test:
         args.backbone, args.size, args.images, args.batch_size, args.job_images, args.repeats = "simplecnn", 64, 8, 4, 8, 1

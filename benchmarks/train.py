@@ -25,12 +25,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="timed steps per measurement (after 1 warm-up)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 (fp16 where bf16 is missing) autocast on CUDA; --no-amp for fp32 (no effect on CPU)")
     p.add_argument("--smoke-test", action="store_true")
     return p
 
 
 def synthetic_split(n: int, size: int):
-    from mammo_ray.train.data import SplitArrays
+    from mammo_ray.data.arrays import SplitArrays
 
     rng = np.random.default_rng(0)
     return SplitArrays(pixels=rng.integers(0, 256, (n, size, size), dtype=np.uint8),
@@ -86,7 +88,7 @@ def bare_images_per_s(cfg, data, device, steps: int) -> float:
 
 def main(args) -> dict:
     from mammo_ray.config import PreprocessSpec, TrainConfig
-    from mammo_ray.train.loop import resolve_device
+    from mammo_ray.models.inference import resolve_device
 
     if args.smoke_test:
         args.backbone, args.size, args.batch_size, args.steps = "simplecnn", 64, 8, 2
@@ -94,11 +96,16 @@ def main(args) -> dict:
     spec = PreprocessSpec(size=args.size)
     data = synthetic_split(args.batch_size * (args.steps + 1), args.size)
     result = {"benchmark": "train", "backbone": args.backbone, "size": args.size, "batch_size": args.batch_size,
+              "amp": args.amp and device.type == "cuda",
               "device": str(device), "threads": torch.get_num_threads(), "images_per_s": {}}
     for ratio in args.ratios:
         cfg = TrainConfig(backbone=args.backbone, freeze_ratio=ratio, batch_size=args.batch_size, max_batches=args.steps,
-                          device=args.device, augment=True)
+                          device=args.device, augment=True, amp=args.amp)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         result["images_per_s"][str(ratio)] = round(loop_images_per_s(cfg, spec, data, device), 3)
+        if device.type == "cuda":
+            result.setdefault("peak_gpu_memory_mb", {})[str(ratio)] = round(torch.cuda.max_memory_allocated() / 2**20)
     base = result["images_per_s"][str(args.ratios[0])]
     result["speedup_vs_freeze_0"] = {k: round(v / base, 3) for k, v in result["images_per_s"].items()}
     cfg = TrainConfig(backbone=args.backbone, freeze_ratio=0.5, batch_size=args.batch_size, max_batches=args.steps,

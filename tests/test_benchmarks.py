@@ -33,3 +33,24 @@ def test_benchmark_smoke_test_prints_json(name, tmp_path):
         assert {r["init"] for r in result["rows"]} == {"imagenet", "random"}
     if name == "explain":
         assert result["max_abs_diff_vs_naive_maps"] < 1e-4 and result["job_images_per_s"] > 0
+
+
+def test_gpu_script_dry_run_checks_every_step():
+    """`benchmarks/gpu.sh --dry-run` on this CPU machine: every step's command exists and its
+    flags parse (nothing runs); a step with a flag its parser refuses is reported."""
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--dry-run"], capture_output=True, text=True,
+                       cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = dict(line.split(": ", 1) for line in r.stdout.strip().splitlines() if ": " in line)
+    for name in ("train-resnet50-amp", "train-vgg19-fp32", "explain", "tune"):
+        assert lines.get(name) == "ok", r.stdout
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    bad = {**gpu.steps("/tmp/x")[0]}
+    bad["argv"] = [*bad["argv"], "--amp-dtype", "fp8"]
+    assert "do not parse" in gpu.check(bad)
+    tune = next(s for s in gpu.steps("/tmp/x") if s["name"] == "tune")
+    assert "--gpus-per-trial" in tune["argv"] and tune["argv"][tune["argv"].index("--gpus-per-trial") + 1] == "0.25"

@@ -67,25 +67,25 @@ def test_console_script_synth_then_preprocess_job(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_job_smoke_test(tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    r = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--smoke-test", "--out", str(tmp_path)],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "best epoch" in r.stdout and (tmp_path / "model" / "best.pt").exists() and (tmp_path / "model" / "history.csv").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["evaluate", "explain"])
-def test_evaluate_and_explain_jobs_smoke_test(stage, ray_local, tmp_path, monkeypatch, capsys):
-    """Every job has --smoke-test (mammo_ray.smoke): run in this process on the session's Ray."""
+@pytest.mark.parametrize("stage", ["train", "tune", "evaluate", "explain"])
+def test_jobs_smoke_test(stage, ray_local, tmp_path, monkeypatch, capsys):
+    """Every job has --smoke-test (mammo_ray.smoke), run here in this process on the session's
+    Ray (test_console_script_synth_then_preprocess_job and tests/test_ray_head.py run job
+    scripts as their own processes)."""
     import runpy
 
     monkeypatch.setattr(sys, "argv", [f"jobs/{stage}.py", "--smoke-test", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(REPO / "jobs" / f"{stage}.py"), run_name="__main__")
-    assert done.value.code == 0, capsys.readouterr().err[-3000:]
-    if stage == "evaluate":
+    out = capsys.readouterr()
+    assert done.value.code == 0, out.err[-3000:]
+    if stage == "train":
+        assert "best epoch" in out.out and (tmp_path / "model" / "best.pt").exists()
+        assert (tmp_path / "model" / "history.csv").exists()
+    elif stage == "tune":
+        assert "2 trials, 0 errors" in out.out and "| simplecnn | 0.5 |" in out.out
+        assert (tmp_path / "sweep" / "table.md").exists()
+    elif stage == "evaluate":
         metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
         assert set(metrics["checkpoints"][0]["sets"]) == {"test", "external-external-phantoms"}
     else:
@@ -178,12 +178,10 @@ def test_demo_runs_the_whole_pipeline_and_reports_auc(tmp_path):
     assert 'id="summary"' in dom and 'id="localization"' in dom and dom.count("data:image/png;base64,") == 4
 
 
-def test_demo_full_needs_a_gpu_and_says_so(tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    r = subprocess.run([str(BIN / "mammo-ray"), "demo", "--full", "--out", str(tmp_path / "d")], capture_output=True,
-                       text=True, env=env, timeout=300)
-    assert r.returncode == 2
-    lines = [x for x in r.stderr.splitlines() if x.startswith("mammo-ray demo: error:")]
+def test_demo_full_needs_a_gpu_and_says_so(ray_local, tmp_path, capsys):
+    """In this process, on the session's CPU-only Ray: refused in one line before any work."""
+    assert main(["demo", "--full", "--out", str(tmp_path / "d")]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("mammo-ray demo: error:")]
     assert lines and "gpus_per_trial=1, but the Ray cluster has 0 GPU(s)" in lines[0]
     assert not (tmp_path / "d" / "phantoms").exists()  # refused before any work
 

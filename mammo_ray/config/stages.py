@@ -190,6 +190,10 @@ class SweepConfig:
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.max_failures < 0:
             raise ValueError(f"cpus_per_trial={self.cpus_per_trial}, gpus_per_trial={self.gpus_per_trial}, "
                              f"max_failures={self.max_failures}: need cpus > 0, gpus >= 0, max_failures >= 0")
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            # Ray packs fractions of one GPU, or whole GPUs: 1.5 GPUs is a trial Ray cannot place
+            raise ValueError(f"gpus_per_trial={self.gpus_per_trial:g}: use a fraction of one GPU (e.g. 0.25, 0.5) or a "
+                             "whole number of GPUs (1, 2, ...)")
         reserved = {"backbone", "freeze_ratio", "base_lr", "max_lr", "clr_mode", "epochs", "batch_size", "seed"}
         bad = sorted(set(self.train) & reserved)
         if bad:
@@ -243,8 +247,9 @@ class ExplainConfig:
                              f"[1, {MAX_SIDE}] pixels")
         if self.workers is not None and not 1 <= self.workers <= 100_000:
             raise ValueError(f"workers={self.workers!r}: use an int in [1, 100000]")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise ValueError(f"gpus_per_worker={self.gpus_per_worker!r}: must be >= 0")
+        g = self.gpus_per_worker
+        if g is not None and (g < 0 or (g > 1 and g != int(g))):
+            raise ValueError(f"gpus_per_worker={g!r}: use 0 (CPU), a fraction of one GPU or a whole number of GPUs")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold={self.threshold!r}: must be in [0, 1]")
 

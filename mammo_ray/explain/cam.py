@@ -20,9 +20,11 @@ import numpy as np
 import torch
 
 from mammo_ray.config import CAM_METHODS
+from mammo_ray.models.checkpoint import checkpoint_spec, model_from_checkpoint
 from mammo_ray.models.inference import autocast
+from mammo_ray.models.registry import get_submodule
 
-__all__ = ["CAM_METHODS", "cam_extractor", "check_method", "resolve_target_layer", "score_and_cam"]
+__all__ = ["CAM_METHODS", "cam_extractor", "check_method", "check_target_layer", "resolve_target_layer", "score_and_cam"]
 
 
 def _cam_class(method: str):
@@ -155,3 +157,26 @@ def localization(cam: np.ndarray, *, x: float | None = None, y: float | None = N
     total = float(cam.sum())
     return {"pointing_hit": bool(inside[py, px]), "energy_inside": float(cam[inside].sum() / total) if total > 0 else 0.0,
             "area_fraction": float(inside.mean())}
+
+
+def check_target_layer(state: dict, layer: str, method: str) -> None:
+    """The target layer exists, gives a (N, C, H, W) map, and a CAM runs through it (a dry
+    score + CAM on one blank input, as the actors will do it)."""
+    model = model_from_checkpoint(state)
+    module = get_submodule(model, layer)
+    seen: list[tuple] = []
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape) if isinstance(o, torch.Tensor) else ()))
+    h, w = checkpoint_spec(state).size
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, h, w))
+    finally:
+        handle.remove()
+    if not seen or len(seen[0]) != 4:
+        raise ValueError(f"--target-layer {layer!r}: its output has shape {seen[0] if seen else 'none'}, a CAM needs a "
+                         f"(N, C, H, W) feature map (e.g. the backbone's last conv block)")
+    try:
+        score_and_cam(model, state["backbone"], torch.zeros(1, 1, h, w), method=method, target_layer=layer)
+    except Exception as exc:
+        raise ValueError(f"--target-layer {layer!r} with --method {method}: the CAM fails "
+                         f"({type(exc).__name__}: {exc})".splitlines()[0]) from exc

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 
 from mammo_ray import io as mio
@@ -46,22 +45,21 @@ from mammo_ray.data.decode import describe_exception
 from mammo_ray.data.inputs import Listing, discover
 from mammo_ray.data.pipeline import process_record, write_errors
 from mammo_ray.data.transforms import GEOMETRY_FIELDS
-from mammo_ray.explain.cam import resolve_target_layer, score_and_cam
+from mammo_ray.explain.cam import check_target_layer, resolve_target_layer, score_and_cam
 from mammo_ray.explain.lesions import load_annotations, localization_summary
 from mammo_ray.explain.maps import explain_record
 from mammo_ray.explain.render import contact_sheet, make_preview
 from mammo_ray.explain.results import (ERROR_PARTS, IDENTITY_FILE, SCORES, check_output, dedupe_parts, identity,
                                        read_parts, write_parts)
-from mammo_ray.models.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
+from mammo_ray.models.checkpoint import load_checkpoint
 from mammo_ray.models.inference import load_for_inference, to_model_input
-from mammo_ray.models.registry import get_submodule
 from mammo_ray.outputs import check_inputs_vs_out
 from mammo_ray.ray_utils import init_ray, node_id, remote_args
 from mammo_ray.resources import TASK_RETRIES, check_fits, largest_node_memory, preprocess_task_bytes
 
 logger = logging.getLogger(__name__)
 
-STATUS_COLUMNS = ["image_id", "path", "status", "reason", "node_id", "prep_node_id"]
+STATUS_COLUMNS = ["image_id", "path", "status", "reason", "node_id", "prep_node_id", "cam_worker"]
 SUMMARY_SCORE_COLUMNS = ["image_id", "source_path", "label", "orig_height", "probability", "predicted", "overlay_path",
                          "pointing_hit", "energy_inside", "lesion_area_fraction", "cam_peak_in_breast",
                          "pointing_hit_in_breast", "lesion_area_fraction_in_breast"]
@@ -104,6 +102,10 @@ class CamActor:
     def __init__(self, checkpoint: str, method: str, target_layer: str | None, amp: bool = True) -> None:
         self.loaded = load_for_inference(checkpoint)
         self.method, self.target_layer, self.amp = method, target_layer, amp
+        # where this actor runs: its process, the GPUs Ray gave it (CUDA_VISIBLE_DEVICES holds the
+        # same ids) and the device it chose; summary.json's cam_workers lists them
+        self.worker = (f"{node_id()[:12]}/{os.getpid()}/gpus={os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
+                       f"/{self.loaded.device.type}")
 
     def _run(self, batch: pd.DataFrame, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         m, rows = self.loaded, batch.iloc[idx]
@@ -137,7 +139,7 @@ class CamActor:
         per_image = (time.perf_counter() - t0) / max(int((status == "ok").sum()), 1)
         return batch.drop(columns=["pixels"]).assign(
             status=status, reason=reason, probability=probs, cam=cams, cam_height=cam_h, cam_width=cam_w,
-            seconds_cam=np.where(status == "ok", per_image, 0.0), node_id=node_id())
+            seconds_cam=np.where(status == "ok", per_image, 0.0), node_id=node_id(), cam_worker=self.worker)
 
 
 def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size: int, heatmap_max_side: int,
@@ -150,7 +152,8 @@ def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size
     rows, errors, statuses = [], [], []
     for rec in batch.to_dict("records"):
         status = {"image_id": rec["image_id"], "path": rec["source_path"], "status": rec["status"],
-                  "reason": rec["reason"], "node_id": rec.get("node_id", ""), "prep_node_id": rec.get("prep_node_id", "")}
+                  "reason": rec["reason"], "node_id": rec.get("node_id", ""), "prep_node_id": rec.get("prep_node_id", ""),
+                  "cam_worker": rec.get("cam_worker", "")}
         if rec["status"] == "ok":
             try:
                 rows.append(explain_record(rec, out=out, threshold=threshold, heatmap_max_side=heatmap_max_side,
@@ -182,29 +185,6 @@ def _check_pool(workers: int, gpw: float, cpus: int, gpus: float, *, autoscaling
         raise ValueError(problem)
     if problem:
         logger.warning("%s: waiting for the cluster to scale up", problem)
-
-
-def _check_layer(state: dict, layer: str, method: str) -> None:
-    """The target layer exists, gives a (N, C, H, W) map, and a CAM runs through it (a dry
-    score + CAM on one blank input, as the actors will do it)."""
-    model = model_from_checkpoint(state)
-    module = get_submodule(model, layer)
-    seen: list[tuple] = []
-    handle = module.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape) if isinstance(o, torch.Tensor) else ()))
-    h, w = checkpoint_spec(state).size
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 1, h, w))
-    finally:
-        handle.remove()
-    if not seen or len(seen[0]) != 4:
-        raise ValueError(f"--target-layer {layer!r}: its output has shape {seen[0] if seen else 'none'}, a CAM needs a "
-                         f"(N, C, H, W) feature map (e.g. the backbone's last conv block)")
-    try:
-        score_and_cam(model, state["backbone"], torch.zeros(1, 1, h, w), method=method, target_layer=layer)
-    except Exception as exc:
-        raise ValueError(f"--target-layer {layer!r} with --method {method}: the CAM fails "
-                         f"({type(exc).__name__}: {exc})".splitlines()[0]) from exc
 
 
 @dataclass
@@ -243,7 +223,7 @@ def _plan(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfig, res
     data = mio.read_bytes(checkpoint)  # read once: loaded and hashed from the same bytes
     state = load_checkpoint(checkpoint, data=data)
     layer = resolve_target_layer(state["backbone"], opts.target_layer)
-    _check_layer(state, layer, opts.method)
+    check_target_layer(state, layer, opts.method)
     threshold, source = _threshold(opts, state)
     listing = discover(list(inputs), labels_optional=True)
     check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out, extra_folders=listing.linked_folders)
@@ -348,6 +328,8 @@ def _summary(run: _Run, scores: pd.DataFrame, errors: list[dict], status: pd.Dat
         "cam_peaks_outside_breast": int((scores["cam_peak_in_breast"] == False).sum()),  # noqa: E712 (nullable)
         "cam_nodes": dict(Counter(status["node_id"])) if processed else {},
         "preprocess_nodes": dict(Counter(status["prep_node_id"])) if processed else {},
+        # node/pid/gpus=<CUDA_VISIBLE_DEVICES>/device of each CAM actor -> images it explained
+        "cam_workers": dict(Counter(status["cam_worker"])) if processed else {},
         "seconds": round(seconds, 3),
         "images_per_second": round(processed / job_seconds, 2) if processed and job_seconds > 0 else None,
     }

@@ -4,6 +4,7 @@ so a model sees its inputs prepared the same way in every stage."""
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,24 @@ from mammo_ray.models.checkpoint import checkpoint_spec, load_checkpoint, model_
 logger = logging.getLogger(__name__)
 
 
+_WARNED_NO_CUDA = False
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when this process sees a GPU (Ray sets CUDA_VISIBLE_DEVICES), else CPU."""
+    """``auto``: CUDA when this process sees a GPU, else CPU. On a Ray worker given GPUs, Ray
+    sets CUDA_VISIBLE_DEVICES to them, so ``cuda`` is the first GPU Ray assigned (never a
+    guessed ``cuda:0`` of the whole node). GPUs assigned but no CUDA in this process (logical
+    GPUs, a CPU-only torch): CPU, with one warning line per process."""
+    global _WARNED_NO_CUDA
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        assigned = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        if assigned and assigned != "-1" and not _WARNED_NO_CUDA:
+            _WARNED_NO_CUDA = True
+            logger.warning("GPU(s) %s assigned (CUDA_VISIBLE_DEVICES) but torch sees no CUDA device here: "
+                           "running on CPU", assigned)
+        return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda': no CUDA device is available here; use auto or cpu")
     return torch.device(name)

@@ -13,12 +13,14 @@ import os
 import shlex
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import yaml
 
 from mammo_ray import io as mio
 from mammo_ray.config import SweepConfig, TrainConfig, to_dict
+from mammo_ray.models.inference import resolve_device
 from mammo_ray.train.sweep_report import (
     RESULT_FIELDS,
     best_vs_rest,
@@ -92,6 +94,9 @@ def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, An
     from mammo_ray.train.loop import fit
 
     node_id = ray.get_runtime_context().get_node_id()
+    # which GPUs Ray gave this trial (it also sets CUDA_VISIBLE_DEVICES to them), and when it
+    # started: results.csv shows placement, and the scheduling tests check packing with them
+    placement = {"gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "started_at": time.time()}
     # one "Checkpoint successfully created" INFO line per trial per epoch floods the driver's
     # console; Tune's own progress table already says where checkpoints are
     logging.getLogger("ray.train").setLevel(logging.WARNING)
@@ -115,7 +120,8 @@ def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, An
         # epoch's checkpoint (one copy, into the storage path; no staging copy of our own).
         # metrics carry best_val_auc (the trial's best epoch so far, kept across a restore): what
         # Tune ranks by ("Current best trial" on the console, ASHA's rungs), not the last epoch's
-        tune.report(_finite({**metrics, "restored": resume is not None, "node_id": node_id}),
+        tune.report(_finite({**metrics, "restored": resume is not None, "node_id": node_id, **placement,
+                             "device": str(resolve_device(cfg.device))}),
                     checkpoint=tune.Checkpoint.from_directory(out))
 
     try:
@@ -258,7 +264,8 @@ def write_outputs(grid, out: str, sweep: SweepConfig) -> dict[str, Any]:
             **{k: best.get(k) for k in ("val_auc", "val_auc_low", "val_auc_high", "val_accuracy", "val_precision",
                                          "val_recall", "val_f1", "val_loss")},
             "time_s": metrics.get("time_total_s"), "restored": bool(metrics.get("restored", False)),
-            "node_id": metrics.get("node_id"), "checkpoint": local,
+            "node_id": metrics.get("node_id"), "gpu_ids": metrics.get("gpu_ids"), "device": metrics.get("device"),
+            "started_at": metrics.get("started_at"), "finished_at": metrics.get("timestamp"), "checkpoint": local,
         })
         files[trial_id] = local
     rows.sort(key=lambda r: (r["backbone"], r["freeze_ratio"], r["base_lr"], r["trial_id"]))

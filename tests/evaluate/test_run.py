@@ -159,7 +159,7 @@ def test_distributed_scoring_matches_in_process(ray_local, sweep_dir, train_data
 
     from mammo_ray.evaluate.inference import score_split
     from mammo_ray.models.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
-    from mammo_ray.train.data import load_split
+    from mammo_ray.data.arrays import load_split
 
     ckpt = sweep_checkpoints(str(sweep_dir))[0]
     state = load_checkpoint(ckpt)

@@ -11,7 +11,7 @@ from mammo_ray.data.synth import render_phantom
 from mammo_ray.data.transforms import map_to_original, preprocess_image
 from mammo_ray.explain.cam import CAM_METHODS, cam_extractor, localization, score_and_cam
 from mammo_ray.models.registry import build_model
-from mammo_ray.train.data import SplitArrays
+from mammo_ray.data.arrays import SplitArrays
 
 
 @pytest.mark.parametrize("method", CAM_METHODS)

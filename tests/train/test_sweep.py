@@ -229,15 +229,6 @@ def test_shipped_sweep_files_are_valid(name):
     assert sweep.grid_size >= 4
 
 
-def test_tune_job_smoke_test(tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    r = subprocess.run([sys.executable, str(REPO / "jobs" / "tune.py"), "--smoke-test", "--out", str(tmp_path)],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 trials, 0 errors" in r.stdout and "| simplecnn | 0.5 |" in r.stdout
-    assert (tmp_path / "sweep" / "table.md").exists()
-
-
 def test_sweep_storage_on_s3(s3_server, train_data_dir):
     """Tune's experiment state, checkpoints and every output on an S3-protocol server (moto)."""
     import ray
