@@ -4,6 +4,7 @@ they import torch and Ray, and ``mammo-ray --help`` or a refused flag must not w
 either (tests/test_layers.py checks it)."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -301,6 +302,9 @@ def _add_explain(sub) -> None:
     p.add_argument("--threshold", type=finite_float,
                    help="probability at or above which an image is called malignant (default: the checkpoint's val threshold)")
     p.add_argument("--annotations", help="CSV of lesions (path/image_id + lesion_x,lesion_y,lesion_r or mask_path)")
+    p.add_argument("--cam-within-breast", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep heatmaps, overlays and peaks inside the breast mask (the raw map's peak is still "
+                        f"counted in cam_peaks_outside_breast); default: {d.cam_within_breast}")
     p.add_argument("--top", dest="top_n", type=int, help=f"overlays on overview.png; default: {d.top_n}")
     p.add_argument("--resume", action="store_true", help="continue a killed or partial run in --out")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")

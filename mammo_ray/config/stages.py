@@ -220,7 +220,9 @@ class ExplainConfig:
     """How ``mammo-ray explain`` explains (YAML keys of the same names). ``workers``: size of the
     CAM actor pool (default: one per GPU, or the CPUs less one on CPU-only clusters, so the read
     tasks keep a core). ``threshold``: the probability at or above which an image is called
-    malignant (default: the checkpoint's val threshold); ``amp``: bf16/fp16 autocast on CUDA."""
+    malignant (default: the checkpoint's val threshold); ``amp``: bf16/fp16 autocast on CUDA;
+    ``cam_within_breast``: heatmaps, overlays and peaks keep the CAM inside the breast mask (the
+    raw map's peak is still counted when it falls outside)."""
 
     method: str = "gradcam"
     target_layer: str | None = None
@@ -234,6 +236,7 @@ class ExplainConfig:
     top_n: int = 16
     prep_batch_size: int = 8
     amp: bool = True
+    cam_within_breast: bool = True
 
     def __post_init__(self) -> None:
         check_finite(self)

@@ -143,7 +143,7 @@ class CamActor:
 
 
 def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size: int, heatmap_max_side: int,
-                annotations: dict[str, list[dict]]) -> pd.DataFrame:
+                annotations: dict[str, list[dict]], within_breast: bool = True) -> pd.DataFrame:
     """CPU task: each scored record's heatmap, overlay and scores row (``maps.explain_record``),
     then the batch's Parquet parts; one status row per input."""
     import cv2  # deferred: configured per worker process below
@@ -157,7 +157,7 @@ def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size
         if rec["status"] == "ok":
             try:
                 rows.append(explain_record(rec, out=out, threshold=threshold, heatmap_max_side=heatmap_max_side,
-                                           lesions=annotations.get(rec["image_id"])))
+                                           lesions=annotations.get(rec["image_id"]), within_breast=within_breast))
             except Exception as exc:  # one bad image (e.g. an unreadable mask) must not stop the archive
                 logger.warning("writing outputs failed for %s", rec["source_path"], exc_info=True)
                 status.update(status="error", reason=f"writing outputs failed: {describe_exception(exc)}")
@@ -289,7 +289,8 @@ def _pipeline(run: _Run, inputs: list[str], checkpoint: str, out: str, opts: Exp
                             num_gpus=gpw, num_cpus=0 if gpw else 1, **env)
         ds = ds.map_batches(write_batch, batch_format="pandas", batch_size=opts.batch_size, num_cpus=1,
                             fn_kwargs={"out": out, "threshold": run.threshold, "preview_size": opts.preview_size,
-                                       "heatmap_max_side": opts.heatmap_max_side, "annotations": run.annotations},
+                                       "heatmap_max_side": opts.heatmap_max_side, "annotations": run.annotations,
+                                       "within_breast": opts.cam_within_breast},
                             **task_env)
     frames = list(ds.iter_batches(batch_format="pandas", batch_size=None))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STATUS_COLUMNS)

@@ -34,21 +34,34 @@ def source_maps(rec: dict, heatmap_max_side: int) -> tuple[np.ndarray, float, np
 
 
 def explain_record(rec: dict, *, out: str, threshold: float, heatmap_max_side: int,
-                   lesions: list[dict] | None) -> dict[str, Any]:
-    """Write a scored record's heatmap and overlay under ``out``; return its scores row."""
+                   lesions: list[dict] | None, within_breast: bool = True) -> dict[str, Any]:
+    """Write a scored record's heatmap and overlay under ``out``; return its scores row.
+
+    ``within_breast``: the written heatmap, the overlay and the peak keep the CAM inside the
+    breast mask only (zero outside: a peak on a removed film label or the padding explains no
+    anatomy). The raw map is still judged: ``cam_peak_in_breast`` and the overall pointing game
+    use its own peak."""
     t0 = time.perf_counter()
     heat, f_heat, preview, pheat, f_prev = source_maps(rec, heatmap_max_side)
-    py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    hp, op = shard_path("heatmaps", rec["image_id"]), shard_path("overlays", rec["image_id"])
-    mio.write_bytes(mio.join(out, hp), encode_png(np.round(heat * 65535).astype(np.uint16)))
-    mio.write_bytes(mio.join(out, op), encode_png(overlay_image(preview, pheat, (px * f_prev / f_heat, py * f_prev / f_heat))))
-    breast = breast_at(rec, {k: rec[k] for k in GEOMETRY_FIELDS}, f_heat, heat.shape)
+    geom = {k: rec[k] for k in GEOMETRY_FIELDS}
+    breast = breast_at(rec, geom, f_heat, heat.shape)
+    raw_py, raw_px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    raw_peak_in_breast = None if breast is None else bool(breast[raw_py, raw_px])
     lesion_warning = ""
-    try:
+    try:  # on the raw map: pointing_hit (its own peak) and pointing_hit_in_breast (the peak inside the mask)
         lesion = lesion_scores(heat, f_heat, lesions, breast)
     except Exception as exc:  # a bad annotation does not make the image an error
         lesion = lesion_scores(heat, f_heat, None)
         lesion_warning = f"lesion annotation unusable: {describe_exception(exc)}"
+    if within_breast and breast is not None and breast.any():
+        heat = np.where(breast, heat, 0.0)
+        on_preview = breast_at(rec, geom, f_prev, pheat.shape)
+        if on_preview is not None:
+            pheat = np.where(on_preview, pheat, 0.0)
+    py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    hp, op = shard_path("heatmaps", rec["image_id"]), shard_path("overlays", rec["image_id"])
+    mio.write_bytes(mio.join(out, hp), encode_png(np.round(heat * 65535).astype(np.uint16)))
+    mio.write_bytes(mio.join(out, op), encode_png(overlay_image(preview, pheat, (px * f_prev / f_heat, py * f_prev / f_heat))))
     prob = float(rec["probability"])
     return {
         "image_id": rec["image_id"], "source_path": rec["source_path"], "label": int(rec["label"]),
@@ -56,7 +69,7 @@ def explain_record(rec: dict, *, out: str, threshold: float, heatmap_max_side: i
         "cam_peak_x": float(px / f_heat), "cam_peak_y": float(py / f_heat),
         "cam_peak_value": float(heat[py, px]), "cam_top5_energy": top_energy_fraction(heat, 0.05),
         "orig_height": int(rec["orig_height"]), "orig_width": int(rec["orig_width"]), "heatmap_path": hp,
-        "overlay_path": op, "cam_peak_in_breast": None if breast is None else bool(breast[py, px]), **lesion,
+        "overlay_path": op, "cam_peak_in_breast": raw_peak_in_breast, **lesion,
         "warning": "; ".join(x for x in (rec["warning"], lesion_warning) if x), "node_id": rec["node_id"],
         "seconds_preprocess": float(rec["seconds_preprocess"]), "seconds_cam": float(rec["seconds_cam"]),
         "seconds_write": time.perf_counter() - t0,

