@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from scipy.stats import norm, rankdata
 from sklearn.metrics import (
     average_precision_score,
     brier_score_loss,
@@ -316,8 +317,6 @@ def delong_auc_ci(labels: Iterable[int], scores: Iterable[float], *, level: floa
     independent, so with several images per patient the interval is optimistic: evaluation's
     patient bootstrap is the interval to report.
     """
-    from scipy.stats import norm, rankdata
-
     y, s = _as_arrays(labels, scores)
     pos, neg = s[y == 1], s[y == 0]
     m, n = len(pos), len(neg)

@@ -7,9 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from mammo_ray import io as mio
 from mammo_ray.data.arrays import SplitArrays, pixels_from_bytes
 from mammo_ray.data.parquet import split_files
 from mammo_ray.models.inference import load_for_inference, predict
+from mammo_ray.ray_utils import init_ray
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +38,7 @@ class ScoreActor:
 def score_distributed(checkpoint: str, folder: str, split: str, *, batch_size: int = 64,
                       actors: int | None = None) -> dict[str, float]:
     """image_id -> probability for every row of a split, scored by a Ray Data actor pool."""
-    import ray
-
-    from mammo_ray import io as mio
-    from mammo_ray.ray_utils import init_ray
+    import ray  # deferred: in-process scoring (sets under 20,000 images) needs no Ray
 
     init_ray()
     files = split_files(folder, split)

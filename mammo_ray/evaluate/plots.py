@@ -11,7 +11,7 @@ from mammo_ray.config import LABELS
 
 
 def _figure(size=(5, 4)):
-    import matplotlib
+    import matplotlib  # deferred: only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -7,6 +7,9 @@ prepared differently from its training data.
 """
 from __future__ import annotations
 
+import csv
+import hashlib
+import io as _io
 import json
 import logging
 import os
@@ -19,9 +22,13 @@ from mammo_ray import io as mio
 from mammo_ray.config import EvaluateConfig, PreprocessConfig, to_dict
 from mammo_ray.data.arrays import load_split
 from mammo_ray.data.parquet import SPLIT_DIRS, read_spec, read_split, split_files
+from mammo_ray.data.pipeline import run_preprocess
 from mammo_ray.evaluate.inference import score_split
+from mammo_ray.evaluate.metrics import aggregate, evaluate_set
+from mammo_ray.evaluate.report import write_report
 from mammo_ray.metrics import choose_threshold
 from mammo_ray.models.inference import load_for_inference, predict
+from mammo_ray.outputs import check_out_location
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +70,6 @@ def prepare_external(path: str, spec, out: str, name: str,
     external set once, not once per checkpoint."""
     if mio.is_dir(path) and _has_parquet(path):
         return path, "preprocessed folder"
-    from mammo_ray.data.pipeline import run_preprocess
-
     how = "preprocessed here with the checkpoint's spec"
     cache = {} if cache is None else cache
     key = (path, spec_digest(spec))
@@ -84,8 +89,6 @@ def prepare_external(path: str, spec, out: str, name: str,
 
 def spec_digest(spec) -> str:
     """A short, stable name for a preprocessing spec (its fields as sorted JSON)."""
-    import hashlib
-
     return hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -112,8 +115,6 @@ def per_image_groups_reason(groups: list | None, *, min_images: int = 10) -> str
 
 def _set_result(labels: np.ndarray, scores: np.ndarray, groups: list, meta: list[dict], *, threshold: float,
                 n_boot: int, seed: int) -> dict[str, Any]:
-    from mammo_ray.evaluate.metrics import aggregate, evaluate_set
-
     if (labels < 0).any():
         return {"metrics": None, "reason": f"{int((labels < 0).sum())} of {len(labels)} images have no label: "
                                           "scores written, metrics skipped", "n": int(len(labels))}
@@ -198,9 +199,6 @@ def _checkpoint_tag(state: dict[str, Any], path: str) -> str:
 
 
 def _write_scores(path: str, arrays, scores: np.ndarray, threshold: float) -> None:
-    import csv
-    import io as _io
-
     buf = _io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image_id", "label", "probability", "predicted"])
@@ -214,15 +212,11 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
     """Evaluate every checkpoint; write ``metrics.json``, ``report.md``, ``report.html`` and figures.
     ``overrides``: EvaluateConfig fields (``n_boot=200``...) on top of ``cfg``."""
     cfg = replace(cfg, **overrides) if cfg is not None else EvaluateConfig.load(None, **overrides)
-    from mammo_ray.evaluate.report import write_report
-
     if not checkpoints:
         raise ValueError("no checkpoint to evaluate: give --checkpoint PATH... or --sweep DIR")
     for e in externals:
         if not mio.exists(e):
             raise ValueError(f"--external {e} does not exist")
-    from mammo_ray.outputs import check_out_location
-
     check_out_location(out, folders=[data, *(e for e in externals if mio.is_dir(e))],
                        files=[e for e in externals if not mio.is_dir(e)])
     mio.makedirs(out)

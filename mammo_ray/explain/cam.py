@@ -22,13 +22,22 @@ import torch
 from mammo_ray.config import CAM_METHODS
 from mammo_ray.models.checkpoint import checkpoint_spec, model_from_checkpoint
 from mammo_ray.models.inference import autocast
-from mammo_ray.models.registry import get_submodule
+from mammo_ray.models.registry import get_backbone, get_submodule
 
 __all__ = ["CAM_METHODS", "cam_extractor", "check_method", "check_target_layer", "resolve_target_layer", "score_and_cam"]
 
 
 def _cam_class(method: str):
-    from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+    # deferred: pytorch-grad-cam imports scikit-learn and scipy (about a second); only the CAM
+    # actors need it, not the read/write tasks that import this package
+    from pytorch_grad_cam import (
+        EigenCAM,
+        GradCAM,
+        GradCAMPlusPlus,
+        HiResCAM,
+        LayerCAM,
+        XGradCAM,
+    )
 
     classes = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
                "eigencam": EigenCAM, "hirescam": HiResCAM}
@@ -50,8 +59,6 @@ def resolve_target_layer(backbone: str, target_layer: str | None = None) -> str:
     Raises:
         ValueError: the backbone has no CAM layer and none was given.
     """
-    from mammo_ray.models.registry import get_backbone
-
     if target_layer:
         return target_layer
     layer = get_backbone(backbone).cam_layer
@@ -78,8 +85,6 @@ def cam_extractor(model: torch.nn.Module, backbone: str, method: str = "gradcam"
     Raises:
         ValueError: an unknown method, or a target layer the model does not have.
     """
-    from mammo_ray.models.registry import get_submodule
-
     cls = _cam_class(method)
     layer = get_submodule(model, resolve_target_layer(backbone, target_layer))
     was_training = model.training
@@ -112,7 +117,9 @@ def score_and_cam(model: torch.nn.Module, backbone: str, x: torch.Tensor, *, met
     """Malignancy probabilities and CAMs (B, H, W) in [0, 1] for a normalized batch, from one
     forward pass (pytorch-grad-cam keeps that pass's outputs). ``amp``: bf16/fp16 autocast on
     CUDA (ignored on CPU)."""
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pytorch_grad_cam.utils.model_targets import (
+        ClassifierOutputTarget,  # deferred: see _cam_class
+    )
 
     device = next(model.parameters()).device
     with cam_extractor(model, backbone, method, target_layer=target_layer, stop_at_target=stop_at_target) as cam:

@@ -55,7 +55,7 @@ def shard_path(kind: str, image_id: str) -> str:
 def overlay_image(preview: np.ndarray, heat: np.ndarray, peak: tuple[int, int] | None = None) -> np.ndarray:
     """BGR overlay of a CAM (in [0, 1], the preview's shape) on a uint8 grey preview, with
     pytorch-grad-cam's colouring; the peak marked by a small circle."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.image import show_cam_on_image  # deferred: see explain/cam.py
 
     rgb = np.repeat((preview.astype(np.float32) / 255.0)[:, :, None], 3, axis=2)
     vis = show_cam_on_image(rgb, heat.astype(np.float32), use_rgb=False, image_weight=0.6)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mammo_ray import io as mio
-from mammo_ray.config import PreprocessSpec, TrainConfig, from_mapping
+from mammo_ray.config import PreprocessSpec, TrainConfig, from_mapping, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +23,6 @@ def save_checkpoint(path: str, *, model: torch.nn.Module, cfg: TrainConfig, spec
                     metrics: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, extra: dict[str, Any] | None = None) -> None:
     """Write a checkpoint (atomically for local paths)."""
-    from mammo_ray.config import to_dict
-
     state = {
         "format": FORMAT, "version": VERSION,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -97,7 +95,9 @@ def checkpoint_config(state: dict[str, Any]) -> TrainConfig:
 
 def model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the model of a checkpoint (random init, then its weights), in eval mode."""
-    from mammo_ray.models.registry import build_model
+    from mammo_ray.models.registry import (
+        build_model,  # deferred: registry -> weights -> this module
+    )
 
     model = build_model(state["backbone"])
     model.load_state_dict(state["model"])

@@ -15,12 +15,27 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from mammo_ray import io as mio
 from mammo_ray.config import PreprocessSpec, TrainConfig, to_dict
 from mammo_ray.data.arrays import SplitArrays
-from mammo_ray.models.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
-from mammo_ray.models.inference import autocast, normalize, predict, resolve_device, to_unit
+from mammo_ray.metrics import binary_metrics as set_metrics
+from mammo_ray.metrics import choose_threshold, delong_auc_ci
+from mammo_ray.models.checkpoint import (
+    checkpoint_config,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mammo_ray.models.freezing import freeze_units, train_mode, trainable_parameters
+from mammo_ray.models.inference import (
+    autocast,
+    normalize,
+    predict,
+    resolve_device,
+    to_unit,
+)
+from mammo_ray.models.registry import build_model
 from mammo_ray.train.data import augment_batch, augment_params, epoch_order
 
 logger = logging.getLogger(__name__)
@@ -36,9 +51,6 @@ def build_training_model(cfg: TrainConfig, initial_state: dict[str, torch.Tensor
     ``cfg.pretrained``/``cfg.weights`` once and ships the tensors to its trials), used instead of
     reading or downloading them here.
     """
-    from mammo_ray.models.freezing import freeze_units
-    from mammo_ray.models.registry import build_model
-
     if initial_state is not None:
         model = build_model(cfg.backbone, state_dict=initial_state)
     else:
@@ -49,8 +61,6 @@ def build_training_model(cfg: TrainConfig, initial_state: dict[str, torch.Tensor
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Only trainable parameters enter the optimizer (frozen units get no state, no decay)."""
-    from mammo_ray.models.freezing import trainable_parameters
-
     params = trainable_parameters(model)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
@@ -88,10 +98,6 @@ def train_one_epoch(model: torch.nn.Module, train: SplitArrays, *, cfg: TrainCon
                     device: torch.device, epoch: int, scaler: torch.amp.GradScaler | None = None,
                     progress: bool = False) -> dict[str, float]:
     """One pass over the training split. Returns mean loss, images, seconds."""
-    from tqdm.auto import tqdm
-
-    from mammo_ray.models.freezing import train_mode
-
     train_mode(model, cfg.backbone, cfg.freeze_ratio)
     order = epoch_order(train.labels, seed=cfg.seed, epoch=epoch, balanced=cfg.imbalance == "balanced_sampler")
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
@@ -127,8 +133,6 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | N
     """Loss-free validation metrics, by the same definitions evaluation uses (``mammo_ray.metrics``):
     an undefined value (AUC with one class, precision with no positive prediction) is None,
     not 0. ``val_auc_low``/``val_auc_high``: DeLong's 95% interval (images as independent)."""
-    from mammo_ray.metrics import binary_metrics as set_metrics, choose_threshold, delong_auc_ci
-
     m = set_metrics(labels, probs, threshold=0.5)
     ci = delong_auc_ci(labels, probs) or {}
     # the Youden threshold on val travels in the checkpoint: explain's predicted labels use it

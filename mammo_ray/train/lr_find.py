@@ -2,6 +2,7 @@
 train for a few hundred batches while the LR grows exponentially and watch the loss."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -13,7 +14,13 @@ import torch
 from mammo_ray import io as mio
 from mammo_ray.config import PreprocessSpec, TrainConfig
 from mammo_ray.train.data import SplitArrays, augment_params, epoch_order
-from mammo_ray.train.loop import _batch_input, build_training_model, make_loss, make_optimizer, resolve_device
+from mammo_ray.train.loop import (
+    _batch_input,
+    build_training_model,
+    make_loss,
+    make_optimizer,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +91,7 @@ def lr_range_test(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, *,
 
 def write_lr_find(result: dict[str, Any], out: str) -> None:
     """``lr_find.json`` and ``lr_find.png`` (loss against LR, log scale, bounds marked)."""
-    import matplotlib
+    import matplotlib  # deferred: only when the plot is written
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -104,8 +111,6 @@ def write_lr_find(result: dict[str, Any], out: str) -> None:
     ax.set_ylim(lo - 0.05 * abs(lo), hi + 0.1 * abs(hi))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

@@ -16,11 +16,20 @@ import tempfile
 import time
 from typing import Any
 
+import ray
 import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
 from mammo_ray import io as mio
-from mammo_ray.config import SweepConfig, TrainConfig, to_dict
+from mammo_ray.config import SweepConfig, TrainConfig, from_mapping, to_dict
+from mammo_ray.models.checkpoint import load_checkpoint
 from mammo_ray.models.inference import resolve_device
+from mammo_ray.models.weights import resolve_weights
+from mammo_ray.outputs import check_out_location
+from mammo_ray.ray_utils import init_ray
+from mammo_ray.train.data import load_training_data
+from mammo_ray.train.loop import fit
 from mammo_ray.train.sweep_report import (
     RESULT_FIELDS,
     best_vs_rest,
@@ -39,8 +48,6 @@ EXPERIMENT = "sweep"
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
     """The Tune search space: grids over backbone, freezing ratio, mode and LR bounds
     (or log-uniform LR samples)."""
-    from ray import tune
-
     space: dict[str, Any] = {
         "backbone": tune.grid_search(list(sweep.backbones)),
         "freeze_ratio": tune.grid_search(list(sweep.freeze_ratios)),
@@ -75,8 +82,6 @@ def resolve_start_weights(sweep: SweepConfig) -> dict[str, dict]:
     store): the nodes of a cluster neither download nor need the file, and a bad file or an
     offline cache miss is one error before any trial starts, not one per trial.
     """
-    from mammo_ray.models.weights import resolve_weights
-
     train = TrainConfig.load(None, **dict(sweep.train), backbone=sweep.backbones[0])
     if train.pretrained is None and train.weights is None:
         return {}
@@ -87,12 +92,6 @@ def resolve_start_weights(sweep: SweepConfig) -> dict[str, dict]:
 def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, Any],
                 start_weights: dict[str, dict] | None = None) -> None:
     """The Tune function trainable (Ray 2.60 API: ``ray.tune.report`` / ``get_checkpoint``)."""
-    import ray
-    import ray.tune as tune
-
-    from mammo_ray.config import from_mapping
-    from mammo_ray.train.loop import fit
-
     node_id = ray.get_runtime_context().get_node_id()
     # which GPUs Ray gave this trial (it also sets CUDA_VISIBLE_DEVICES to them), and when it
     # started: results.csv shows placement, and the scheduling tests check packing with them
@@ -133,8 +132,6 @@ def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, An
 
 def check_resources(sweep: SweepConfig) -> None:
     """Refuse a trial size that no node of the cluster can host (before any trial starts)."""
-    import ray
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     max_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     max_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
@@ -159,12 +156,6 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
     Raises:
         ValueError: bad data, a resume path without a sweep, trials larger than any node.
     """
-    from ray import tune
-
-    from mammo_ray.outputs import check_out_location
-    from mammo_ray.ray_utils import init_ray
-    from mammo_ray.train.data import load_training_data
-
     check_out_location(out, folders=[data_dir])
     path = mio.join(storage_path(out), EXPERIMENT)
     if resume and not tune.Tuner.can_restore(path):
@@ -189,8 +180,6 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
     else:
         scheduler = None
         if sweep.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
                                       grace_period=min(sweep.grace_period, sweep.epochs), reduction_factor=2)
         tuner = tune.Tuner(
@@ -231,8 +220,6 @@ def _fit_or_explain(tuner, data_dir: str, out: str, address: str | None = None):
 
 
 def _best_state(result) -> tuple[dict[str, Any] | None, str | None]:
-    from mammo_ray.models.checkpoint import load_checkpoint
-
     if result.checkpoint is None:
         return None, None
     with result.checkpoint.as_directory() as d:

@@ -97,7 +97,7 @@ def write_results_csv(path: str, rows: list[dict[str, Any]]) -> None:
 
 def plot_auc_vs_freezing(rows: list[dict[str, Any]], path: str) -> None:
     """Best val AUC per freezing ratio, one line per backbone."""
-    import matplotlib
+    import matplotlib  # deferred: only when the figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
