@@ -83,6 +83,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on loopback: all sockets are held open together, so the
+    OS cannot hand the same port out twice (consecutive free_port() calls can repeat one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def wait_for_port(port: int, *, timeout: float, proc: subprocess.Popen | None = None) -> bool:
     """Wait until something accepts connections on 127.0.0.1:port (False on timeout or if
     ``proc`` exited first)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, wait_for_port
+from tests.conftest import REPO, free_ports, wait_for_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -24,7 +24,7 @@ def ray_head(tmp_path):
     import shutil
     import tempfile
 
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent, metrics, runtime_env = free_ports(5)  # distinct: two equal ports failed `ray start`
     temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: AF_UNIX paths are <= 107 bytes
     # auth off on this loopback-only head (and for the CLI talking to it); the job's `python`
     # is the one on the head's PATH: the venv's, so the job has the project's dependencies
@@ -37,8 +37,8 @@ def ray_head(tmp_path):
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                              # own agent ports: the defaults (52365...) belong to the test
                              # session's local Ray, and a job needs this head's agent
-                             f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-                             f"--runtime-env-agent-port={free_port()}",
+                             f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
+                             f"--runtime-env-agent-port={runtime_env}",
                              "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"127.0.0.1:{port}"
