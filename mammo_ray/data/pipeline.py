@@ -26,7 +26,7 @@ import yaml
 
 from mammo_ray import io as mio
 from mammo_ray.config import PreprocessConfig, to_dict
-from mammo_ray.data.accounting import check_nothing_lost, tally
+from mammo_ray.data.accounting import Tally, check_nothing_lost, tally
 from mammo_ray.data.decode import (MG_MODALITY, DecodeError, decode_bytes, describe_exception, dicom_meta,
                                    read_dicom_header)
 from mammo_ray.data.inputs import CLASS_NAMES, Listing, discover, needs_header_probe
@@ -205,15 +205,15 @@ def _assign(records: list[dict], cfg: PreprocessConfig, secret: PatientSecret) -
         r["split"] = s
 
 
-def _summarize(listing: Listing, statuses: pd.DataFrame, cfg: PreprocessConfig, seconds: float) -> dict[str, Any]:
+def _summarize(listing: Listing, statuses: pd.DataFrame, cfg: PreprocessConfig, seconds: float,
+               t: Tally) -> dict[str, Any]:
     ok = statuses[statuses["status"] == "ok"]
     counts: dict[str, dict[str, int]] = {}
     names = {-1: "unlabeled", 0: CLASS_NAMES[0], 1: CLASS_NAMES[1]}
     for (split, label), n in Counter(zip(ok["split"], ok["label"])).items():
         counts.setdefault(split, {})[names[int(label)]] = int(n)
-    errors = len(listing.errors) + int((statuses["status"] != "ok").sum())
     return {
-        "inputs": listing.inputs, "rows": int(len(ok)), "errors": errors,
+        "inputs": t.inputs, "rows": t.rows, "errors": t.errors, "balanced": t.balanced,
         "splits": counts, "ignored_non_image_files": dict(sorted(listing.ignored.items())),
         "skipped_while_listing": dict(sorted(listing.skipped.items())),
         "warnings": int((ok["warning"].fillna("") != "").sum()),
@@ -307,7 +307,7 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
     t = tally(listing.inputs, [r["image_id"] for r in listing.records],
               statuses.loc[statuses["status"] == "ok", "image_id"], [f["image_id"] for f in failed],
               listing_errors=len(listing.errors))
-    summary = {**_summarize(listing, statuses, cfg, time.perf_counter() - t0), "balanced": t.balanced,
+    summary = {**_summarize(listing, statuses, cfg, time.perf_counter() - t0, t),
                # which key made the pseudonyms (a fingerprint, not the key): sets made with the same key link
                "patient_key_id": secret.key_id}
     config_out = to_dict(cfg)

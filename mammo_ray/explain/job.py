@@ -51,7 +51,7 @@ from mammo_ray.explain.maps import explain_record
 from mammo_ray.explain.render import contact_sheet, make_preview
 from mammo_ray.explain.results import (ERROR_PARTS, IDENTITY_FILE, SCORES, check_output, dedupe_parts, identity,
                                        read_parts, write_parts)
-from mammo_ray.models.checkpoint import load_checkpoint
+from mammo_ray.models.checkpoint import load_checkpoint, read_checkpoint_bytes
 from mammo_ray.models.inference import load_for_inference, to_model_input
 from mammo_ray.outputs import check_inputs_vs_out
 from mammo_ray.ray_utils import init_ray, node_id, remote_args
@@ -218,9 +218,7 @@ def _threshold(opts: ExplainConfig, state: dict) -> tuple[float, str]:
 
 def _plan(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfig, resume: bool) -> _Run:
     """Every check that can refuse the run, before the output folder is touched."""
-    if not mio.exists(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint} not found")
-    data = mio.read_bytes(checkpoint)  # read once: loaded and hashed from the same bytes
+    data = read_checkpoint_bytes(checkpoint)  # read once: loaded and hashed from the same bytes
     state = load_checkpoint(checkpoint, data=data)
     layer = resolve_target_layer(state["backbone"], opts.target_layer)
     check_target_layer(state, layer, opts.method)

@@ -17,10 +17,9 @@ from mammo_ray.explain.lesions import breast_at, lesion_scores
 from mammo_ray.explain.render import encode_png, overlay_image, scale_for, shard_path
 
 
-def source_maps(rec: dict, heatmap_max_side: int) -> tuple[np.ndarray, float, np.ndarray, np.ndarray, float]:
+def source_maps(rec: dict, geom: dict, heatmap_max_side: int) -> tuple[np.ndarray, float, np.ndarray, np.ndarray, float]:
     """The record's CAM at the heatmap's geometry (the source, scaled to ``heatmap_max_side``)
     and at the preview's. Returns (heat, f_heat, preview, preview_heat, f_preview)."""
-    geom = {k: rec[k] for k in GEOMETRY_FIELDS}
     cam = np.frombuffer(rec["cam"], np.float32).reshape(int(rec["cam_height"]), int(rec["cam_width"]))
     h, w = int(geom["orig_height"]), int(geom["orig_width"])
     f_heat = scale_for(h, w, heatmap_max_side)
@@ -42,8 +41,8 @@ def explain_record(rec: dict, *, out: str, threshold: float, heatmap_max_side: i
     anatomy). The raw map is still judged: ``cam_peak_in_breast`` and the overall pointing game
     use its own peak."""
     t0 = time.perf_counter()
-    heat, f_heat, preview, pheat, f_prev = source_maps(rec, heatmap_max_side)
     geom = {k: rec[k] for k in GEOMETRY_FIELDS}
+    heat, f_heat, preview, pheat, f_prev = source_maps(rec, geom, heatmap_max_side)
     breast = breast_at(rec, geom, f_heat, heat.shape)
     raw_py, raw_px = np.unravel_index(int(np.argmax(heat)), heat.shape)
     raw_peak_in_breast = None if breast is None else bool(breast[raw_py, raw_px])

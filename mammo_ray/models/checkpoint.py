@@ -50,6 +50,13 @@ def unsafe_globals(data: bytes) -> list[str]:
         return []
 
 
+def read_checkpoint_bytes(path: str) -> bytes:
+    """A checkpoint file's bytes (local or URI); FileNotFoundError naming it when absent."""
+    if not mio.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    return mio.read_bytes(path)
+
+
 def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu", data: bytes | None = None) -> dict[str, Any]:
     """Load and check a checkpoint with ``weights_only=True`` (no arbitrary code runs).
     ``data``: the file's bytes when the caller already read them (named ``path`` in errors).
@@ -59,9 +66,7 @@ def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu", data
         ValueError: not a mammo_ray checkpoint, or one that would need unpickling code.
     """
     if data is None:
-        if not mio.exists(path):
-            raise FileNotFoundError(f"checkpoint {path} not found")
-        data = mio.read_bytes(path)
+        data = read_checkpoint_bytes(path)
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

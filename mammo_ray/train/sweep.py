@@ -93,14 +93,15 @@ def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, An
                 start_weights: dict[str, dict] | None = None) -> None:
     """The Tune function trainable (Ray 2.60 API: ``ray.tune.report`` / ``get_checkpoint``)."""
     node_id = ray.get_runtime_context().get_node_id()
-    # which GPUs Ray gave this trial (it also sets CUDA_VISIBLE_DEVICES to them), and when it
-    # started: results.csv shows placement, and the scheduling tests check packing with them
-    placement = {"gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "started_at": time.time()}
     # one "Checkpoint successfully created" INFO line per trial per epoch floods the driver's
     # console; Tune's own progress table already says where checkpoints are
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     cfg = trial_train_config(config, from_mapping(SweepConfig, sweep_dict))
+    # which GPUs Ray gave this trial (it also sets CUDA_VISIBLE_DEVICES to them), and when it
+    # started: results.csv shows placement, and the scheduling tests check packing with them
+    placement = {"gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "started_at": time.time(),
+                 "device": str(resolve_device(cfg.device))}
     spec, train, val = data
     work = tempfile.mkdtemp(prefix="mammo-trial-")
     resume = None
@@ -119,8 +120,7 @@ def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, An
         # epoch's checkpoint (one copy, into the storage path; no staging copy of our own).
         # metrics carry best_val_auc (the trial's best epoch so far, kept across a restore): what
         # Tune ranks by ("Current best trial" on the console, ASHA's rungs), not the last epoch's
-        tune.report(_finite({**metrics, "restored": resume is not None, "node_id": node_id, **placement,
-                             "device": str(resolve_device(cfg.device))}),
+        tune.report(_finite({**metrics, "restored": resume is not None, "node_id": node_id, **placement}),
                     checkpoint=tune.Checkpoint.from_directory(out))
 
     try:
