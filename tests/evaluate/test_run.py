@@ -174,12 +174,12 @@ def test_distributed_scoring_matches_in_process(ray_local, sweep_dir, train_data
 
 def test_external_set_preprocessed_once_per_spec(monkeypatch, tmp_path):
     """Checkpoints sharing a spec reuse one preprocessed copy; another spec gets its own folder."""
-    import mammo_ray.data.pipeline as pipeline
+    import mammo_ray.evaluate.run as evaluate_run
     from mammo_ray.config import PreprocessSpec
     from mammo_ray.evaluate.run import prepare_external
 
     calls = []
-    monkeypatch.setattr(pipeline, "run_preprocess", lambda inputs, dest, cfg, overwrite: calls.append((dest, cfg.spec))
+    monkeypatch.setattr(evaluate_run, "run_preprocess", lambda inputs, dest, cfg, overwrite: calls.append((dest, cfg.spec))
                         or {"rows": 3})
     raw = tmp_path / "films"
     raw.mkdir()

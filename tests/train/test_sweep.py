@@ -257,7 +257,7 @@ def test_start_weights_are_resolved_once_on_the_driver_and_shipped(ray_local, tr
     from its tensors (at freezing 1.0 the backbone's conv weights in the result are the file's)."""
     import torch
 
-    import mammo_ray.models.weights as weights_module
+    import mammo_ray.train.sweep as sweep_module
     from mammo_ray.models.registry import get_backbone
     from mammo_ray.models.checkpoint import load_checkpoint
 
@@ -265,7 +265,7 @@ def test_start_weights_are_resolved_once_on_the_driver_and_shipped(ray_local, tr
     state = get_backbone("simplecnn").builder(weights=None).state_dict()
     path = tmp_path / "start.pt"
     torch.save(state, path)
-    real, calls = weights_module.resolve_weights, []
+    real, calls = sweep_module.resolve_weights, []
 
     def resolve_then_delete(name, **kw):
         calls.append(name)
@@ -273,7 +273,7 @@ def test_start_weights_are_resolved_once_on_the_driver_and_shipped(ray_local, tr
         path.unlink(missing_ok=True)  # a trial that read the file itself would now fail
         return out
 
-    monkeypatch.setattr(weights_module, "resolve_weights", resolve_then_delete)
+    monkeypatch.setattr(sweep_module, "resolve_weights", resolve_then_delete)
     out = tmp_path / "sweep"
     summary = run_sweep(str(train_data_dir), str(out),
                         small_sweep(freeze_ratios=(1.0,), lr_bounds=((1e-4, 1e-3), (1e-3, 1e-2)), epochs=1,
