@@ -329,3 +329,61 @@ def delong_auc_ci(labels: Iterable[int], scores: Iterable[float], *, level: floa
     var = (v10.var(ddof=1) / m if m > 1 else 0.0) + (v01.var(ddof=1) / n if n > 1 else 0.0)
     half = float(norm.ppf(0.5 + level / 2)) * math.sqrt(max(var, 0.0))
     return {"auc": auc, "se": math.sqrt(max(var, 0.0)), "low": max(0.0, auc - half), "high": min(1.0, auc + half)}
+
+
+# --------------------------------------------------------------------------- aggregation
+
+def aggregate(labels: Iterable[int] | None, scores: Iterable[float], keys: Iterable[Any], *,
+              how: str = "max") -> tuple[np.ndarray | None, np.ndarray, list]:
+    """Breast- or exam-level aggregation of image rows.
+
+    Rows are grouped by key (e.g. (patient_key, laterality) for breast level, patient_key for
+    exam level); a group's score is the max or mean of its scores and its label the max of its
+    labels (a breast is malignant if any view is). Rows whose key is None (or NaN) are left out.
+
+    ``labels`` None (an unlabeled archive, as the score job meets): the scores only.
+
+    Returns:
+        (labels int64 or None, scores float64, group_keys) in order of first appearance; empty
+        when every key is None.
+
+    Raises:
+        ValueError: how not in ("max", "mean"), mismatched lengths, unhashable keys or invalid
+            labels/scores.
+    """
+    if how not in AGGREGATIONS:
+        raise ValueError(f"how={how!r}: use one of {', '.join(AGGREGATIONS)}")
+    unlabeled = labels is None
+    scores = list(scores) if unlabeled else scores
+    y, s = _as_arrays(np.zeros(len(scores), np.int64) if unlabeled else labels, scores)
+    keys = list(keys)
+    if len(keys) != len(y):
+        raise ValueError(f"keys has {len(keys)} entries but labels has {len(y)}: lengths must match")
+    seen: dict[Any, int] = {}
+    group_keys: list = []
+    rows: list[int] = []
+    codes: list[int] = []
+    for i, k in enumerate(keys):
+        if _is_missing(k):
+            continue
+        try:
+            c = seen.get(k)
+        except TypeError:
+            raise ValueError(f"keys[{i}]={k!r}: keys must be hashable (str, int, tuple)") from None
+        if c is None:
+            c = seen[k] = len(group_keys)
+            group_keys.append(k)
+        rows.append(i)
+        codes.append(c)
+    g = len(group_keys)
+    if not g:
+        return None if unlabeled else np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64), []
+    r, c = np.asarray(rows), np.asarray(codes)
+    lab = np.zeros(g, dtype=np.int64)
+    np.maximum.at(lab, c, y[r])
+    if how == "max":
+        sc = np.full(g, -np.inf)
+        np.maximum.at(sc, c, s[r])
+    else:
+        sc = np.bincount(c, weights=s[r], minlength=g) / np.bincount(c, minlength=g)
+    return None if unlabeled else lab, sc, group_keys

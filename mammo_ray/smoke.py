@@ -9,7 +9,7 @@ import os
 from mammo_ray.cli import main
 from mammo_ray.data.synth import write_phantoms
 
-STAGES = ("preprocess", "train", "tune", "evaluate", "explain")
+STAGES = ("preprocess", "train", "tune", "evaluate", "explain", "score")
 SIZE = "64"
 
 
@@ -66,6 +66,8 @@ def smoke_argv(stage: str, argv: list[str]) -> list[str]:
     if stage == "evaluate":
         return ["evaluate", "--checkpoint", checkpoint, "--data", data, "--external", external,
                 "--out", os.path.join(out, "evaluate"), "--n-boot", "50", *rest]
+    if stage == "score":
+        return ["score", external, "--checkpoint", checkpoint, "--out", os.path.join(out, "score"), *rest]
     return ["explain", external, "--checkpoint", checkpoint, "--out", os.path.join(out, "explain"),
             "--preview-size", "128", *rest]
 

@@ -26,9 +26,11 @@ from mammo_ray.config import (
     RESIZE_MODES,
     SCHEDULERS,
     THRESHOLD_METHODS,
+    CAM_FOR_FORMS,
     EvaluateConfig,
     ExplainConfig,
     PreprocessConfig,
+    ScoreConfig,
     SweepConfig,
     TrainConfig,
     backbone_names,
@@ -284,30 +286,63 @@ def _run_evaluate(args) -> int:
     return 0
 
 
-def _add_explain(sub) -> None:
-    d = ExplainConfig()
-    p = sub.add_parser("explain", help="score and Grad-CAM an image archive with a Ray Data batch job")
+def _archive_args(p, d) -> None:
+    """The flags the archive jobs (score, explain) share."""
     p.add_argument("inputs", nargs="+", help="folders, DICOM trees, CSV manifests or files (local or s3://...)")
     p.add_argument("--checkpoint", required=True, help="a mammo-ray checkpoint (train/tune best)")
     p.add_argument("--out", required=True, help="output folder or URI")
+    p.add_argument("--batch-size", type=int, help=f"images per model batch; default: {d.batch_size}")
+    p.add_argument("--gpus-per-worker", type=finite_float, help="GPUs per model actor (default: 1 when the cluster has GPUs)")
+    p.add_argument("--workers", type=int, help="model actors (default: one per GPU, or CPUs - 1)")
+    p.add_argument("--threshold", type=finite_float,
+                   help="probability at or above which an image is called malignant (default: the checkpoint's val threshold)")
+    p.add_argument("--patient-key-file",
+                   help="secret key file of the patient/exam pseudonyms in breasts/exams.parquet (default: "
+                        "$MAMMO_RAY_PATIENT_KEY, else ~/.config/mammo-ray/patient.key)")
+    p.add_argument("--resume", action="store_true", help="continue a killed or partial run in --out")
+    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+
+
+def _add_score(sub) -> None:
+    d = ScoreConfig()
+    p = sub.add_parser("score", help="score an image archive (no CAMs): scores, breast and exam tables")
+    _archive_args(p, d)
+    p.add_argument("--config", help="YAML file of ScoreConfig keys (flags override it)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"average each image's probability with its horizontal mirror's; default: {d.tta}")
+
+
+def _run_score(args) -> int:
+    from mammo_ray.explain.score import run_score
+
+    opts = ScoreConfig.load(args.config, **config_overrides(ScoreConfig, args))
+    summary = run_score(args.inputs, args.checkpoint, args.out, opts, resume=args.resume, address=args.address)
+    print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "images_per_second", "threshold",
+                                              "predicted_malignant")}))
+    print(f"exams: {json.dumps(summary['exams'])}")
+    print(f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']} -> {args.out}")
+    return 0
+
+
+def _add_explain(sub) -> None:
+    d = ExplainConfig()
+    p = sub.add_parser("explain", help="score and Grad-CAM an image archive with a Ray Data batch job")
+    _archive_args(p, d)
     p.add_argument("--config", help="YAML file of ExplainConfig keys (flags override it)")
+    p.add_argument("--cam-for", help=f"which images get a CAM: {', '.join(CAM_FOR_FORMS)} (at or above the threshold; "
+                                     f"the N highest scores); default: {d.cam_for}")
+    p.add_argument("--scores-from", help="a finished `mammo-ray score` --out folder of the same checkpoint: its scores "
+                                         "are used instead of scoring again (with --cam-for positive or top:N)")
     p.add_argument("--method", choices=CAM_METHODS, help=f"default: {d.method}")
     p.add_argument("--target-layer", help="dotted module path (default: the backbone's registered CAM layer)")
-    p.add_argument("--batch-size", type=int, help=f"images per CAM batch; default: {d.batch_size}")
-    p.add_argument("--gpus-per-worker", type=finite_float, help="GPUs per CAM actor (default: 1 when the cluster has GPUs)")
-    p.add_argument("--workers", type=int, help="CAM actors (default: one per GPU, or CPUs - 1)")
     p.add_argument("--preview-size", type=int, help=f"long side of the overlay PNGs; default: {d.preview_size}")
     p.add_argument("--heatmap-max-side", type=int,
                    help=f"long side of the heatmap PNGs; default: {d.heatmap_max_side} (the source image's own size)")
-    p.add_argument("--threshold", type=finite_float,
-                   help="probability at or above which an image is called malignant (default: the checkpoint's val threshold)")
     p.add_argument("--annotations", help="CSV of lesions (path/image_id + lesion_x,lesion_y,lesion_r or mask_path)")
     p.add_argument("--cam-within-breast", action=argparse.BooleanOptionalAction, default=None,
                    help="keep heatmaps, overlays and peaks inside the breast mask (the raw map's peak is still "
                         f"counted in cam_peaks_outside_breast); default: {d.cam_within_breast}")
     p.add_argument("--top", dest="top_n", type=int, help=f"overlays on overview.png; default: {d.top_n}")
-    p.add_argument("--resume", action="store_true", help="continue a killed or partial run in --out")
-    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
 
 
 def _run_explain(args) -> int:
@@ -315,7 +350,7 @@ def _run_explain(args) -> int:
 
     opts = ExplainConfig.load(args.config, **config_overrides(ExplainConfig, args))
     summary = run_explain(args.inputs, args.checkpoint, args.out, opts, resume=args.resume, address=args.address)
-    print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "images_per_second", "threshold")}))
+    print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "cams", "images_per_second", "threshold")}))
     if "localization" in summary:
         print(f"localization: {json.dumps(summary['localization'])}")
     print(f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']} -> {args.out}")
@@ -352,4 +387,5 @@ def _run_demo(args) -> int:
 COMMANDS = {"synth": (_add_synth, _run_synth), "preprocess": (_add_preprocess, _run_preprocess),
             "train": (_add_train, _run_train), "lr-find": (_add_lr_find, _run_lr_find),
             "tune": (_add_tune, _run_tune), "evaluate": (_add_evaluate, _run_evaluate),
-            "explain": (_add_explain, _run_explain), "demo": (_add_demo, _run_demo)}
+            "explain": (_add_explain, _run_explain), "score": (_add_score, _run_score),
+            "demo": (_add_demo, _run_demo)}

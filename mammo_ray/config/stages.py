@@ -215,39 +215,52 @@ class SweepConfig:
         return from_mapping(cls, data, **overrides)
 
 
-@dataclass(frozen=True)
-class ExplainConfig:
-    """How ``mammo-ray explain`` explains (YAML keys of the same names). ``workers``: size of the
-    CAM actor pool (default: one per GPU, or the CPUs less one on CPU-only clusters, so the read
-    tasks keep a core). ``threshold``: the probability at or above which an image is called
-    malignant (default: the checkpoint's val threshold); ``amp``: bf16/fp16 autocast on CUDA;
-    ``cam_within_breast``: heatmaps, overlays and peaks keep the CAM inside the breast mask (the
-    raw map's peak is still counted when it falls outside)."""
+CAM_FOR_FORMS = ("all", "positive", "top:N")
 
-    method: str = "gradcam"
-    target_layer: str | None = None
+
+def parse_cam_for(text: str) -> tuple[str, int | None]:
+    """``all`` | ``positive`` | ``top:N`` (N >= 1) -> (kind, N or None).
+
+    Raises:
+        ValueError: any other form, or N < 1 (one line naming the accepted forms).
+    """
+    value = str(text).strip().lower()
+    if value in ("all", "positive"):
+        return value, None
+    if value.startswith("top:"):
+        try:
+            n = int(value[4:])
+        except ValueError:
+            n = None
+        if n is not None and n >= 1:
+            return "top", n
+        raise ValueError(f"cam_for={text!r}: top:N needs a whole number N >= 1, e.g. top:100 "
+                         f"(accepted: {', '.join(CAM_FOR_FORMS)})")
+    raise ValueError(f"cam_for={text!r}: use one of {', '.join(CAM_FOR_FORMS)} (N >= 1)")
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    """What the archive jobs (score and explain) share. ``workers``: size of the model's actor
+    pool (default: one per GPU, or the CPUs less one on CPU-only clusters, so the read tasks keep
+    a core). ``threshold``: the probability at or above which an image is called malignant
+    (default: the checkpoint's val threshold); ``amp``: bf16/fp16 autocast on CUDA;
+    ``patient_key_file``: the secret of the patient and exam pseudonyms in the breast and exam
+    tables (see ``mammo_ray.privacy``)."""
+
     batch_size: int = 32
     gpus_per_worker: float | None = None
     workers: int | None = None
-    preview_size: int = 512
-    heatmap_max_side: int = 0
     threshold: float | None = None
-    annotations: str | None = None
-    top_n: int = 16
     prep_batch_size: int = 8
     amp: bool = True
-    cam_within_breast: bool = True
+    patient_key_file: str | None = None
 
     def __post_init__(self) -> None:
         check_finite(self)
-        _check_choice("method", self.method, CAM_METHODS)
-        for name, top in (("batch_size", MAX_BATCH), ("preview_size", MAX_SIDE), ("top_n", 1024),
-                          ("prep_batch_size", MAX_BATCH)):
+        for name, top in (("batch_size", MAX_BATCH), ("prep_batch_size", MAX_BATCH)):
             if not 1 <= int(getattr(self, name)) <= top:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use an int in [1, {top}]")
-        if not 0 <= self.heatmap_max_side <= MAX_SIDE:
-            raise ValueError(f"heatmap_max_side={self.heatmap_max_side!r}: 0 (the source's size) or a side in "
-                             f"[1, {MAX_SIDE}] pixels")
         if self.workers is not None and not 1 <= self.workers <= 100_000:
             raise ValueError(f"workers={self.workers!r}: use an int in [1, 100000]")
         g = self.gpus_per_worker
@@ -257,9 +270,48 @@ class ExplainConfig:
             raise ValueError(f"threshold={self.threshold!r}: must be in [0, 1]")
 
     @classmethod
-    def load(cls, path: str | None = None, **overrides: Any) -> "ExplainConfig":
+    def load(cls, path: str | None = None, **overrides: Any):
         """YAML file first, then overrides (``None`` values ignored)."""
         return from_mapping(cls, load_yaml(path), **overrides)
+
+
+@dataclass(frozen=True)
+class ScoreConfig(ArchiveConfig):
+    """How ``mammo-ray score`` scores an archive (YAML keys of the same names): the shared keys,
+    and ``tta``: average each image's probability with its horizontal mirror's."""
+
+    tta: bool = False
+
+
+@dataclass(frozen=True)
+class ExplainConfig(ArchiveConfig):
+    """How ``mammo-ray explain`` explains: the score job's keys plus the CAM's (YAML keys of the
+    same names). ``cam_for``: which images get a CAM (all; positive: at or above the threshold;
+    top:N: the N highest scores), the others are scored only; ``scores_from``: a finished
+    ``mammo-ray score`` folder of the same checkpoint whose scores are used instead of scoring
+    again; ``cam_within_breast``: heatmaps, overlays and peaks keep the CAM inside the breast
+    mask (the raw map's peak is still counted when it falls outside)."""
+
+    method: str = "gradcam"
+    target_layer: str | None = None
+    preview_size: int = 512
+    heatmap_max_side: int = 0
+    annotations: str | None = None
+    top_n: int = 16
+    cam_within_breast: bool = True
+    cam_for: str = "all"
+    scores_from: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("method", self.method, CAM_METHODS)
+        parse_cam_for(self.cam_for)
+        for name, top in (("preview_size", MAX_SIDE), ("top_n", 1024)):
+            if not 1 <= int(getattr(self, name)) <= top:
+                raise ValueError(f"{name}={getattr(self, name)!r}: use an int in [1, {top}]")
+        if not 0 <= self.heatmap_max_side <= MAX_SIDE:
+            raise ValueError(f"heatmap_max_side={self.heatmap_max_side!r}: 0 (the source's size) or a side in "
+                             f"[1, {MAX_SIDE}] pixels")
 
 
 THRESHOLD_METHODS = ("youden", "sensitivity", "fixed")

@@ -50,6 +50,7 @@ class Decoded:
     source_format: str
     modality: str | None = None
     patient_id: str | None = None
+    study_uid: str | None = None
     laterality: str | None = None
     view: str | None = None
     photometric: str | None = None
@@ -297,6 +298,7 @@ def dicom_meta(ds) -> dict[str, str | None]:
     return {
         "modality": _header_text(ds, "Modality"),
         "patient_id": _header_text(ds, "PatientID"),
+        "study_uid": _header_text(ds, "StudyInstanceUID"),
         "laterality": _header_text(ds, "ImageLaterality", "Laterality"),
         "view": _header_text(ds, "ViewPosition"),
     }

@@ -59,7 +59,7 @@ def _ext(path: str) -> str:
 
 
 def _record(path: str, label: int, **extra) -> dict:
-    rec = {"path": path, "image_id": image_id(path), "label": label, "patient_id": None,
+    rec = {"path": path, "image_id": image_id(path), "label": label, "patient_id": None, "exam_id": None,
            "laterality": None, "view": None, "split": None}
     rec.update({k: v for k, v in extra.items() if v not in (None, "")})
     return rec
@@ -211,6 +211,7 @@ def _discover_manifest(manifest: str, unlabeled: bool, listing: Listing, labels_
             continue
         candidates.append(_record(path, label, split=split,
                                   patient_id=(row.get(patient_col) or "").strip() if patient_col else None,
+                                  exam_id=(row.get("exam_id") or "").strip() or None,
                                   laterality=(row.get("laterality") or "").strip().upper() or None,
                                   view=(row.get("view") or "").strip().upper() or None))
     exists = _exist_many([c["path"] for c in candidates])

@@ -75,6 +75,9 @@ def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = Fals
         logger.warning("decoder failed on %s", rec["path"], exc_info=True)
         status["reason"] = f"decode failed: {describe_exception(exc)}"
         return None, status
+    # the header's grouping fields, raw: the archive jobs' driver pseudonymises them (the status
+    # row never reaches a file; preprocess's status frame keeps only RESULT_COLUMNS)
+    status.update(patient_id=dec.patient_id, exam_id=dec.study_uid, laterality=dec.laterality, view=dec.view)
     if dec.source_format == "dicom" and dec.modality != MG_MODALITY and cfg.other_modality == "refuse":
         status["reason"] = f"modality {dec.modality or 'missing'} is not MG (other_modality=refuse)"
         return None, status
@@ -131,19 +134,21 @@ def process_batch(batch: pd.DataFrame, *, cfg: PreprocessConfig, out: str) -> pd
 
 
 def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
-    """Read DICOM headers only (patient id, laterality, view) to group before splitting."""
+    """Read DICOM headers only (patient id, exam id, laterality, view) to group before splitting."""
     out = []
     for path in batch["path"]:
-        meta = {"patient_id": None, "laterality": None, "view": None}
+        meta = {"patient_id": None, "exam_id": None, "laterality": None, "view": None}
         try:
             fs, inner = mio.resolve(path)
             with fs.open_input_file(inner) as f:
                 head = f.read(min(f.size(), 1 << 20))
-            meta.update({k: v for k, v in dicom_meta(read_dicom_header(head)).items() if k in meta})
+            header = dicom_meta(read_dicom_header(head))
+            header["exam_id"] = header.pop("study_uid", None)
+            meta.update({k: v for k, v in header.items() if k in meta})
         except Exception:  # not a DICOM or unreadable: the processing pass reports it
             pass
         out.append({"path": path, **{k: (v or "") for k, v in meta.items()}})
-    return pd.DataFrame(out, columns=["path", "patient_id", "laterality", "view"])
+    return pd.DataFrame(out, columns=["path", "patient_id", "exam_id", "laterality", "view"])
 
 
 # ----------------------------------------------------------------------------- driver side

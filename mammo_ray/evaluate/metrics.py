@@ -10,8 +10,19 @@ import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from mammo_ray.metrics import (
-    AGGREGATIONS, MAX_CURVE_POINTS, METRIC_NAMES, _RANKING, _TOL, _UNDEFINED_CAUSE, _as_arrays, _bin_index,
-    _both_classes, _check_threshold, _is_missing, binary_metrics, reliability_curve, small_sample_reason,
+    _RANKING,
+    _TOL,
+    _UNDEFINED_CAUSE,
+    MAX_CURVE_POINTS,
+    METRIC_NAMES,
+    _as_arrays,
+    _bin_index,
+    _both_classes,
+    _check_threshold,
+    _is_missing,
+    binary_metrics,
+    reliability_curve,
+    small_sample_reason,
 )
 
 # Bootstrap replicates are processed in chunks of at most this many (replicate x image) weights,
@@ -181,70 +192,16 @@ def bootstrap_ci(labels: Iterable[int], scores: Iterable[float], *, threshold: f
     for m in metrics:
         v = values[m][~np.isnan(values[m])]
         if 2 * len(v) < n_boot:
-            out[m] = {"low": None, "high": None, "n_valid": int(len(v)),
+            out[m] = {"low": None, "high": None, "n_valid": len(v),
                       "reason": f"{m} defined in only {len(v)} of {n_boot} bootstrap replicates "
                                 f"(the rest: {_UNDEFINED_CAUSE.get(m, 'undefined')}); "
                                 "an interval needs at least half"}
         else:
             low, high = np.quantile(v, [alpha / 2.0, 1.0 - alpha / 2.0])
-            out[m] = {"low": float(low), "high": float(high), "n_valid": int(len(v)), "reason": None}
+            out[m] = {"low": float(low), "high": float(high), "n_valid": len(v), "reason": None}
     out["_resampled"] = resampled
     out["_n_boot"] = int(n_boot)
     return out
-
-
-# --------------------------------------------------------------------------- aggregation
-
-def aggregate(labels: Iterable[int], scores: Iterable[float], keys: Iterable[Any], *,
-              how: str = "max") -> tuple[np.ndarray, np.ndarray, list]:
-    """Breast- or exam-level aggregation of image rows.
-
-    Rows are grouped by key (e.g. (patient_key, laterality) for breast level, patient_key for
-    exam level); a group's score is the max or mean of its scores and its label the max of its
-    labels (a breast is malignant if any view is). Rows whose key is None (or NaN) are left out.
-
-    Returns:
-        (labels int64, scores float64, group_keys) in order of first appearance; empty when every
-        key is None.
-
-    Raises:
-        ValueError: how not in ("max", "mean"), mismatched lengths, unhashable keys or invalid
-            labels/scores.
-    """
-    if how not in AGGREGATIONS:
-        raise ValueError(f"how={how!r}: use one of {', '.join(AGGREGATIONS)}")
-    y, s = _as_arrays(labels, scores)
-    keys = list(keys)
-    if len(keys) != len(y):
-        raise ValueError(f"keys has {len(keys)} entries but labels has {len(y)}: lengths must match")
-    seen: dict[Any, int] = {}
-    group_keys: list = []
-    rows: list[int] = []
-    codes: list[int] = []
-    for i, k in enumerate(keys):
-        if _is_missing(k):
-            continue
-        try:
-            c = seen.get(k)
-        except TypeError:
-            raise ValueError(f"keys[{i}]={k!r}: keys must be hashable (str, int, tuple)") from None
-        if c is None:
-            c = seen[k] = len(group_keys)
-            group_keys.append(k)
-        rows.append(i)
-        codes.append(c)
-    g = len(group_keys)
-    if not g:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64), []
-    r, c = np.asarray(rows), np.asarray(codes)
-    lab = np.zeros(g, dtype=np.int64)
-    np.maximum.at(lab, c, y[r])
-    if how == "max":
-        sc = np.full(g, -np.inf)
-        np.maximum.at(sc, c, s[r])
-    else:
-        sc = np.bincount(c, weights=s[r], minlength=g) / np.bincount(c, minlength=g)
-    return lab, sc, group_keys
 
 
 # --------------------------------------------------------------------------- one set, JSON-ready

@@ -24,7 +24,8 @@ from mammo_ray.data.arrays import load_split
 from mammo_ray.data.parquet import SPLIT_DIRS, read_spec, read_split, split_files
 from mammo_ray.data.pipeline import run_preprocess
 from mammo_ray.evaluate.inference import score_split
-from mammo_ray.evaluate.metrics import aggregate, evaluate_set
+from mammo_ray.evaluate.metrics import evaluate_set
+from mammo_ray.metrics import aggregate
 from mammo_ray.evaluate.report import write_report
 from mammo_ray.metrics import choose_threshold
 from mammo_ray.models.inference import load_for_inference, predict

@@ -20,9 +20,17 @@ logger = logging.getLogger(__name__)
 
 SCORES = "scores.parquet"
 ERROR_PARTS = "_errors"
+#: explain --cam-for positive|top:N: the CAM pass's rows (merged into scores.parquet at the end)
+#: and its failures (an image that scored but could not be explained keeps its score row)
+CAMS = "_cams"
+CAM_ERROR_PARTS = "_cam_errors"
+#: a score run's meta parts: each image's pseudonymised patient and exam keys, laterality, view
+META = "_meta"
 IDENTITY_FILE = "explain.yaml"
+SCORE_IDENTITY_FILE = "score.yaml"
 IDENTITY_KEYS = ("checkpoint_sha256", "backbone", "method", "target_layer", "threshold", "preview_size",
-                 "heatmap_max_side", "inputs", "annotations_sha256", "amp", "cam_within_breast")
+                 "heatmap_max_side", "inputs", "annotations_sha256", "amp", "cam_within_breast", "cam_for")
+SCORE_IDENTITY_KEYS = ("checkpoint_sha256", "backbone", "threshold", "inputs", "amp", "tta")
 SCORE_COLUMNS = ("image_id", "source_path", "label", "probability", "predicted", "threshold",
                  "cam_peak_x", "cam_peak_y", "cam_peak_value", "cam_top5_energy", "orig_height", "orig_width",
                  "heatmap_path", "overlay_path", "pointing_hit", "energy_inside", "lesion_area_fraction",
@@ -48,23 +56,27 @@ def _schemas():
         ("seconds_preprocess", pa.float32()), ("seconds_cam", pa.float32()), ("seconds_write", pa.float32()),
     ])
     errors = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("reason", pa.string())])
-    return score, errors
+    meta = pa.schema([("image_id", pa.string()), ("patient_key", pa.string()), ("exam_key", pa.string()),
+                      ("laterality", pa.string()), ("view", pa.string())])
+    return score, errors, meta
 
 
-SCORE_SCHEMA, ERROR_SCHEMA = _schemas()
+SCORE_SCHEMA, ERROR_SCHEMA, META_SCHEMA = _schemas()
 
 
-def write_parts(out: str, image_ids: list[str], rows: list[dict], errors: list[dict]) -> None:
+def write_parts(out: str, image_ids: list[str], rows: list[dict], errors: list[dict], *, scores: str = SCORES,
+                errors_folder: str = ERROR_PARTS) -> None:
     """A batch's error part, then its scores part, named by a hash of the batch's image ids (a
     retried task rewrites its own parts). The scores part is written last: it commits the batch."""
     digest = hashlib.sha1("\n".join(sorted(image_ids)).encode()).hexdigest()[:20]
     if errors:
-        write_table(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), mio.join(out, ERROR_PARTS, f"part-{digest}.parquet"))
+        write_table(pa.Table.from_pylist(errors, schema=ERROR_SCHEMA), mio.join(out, errors_folder, f"part-{digest}.parquet"))
     if rows:
-        write_table(pa.Table.from_pylist(rows, schema=SCORE_SCHEMA), mio.join(out, SCORES, f"part-{digest}.parquet"))
+        write_table(pa.Table.from_pylist(rows, schema=SCORE_SCHEMA), mio.join(out, scores, f"part-{digest}.parquet"))
 
 
-def _parts(out: str, folder: str) -> list[str]:
+def part_paths(out: str, folder: str) -> list[str]:
+    """The committed parts of one of the folder's Parquet datasets, in name order."""
     base = mio.join(out, folder)
     if not mio.exists(base):
         return []
@@ -73,9 +85,9 @@ def _parts(out: str, folder: str) -> list[str]:
 
 def read_parts(out: str, folder: str, columns: list[str]) -> pd.DataFrame:
     """The rows of every committed part of ``scores.parquet`` or the error parts."""
-    schema = SCORE_SCHEMA if folder == SCORES else ERROR_SCHEMA
+    schema = ERROR_SCHEMA if folder in (ERROR_PARTS, CAM_ERROR_PARTS) else META_SCHEMA if folder == META else SCORE_SCHEMA
     tables = []
-    for p in _parts(out, folder):
+    for p in part_paths(out, folder):
         fs, inner = mio.resolve(p)
         tables.append(pq.read_table(inner, filesystem=fs, columns=columns))
     if not tables:
@@ -83,15 +95,15 @@ def read_parts(out: str, folder: str, columns: list[str]) -> pd.DataFrame:
     return pa.concat_tables(tables).to_pandas()
 
 
-def dedupe_parts(out: str) -> int:
+def dedupe_parts(out: str, folders: tuple[str, ...] = (SCORES, ERROR_PARTS)) -> int:
     """Remove rows of images that were done twice, keeping their first row (parts in name order,
     score rows before error rows). This happens only when a killed run's last tasks were still
     writing while a ``--resume`` started: the work was repeated, not lost. Returns rows removed.
     """
     seen: set[str] = set()
     removed = 0
-    for folder in (SCORES, ERROR_PARTS):
-        for p in _parts(out, folder):
+    for folder in folders:
+        for p in part_paths(out, folder):
             fs, inner = mio.resolve(p)
             table = pq.read_table(inner, filesystem=fs)
             ids = table.column("image_id").to_pylist()
@@ -117,24 +129,66 @@ def identity(checkpoint: str, checkpoint_sha256: str, state: dict, opts: Explain
             "preview_size": int(opts.preview_size), "heatmap_max_side": int(opts.heatmap_max_side),
             "inputs": list(inputs), "annotations": opts.annotations,
             "annotations_sha256": hashlib.sha256(mio.read_bytes(opts.annotations)).hexdigest() if opts.annotations else None,
-            "amp": bool(opts.amp), "cam_within_breast": bool(opts.cam_within_breast), "spec": state["spec"]}
+            "amp": bool(opts.amp), "cam_within_breast": bool(opts.cam_within_breast), "cam_for": opts.cam_for,
+            "scores_from": opts.scores_from, "spec": state["spec"]}
 
 
-def check_output(out: str, identity: dict, resume: bool) -> bool:
+def score_identity(checkpoint: str, checkpoint_sha256: str, state: dict, opts, threshold: float,
+                   inputs: list[str]) -> dict[str, Any]:
+    """What produced a score folder's results (``score.yaml``); ``--resume`` needs the same."""
+    return {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256, "backbone": state["backbone"],
+            "threshold": float(threshold), "inputs": list(inputs), "amp": bool(opts.amp), "tta": bool(opts.tta),
+            "spec": state["spec"]}
+
+
+def check_output(out: str, identity: dict, resume: bool, *, file: str = IDENTITY_FILE,
+                 keys: tuple[str, ...] = IDENTITY_KEYS) -> bool:
     """Refuse a folder holding other results; True when resuming previous results."""
-    path = mio.join(out, IDENTITY_FILE)
+    path = mio.join(out, file)
+    other = SCORE_IDENTITY_FILE if file == IDENTITY_FILE else IDENTITY_FILE
+    if mio.exists(mio.join(out, other)):
+        raise OutputInUseError(f"--out {out} holds another job's results ({other}): use another folder")
     if not mio.exists(path):
         stray = [p for p in (SCORES, ERROR_PARTS, "summary.json") if mio.exists(mio.join(out, p))]
         if stray:
-            raise OutputInUseError(f"--out {out} holds results without {IDENTITY_FILE} ({', '.join(stray)}): use another folder")
+            raise OutputInUseError(f"--out {out} holds results without {file} ({', '.join(stray)}): use another folder")
         return False
     previous = yaml.safe_load(mio.read_bytes(path)) or {}
-    differ = [k for k in IDENTITY_KEYS if previous.get(k) != identity[k]]
+    differ = [k for k in keys if previous.get(k) != identity.get(k)]
     if not resume:
         what = ("another checkpoint's results (sha256 " + str(previous.get("checkpoint_sha256", "?"))[:12] + ")"
-                if "checkpoint_sha256" in differ else "explain results")
+                if "checkpoint_sha256" in differ else f"{file.split('.')[0]} results")
         raise OutputInUseError(f"--out {out} already holds {what}: pass --resume to continue them, or use another folder")
     if differ:
         raise OutputInUseError(f"--out {out}: --resume needs the same run, but {', '.join(differ)} differ from its "
-                               f"{IDENTITY_FILE}: use another folder")
+                               f"{file}: use another folder")
     return True
+
+
+def import_scores(source: str, out: str, explain_identity: dict, *, dry_run: bool = False) -> int:
+    """``explain --scores-from``: a finished ``mammo-ray score`` folder's committed parts (rows,
+    errors, meta) copied into ``out`` so only the CAM pass is left. Refused unless it was made
+    with the same checkpoint, threshold and inputs and finished. Returns the files copied."""
+    path = mio.join(source, SCORE_IDENTITY_FILE)
+    if not mio.exists(path):
+        raise ValueError(f"--scores-from {source}: no {SCORE_IDENTITY_FILE} there; give the --out folder of a "
+                         "finished mammo-ray score run")
+    made = yaml.safe_load(mio.read_bytes(path)) or {}
+    theirs, ours = str(made.get("checkpoint_sha256")), explain_identity["checkpoint_sha256"]
+    if theirs != ours:
+        raise ValueError(f"--scores-from {source} was scored with another checkpoint (sha256 {theirs[:12]}), this "
+                         f"explain run uses sha256 {ours[:12]}: score again with this checkpoint")
+    for key, what in (("threshold", "--threshold"), ("inputs", "inputs")):
+        if made.get(key) != explain_identity[key]:
+            raise ValueError(f"--scores-from {source}: its {what} ({made.get(key)!r}) differ from this run's "
+                             f"({explain_identity[key]!r}): give the same, or score again")
+    if not mio.exists(mio.join(source, "summary.json")):
+        raise ValueError(f"--scores-from {source}: the score run has not finished (no summary.json): resume it first")
+    copied = 0
+    for folder in (SCORES, ERROR_PARTS, META):
+        for p in part_paths(source, folder):
+            dest = mio.join(out, folder, p.rsplit("/", 1)[-1])
+            if not dry_run and not mio.exists(dest):
+                mio.write_bytes(dest, mio.read_bytes(p))
+                copied += 1
+    return copied

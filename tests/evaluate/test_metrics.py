@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from mammo_ray.evaluate.metrics import _replicate_metrics, aggregate, bootstrap_ci, evaluate_set
+from mammo_ray.evaluate.metrics import _replicate_metrics, bootstrap_ci, evaluate_set
+from mammo_ray.metrics import aggregate
 from mammo_ray.metrics import (
     METRIC_NAMES,
     binary_metrics,

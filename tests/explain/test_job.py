@@ -126,11 +126,15 @@ def _cli(args: list[str], **kw) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_killed_driver_then_resume_gives_one_row_per_input(trained_checkpoint, phantom_dir, tmp_path):
+@pytest.mark.parametrize("job", ["explain-top", "score"])
+def test_killed_driver_then_resume_gives_one_row_per_input(job, trained_checkpoint, phantom_dir, tmp_path):
+    """The driver (and the local Ray it started) killed mid-run, then ``--resume``: one row per
+    input, no duplicates. ``explain --cam-for top:20``: killed in its scoring pass, the resume
+    finishes it and explains exactly the 20 highest scores; ``score``: the score job alike."""
     archive = copies_archive(phantom_dir, tmp_path / "archive", 120)
-    out = tmp_path / "explain"
-    args = ["explain", str(archive), "--checkpoint", str(trained_checkpoint), "--out", str(out), "--batch-size", "8",
-            "--preview-size", "96"]
+    out = tmp_path / job
+    args = [job.split("-")[0], str(archive), "--checkpoint", str(trained_checkpoint), "--out", str(out),
+            "--batch-size", "8"] + (["--preview-size", "96", "--cam-for", "top:20"] if job == "explain-top" else [])
     proc = _cli(args)
     deadline = time.monotonic() + 240
     while len(_parts(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
@@ -143,7 +147,7 @@ def test_killed_driver_then_resume_gives_one_row_per_input(trained_checkpoint, p
 
     again = _cli(args)  # without --resume: refused, nothing touched
     text, _ = again.communicate(timeout=120)
-    assert again.returncode == 2 and "already holds explain results: pass --resume" in text, text
+    assert again.returncode == 2 and f"already holds {args[0]} results: pass --resume" in text, text
 
     resumed = _cli([*args, "--resume"])
     text, _ = resumed.communicate(timeout=400)
@@ -158,6 +162,10 @@ def test_killed_driver_then_resume_gives_one_row_per_input(trained_checkpoint, p
     from mammo_ray.data.inputs import discover
 
     assert set(scores["image_id"]) == {r["image_id"] for r in discover([str(archive)]).records}
+    top = set(scores.sort_values(["probability", "image_id"], ascending=[False, True]).head(20)["image_id"])
+    explained = set(scores.loc[scores["overlay_path"].notna(), "image_id"])
+    assert explained == (top if job == "explain-top" else set())
+    assert len(list((out / "overlays").rglob("*.png"))) == len(explained)
 
 
 def _cam_actor_pids() -> set[int]:

@@ -1,0 +1,314 @@
+"""The archive jobs' engine, shared by ``mammo-ray score`` and ``mammo-ray explain``.
+
+    list -> read + decode + preprocess with the checkpoint's spec (CPU tasks)
+         -> the model in an actor pool (loaded once per actor; GPU when there is one)
+         -> write the rows (and, for explain, the maps) as one Parquet part per batch (CPU tasks)
+
+The two jobs differ only in their actor and their write stage: :class:`ScoreActor` +
+:func:`write_score_batch` score (one forward pass, optionally with its mirror image), the
+explain job's ``CamActor`` + ``write_batch`` add a CAM and its PNGs. Reading, the pool's
+sizing, retries, the status rows that come back to the driver and the final collection of
+committed parts are the same code here.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mammo_ray.config import ArchiveConfig, PreprocessConfig
+from mammo_ray.data.accounting import LOST_REASON
+from mammo_ray.data.arrays import pixels_from_bytes
+from mammo_ray.data.decode import describe_exception
+from mammo_ray.data.pipeline import process_record
+from mammo_ray.data.transforms import GEOMETRY_FIELDS
+from mammo_ray.explain.render import make_preview
+from mammo_ray.explain.results import ERROR_PARTS, SCORES, dedupe_parts, read_parts, write_parts
+from mammo_ray.models.inference import autocast, load_for_inference, to_model_input
+from mammo_ray.ray_utils import init_ray, node_id, remote_args
+from mammo_ray.resources import TASK_RETRIES, check_fits, largest_node_memory, preprocess_task_bytes
+
+logger = logging.getLogger(__name__)
+
+#: what every input's status row says (plus the header fields the exam tables need: raw here,
+#: pseudonymised by the driver, which alone holds the patient key)
+STATUS_COLUMNS = ["image_id", "path", "status", "reason", "node_id", "prep_node_id", "cam_worker"]
+META_COLUMNS = ["patient_id", "exam_id", "laterality", "view"]
+SUMMARY_SCORE_COLUMNS = ["image_id", "source_path", "label", "orig_height", "probability", "predicted", "overlay_path",
+                         "pointing_hit", "energy_inside", "lesion_area_fraction", "cam_peak_in_breast",
+                         "pointing_hit_in_breast", "lesion_area_fraction_in_breast", "warning",
+                         "seconds_preprocess", "seconds_cam", "seconds_write"]
+# typed placeholders for failed rows, so every batch column converts to one Arrow type
+_EMPTY_GEOMETRY = {k: (False if k in ("inverted", "flipped") else 0.0 if k.startswith("scale") else 0)
+                   for k in GEOMETRY_FIELDS}
+
+
+def prepare_batch(batch: pd.DataFrame, *, cfg: PreprocessConfig, preview_size: int) -> pd.DataFrame:
+    """CPU task: decode and preprocess each input with the checkpoint's spec, plus (when
+    ``preview_size`` > 0) a display preview of the source for the overlays. Failed inputs stay
+    in the batch as errors."""
+    import cv2  # deferred: configured per worker process below
+
+    cv2.setNumThreads(1)  # a task per core already; OpenCV's pool would oversubscribe
+    rows = []
+    for rec in batch.to_dict("records"):
+        rec = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
+        rec.setdefault("split", "external")
+        t0 = time.perf_counter()
+        row, status = process_record(rec, cfg, keep_source=preview_size > 0)
+        out = {"image_id": rec["image_id"], "source_path": rec["path"], "label": int(rec["label"]),
+               "status": status["status"], "reason": status["reason"], "warning": status["warning"] or "",
+               "pixels": b"", "height": 0, "width": 0, "dtype": "", "preview": b"", "preview_height": 0,
+               "preview_width": 0, "breast_mask": b"", **_EMPTY_GEOMETRY,
+               # a manifest's columns first, then the DICOM header's
+               **{k: str(rec.get(k) or status.get(k) or "") for k in META_COLUMNS}}
+        if row is not None:
+            out.update({k: row[k] for k in ("pixels", "height", "width", "dtype", *GEOMETRY_FIELDS)})
+            out["breast_mask"] = np.packbits(row["breast_mask"]).tobytes()  # model space, 1 bit per pixel
+            if preview_size > 0:
+                prev = make_preview(row.pop("source_pixels"), bool(row["inverted"]), preview_size)
+                out.update(preview=prev.tobytes(), preview_height=prev.shape[0], preview_width=prev.shape[1])
+        out["seconds_preprocess"] = time.perf_counter() - t0
+        out["prep_node_id"] = node_id()
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def worker_name(device: torch.device) -> str:
+    """Where an actor runs: node, process, the GPUs Ray gave it (CUDA_VISIBLE_DEVICES holds the
+    same ids) and the device it chose; summary.json's cam_workers counts images per name."""
+    return f"{node_id()[:12]}/{os.getpid()}/gpus={os.environ.get('CUDA_VISIBLE_DEVICES', '')}/{device.type}"
+
+
+def batch_then_images(batch: pd.DataFrame, run: Callable[[np.ndarray], Any], what: str
+                      ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, Any]]]:
+    """Run the model on a batch's ok rows at once; if that fails, image by image, so one image
+    the model cannot take does not fail its batch-mates. Returns (status, reason, [(rows,
+    result)...]) with the failures marked ``error`` and ``<what> failed: <exception>``."""
+    status, reason = batch["status"].to_numpy().copy(), batch["reason"].to_numpy().copy()
+    ok = np.flatnonzero(status == "ok")
+    groups, done = ([ok] if len(ok) else []), []
+    for attempt, group in enumerate(groups):
+        try:
+            done.append((group, run(group)))
+        except Exception as exc:
+            if attempt == 0 and len(group) > 1:
+                logger.warning("%s failed on a batch; retrying its images one by one", what, exc_info=True)
+                groups.extend(np.array([i]) for i in group)
+            else:
+                status[group], reason[group] = "error", f"{what} failed: {describe_exception(exc)}"
+    return status, reason, done
+
+
+class ScoreActor:
+    """Ray Data callable class: loads the checkpoint once, then scores batches; ``tta`` averages
+    each image's probability with its horizontal mirror's."""
+
+    def __init__(self, checkpoint: str, amp: bool = True, tta: bool = False) -> None:
+        self.loaded = load_for_inference(checkpoint)
+        self.amp, self.tta = amp, tta
+        self.worker = worker_name(self.loaded.device)
+
+    def _run(self, batch: pd.DataFrame, idx: np.ndarray) -> np.ndarray:
+        m, rows = self.loaded, batch.iloc[idx]
+        px = pixels_from_bytes(list(rows["pixels"]), rows["height"], rows["width"], rows["dtype"])
+        x = to_model_input(px, m.spec, m.device)
+        with torch.inference_mode(), autocast(m.device, self.amp):
+            p = torch.sigmoid(m.model(x).squeeze(1).float())
+            if self.tta:
+                p = (p + torch.sigmoid(m.model(torch.flip(x, dims=[3])).squeeze(1).float())) / 2
+        return p.cpu().numpy()
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        t0 = time.perf_counter()
+        status, reason, done = batch_then_images(batch, lambda idx: self._run(batch, idx), "scoring")
+        probs = np.full(len(batch), np.nan, np.float32)
+        for group, p in done:
+            probs[group] = p
+        per_image = (time.perf_counter() - t0) / max(int((status == "ok").sum()), 1)
+        return batch.drop(columns=["pixels", "preview", "breast_mask"]).assign(
+            status=status, reason=reason, probability=probs, seconds_cam=np.where(status == "ok", per_image, 0.0),
+            node_id=node_id(), cam_worker=self.worker)
+
+
+def score_row(rec: dict, threshold: float) -> dict[str, Any]:
+    """A scored record's row of ``scores.parquet`` (the CAM columns stay null)."""
+    prob = float(rec["probability"])
+    return {"image_id": rec["image_id"], "source_path": rec["source_path"], "label": int(rec["label"]),
+            "probability": prob, "predicted": int(prob >= threshold), "threshold": float(threshold),
+            "orig_height": int(rec["orig_height"]), "orig_width": int(rec["orig_width"]), "warning": rec["warning"],
+            "node_id": rec["node_id"], "seconds_preprocess": float(rec["seconds_preprocess"]),
+            "seconds_cam": float(rec["seconds_cam"]), "seconds_write": 0.0}
+
+
+def status_row(rec: dict) -> dict[str, Any]:
+    return {"image_id": rec["image_id"], "path": rec["source_path"], "status": rec["status"], "reason": rec["reason"],
+            "node_id": rec.get("node_id", ""), "prep_node_id": rec.get("prep_node_id", ""),
+            "cam_worker": rec.get("cam_worker", ""), **{k: rec.get(k) or "" for k in META_COLUMNS}}
+
+
+def write_score_batch(batch: pd.DataFrame, *, out: str, threshold: float) -> pd.DataFrame:
+    """CPU task: the batch's rows and errors as Parquet parts; one status row per input."""
+    rows, errors, statuses = [], [], []
+    for rec in batch.to_dict("records"):
+        status = status_row(rec)
+        if rec["status"] == "ok":
+            rows.append(score_row(rec, threshold))
+        else:
+            errors.append({"image_id": rec["image_id"], "path": rec["source_path"], "reason": rec["reason"]})
+        statuses.append(status)
+    write_parts(out, list(batch["image_id"]), rows, errors)
+    return pd.DataFrame(statuses, columns=STATUS_COLUMNS + META_COLUMNS)
+
+
+# ----------------------------------------------------------------------------- driver side
+def check_pool(workers: int, gpw: float, cpus: int, gpus: float, *, autoscaling: bool) -> None:
+    """The actor pool fits the cluster: on a local Ray a pool that cannot be placed (or that
+    would hold every CPU, starving the tasks that feed it) would wait forever, so it is refused;
+    on a cluster the autoscaler may still add nodes, so it is a warning."""
+    problem = None
+    if gpw > 0 and workers * gpw > gpus:
+        problem = f"--workers {workers} x --gpus-per-worker {gpw:g} needs {workers * gpw:g} GPU(s), the cluster has {gpus:g}"
+    elif gpw == 0 and cpus < 2:
+        problem = f"a CPU-only archive job needs at least 2 CPUs (one model actor + its read/write tasks); Ray has {cpus}"
+    elif gpw == 0 and workers > cpus - 1:
+        problem = (f"--workers {workers} CPU actors on {cpus} CPU(s) leave none for the read/write tasks: "
+                   f"use at most {cpus - 1}")
+    if problem and not autoscaling:
+        raise ValueError(problem)
+    if problem:
+        logger.warning("%s: waiting for the cluster to scale up", problem)
+
+
+def threshold_of(opts: ArchiveConfig, state: dict) -> tuple[float, str]:
+    """The decision threshold and where it came from: the flag, else the checkpoint's val one."""
+    stored = (state.get("metrics") or {}).get("val_threshold")
+    if opts.threshold is not None:
+        return opts.threshold, "--threshold"
+    if stored is not None:
+        return float(stored), "checkpoint val_threshold (Youden on val)"
+    return 0.5, "0.5 (the checkpoint has no val threshold)"
+
+
+@dataclass
+class Pool:
+    """The actor pool and read tasks as sized for this cluster."""
+
+    workers: int
+    gpus_per_worker: float
+    cfg: PreprocessConfig
+
+
+def plan_pool(opts: ArchiveConfig, spec, address: str | None, *, keep_sources: bool, what: str) -> Pool:
+    """Start (or join) Ray and size the actor pool; refuse a pool or a read task that cannot fit."""
+    import ray  # deferred: a run with nothing left to do (a finished --resume) starts no Ray
+
+    init_ray(address)
+    resources = ray.cluster_resources()
+    gpus, cpus = float(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    gpw = opts.gpus_per_worker if opts.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+    # CPU-only: leave a CPU to the read/write tasks or the pool starves its own input
+    workers = opts.workers or (max(1, int(gpus // gpw)) if gpw else max(1, cpus - 1))
+    check_pool(workers, gpw, cpus, gpus, autoscaling=bool(address or os.environ.get("RAY_ADDRESS")))
+    cfg = PreprocessConfig(spec=spec, external=True, unlabeled=True)
+    check_fits(preprocess_task_bytes(size=cfg.spec.size, dtype=cfg.spec.dtype, batch_size=opts.prep_batch_size,
+                                     max_pixels=cfg.max_pixels, keep_sources=keep_sources), largest_node_memory(),
+               what=f"{what}: one read task ({opts.prep_batch_size} sources of up to {cfg.max_pixels} pixels"
+                    f"{', kept for the overlays' if keep_sources else ''})", hint="run on nodes with more memory")
+    return Pool(workers=workers, gpus_per_worker=gpw, cfg=cfg)
+
+
+@dataclass
+class Stage:
+    """The model stage of one pipeline: its actor class and arguments, its write task and
+    arguments, and the preview size the read tasks make for it (0: none)."""
+
+    actor: type
+    actor_kwargs: dict[str, Any]
+    write: Callable[..., pd.DataFrame]
+    write_kwargs: dict[str, Any]
+    preview_size: int = 0
+    env_paths: list[str] = field(default_factory=list)
+
+
+def run_pipeline(todo: list[dict], pool: Pool, opts: ArchiveConfig, stage: Stage,
+                 on_batch: Callable[[pd.DataFrame], None] | None = None) -> pd.DataFrame:
+    """read + preprocess (tasks) -> the model (actor pool) -> write (tasks); the status rows.
+    ``on_batch`` sees each batch of status rows as it streams back (the driver's pseudonyms)."""
+    import ray  # deferred: see plan_pool
+
+    if not todo:
+        return pd.DataFrame(columns=STATUS_COLUMNS + META_COLUMNS)
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False  # see data/pipeline.py
+    env = remote_args(stage.env_paths)
+    # Ray Data retries failed tasks forever by default; max_retries has no named parameter
+    # in 2.60, only the deprecated **ray_remote_args (hence the warning filter below)
+    task_env = {**env, "max_retries": TASK_RETRIES}
+    gpw = pool.gpus_per_worker
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / opts.prep_batch_size)))
+        # a batch whose task keeps dying becomes error lines, not a failed job; this dataset's
+        # own context, not the process-wide one
+        ds.context.max_errored_blocks = -1
+        ds = ds.map_batches(prepare_batch, batch_format="pandas", batch_size=opts.prep_batch_size,
+                            fn_kwargs={"cfg": pool.cfg, "preview_size": stage.preview_size}, num_cpus=1, **task_env)
+        ds = ds.map_batches(stage.actor, batch_format="pandas", batch_size=opts.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=pool.workers),
+                            fn_constructor_kwargs=stage.actor_kwargs,
+                            # the actor keeps Ray Data's restart/retry defaults: a node that goes
+                            # away makes its actor "temporarily unavailable" several times before
+                            # the restart elsewhere, and bounded retries turned those batches into
+                            # errors (tests/test_cluster.py); a failing batch is retried image by
+                            # image inside the actor instead
+                            num_gpus=gpw, num_cpus=0 if gpw else 1, **env)
+        ds = ds.map_batches(stage.write, batch_format="pandas", batch_size=opts.batch_size, num_cpus=1,
+                            fn_kwargs=stage.write_kwargs, **task_env)
+    frames = []
+    for frame in ds.iter_batches(batch_format="pandas", batch_size=None):
+        if on_batch is not None:
+            on_batch(frame)
+        frames.append(frame[STATUS_COLUMNS])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STATUS_COLUMNS + META_COLUMNS)
+
+
+def collect(out: str, records: list[dict], resumed: bool, *, scores: str = SCORES, errors: str = ERROR_PARTS,
+            columns: list[str] = SUMMARY_SCORE_COLUMNS) -> tuple[pd.DataFrame, list[dict], int]:
+    """The committed rows and error lines of ``records``; an input whose every task attempt
+    failed becomes an error line. Returns (rows, errors, duplicate rows a resume removed)."""
+    # only a resume can meet rows a dying run was still writing; in a fresh run a duplicate is a bug
+    deduplicated = dedupe_parts(out, folders=(scores, errors)) if resumed else 0
+    rows = read_parts(out, scores, columns)
+    part_errors = read_parts(out, errors, ["image_id", "path", "reason"])
+    got = set(rows["image_id"]) | set(part_errors["image_id"])
+    lost = [r for r in records if r["image_id"] not in got]
+    if lost:  # their task failed every retry (worker killed for memory, a crash): errors, not a lost job
+        logger.warning("%d image(s) had no result after %d attempts: listed in errors.csv", len(lost), TASK_RETRIES + 1)
+    return rows, part_errors.to_dict("records") + [{"path": r["path"], "image_id": r["image_id"], "reason": LOST_REASON}
+                                                  for r in lost], deduplicated
+
+
+def done_ids(out: str, *folders: str) -> set[str]:
+    """Image ids with a committed row in any of ``folders``."""
+    ids: set[str] = set()
+    for folder in folders:
+        ids |= set(read_parts(out, folder, ["image_id"])["image_id"])
+    return ids
+
+
+def stage_seconds(rows: pd.DataFrame) -> dict[str, float]:
+    """Per-stage seconds summed over the committed rows: where an archive job spends its time."""
+    out = {}
+    for col, name in (("seconds_preprocess", "decode_preprocess"), ("seconds_cam", "model"), ("seconds_write", "write")):
+        if col in rows:
+            out[name] = round(float(pd.to_numeric(rows[col], errors="coerce").fillna(0).sum()), 3)
+    return out
