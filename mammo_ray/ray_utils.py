@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from mammo_ray.console import quiet_ray
+
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -71,6 +73,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
 
     if ray.is_initialized():
         return
+    import ray.data  # noqa: F401  (configures ray.data's console handlers at import: quieted next)
+
+    quiet_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = dict(include_dashboard=False, log_to_driver=True)
     creds = credential_env()

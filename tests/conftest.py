@@ -18,6 +18,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # the suite's patient key lives in a throwaway folder, never in the user's ~/.config
 os.environ.setdefault("MAMMO_RAY_PATIENT_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="mammo-key-"), "patient.key"))
 os.environ.pop("MAMMO_RAY_PATIENT_KEY", None)
+# the CLI's log files (mammo_ray.console) go to a temp folder, not the user's ~/.local/state
+os.environ.setdefault("MAMMO_RAY_LOG_DIR", tempfile.mkdtemp(prefix="mammo-logs-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -67,7 +67,7 @@ def test_console_script_synth_then_preprocess_job(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["train", "tune", "evaluate", "explain"])
+@pytest.mark.parametrize("stage", ["train", "tune", "evaluate", "explain", "score"])
 def test_jobs_smoke_test(stage, ray_local, tmp_path, monkeypatch, capsys):
     """Every job has --smoke-test (mammo_ray.smoke), run here in this process on the session's
     Ray (test_console_script_synth_then_preprocess_job and tests/test_ray_head.py run job
@@ -89,7 +89,7 @@ def test_jobs_smoke_test(stage, ray_local, tmp_path, monkeypatch, capsys):
         metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
         assert set(metrics["checkpoints"][0]["sets"]) == {"test", "external-external-phantoms"}
     else:
-        summary = json.loads((tmp_path / "explain" / "summary.json").read_text())
+        summary = json.loads((tmp_path / stage / "summary.json").read_text())
         assert summary["balanced"] and summary["rows"] == 12
 
 
@@ -164,6 +164,12 @@ def test_demo_runs_the_whole_pipeline_and_reports_auc(tmp_path):
     for step in ("[1/4] preprocess", "[2/4] sweep: 4 trials", "[3/4] evaluate: 4 checkpoints", "[4/4] explain: 60 images"):
         assert step in r.stdout, step
     assert f"outputs in {out}" in r.stdout and f"report: {out / 'report.html'}" in r.stdout
+    # a console a person can read: each line a stage's progress or result; Ray's chatter in the log
+    printed = (r.stdout + r.stderr).splitlines()
+    assert len(printed) <= 40, "\n".join(printed)
+    assert not any("logging_progress" in x or "Experiment state snapshotting" in x for x in printed)
+    log = (out / "demo.log").read_text()
+    assert "logging_progress" in log or "streaming_executor" in log  # Ray Data's records kept in the file
     page = (out / "report.html").read_text()
     links = re.findall(r'href="([^"]+)"', page)
     assert len(links) >= 12 and all((out / link).exists() for link in links), links

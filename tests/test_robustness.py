@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+from pathlib import Path
 import shutil
 
 import cv2
@@ -99,8 +100,10 @@ def test_cli_boundary_one_line_and_debug_traceback(tmp_path, train_data_dir, cap
     argv = ["evaluate", "--checkpoint", "c.pt", "--data", str(train_data_dir), "--out", str(tmp_path / "o")]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
-    assert err == ("mammo-ray evaluate: error: RuntimeError: size mismatch for head.weight: "
-                   "(run with --debug for the traceback)")
+    assert err.startswith("mammo-ray evaluate: error: RuntimeError: size mismatch for head.weight: "
+                          "(run with --debug for the traceback; full log: ") and "\n" not in err
+    log = Path(err.rsplit("full log: ", 1)[1].rstrip(")")).read_text()
+    assert "Traceback" in log and "copying a param with shape" in log  # the traceback is kept in the log file
     with pytest.raises(RuntimeError, match="size mismatch"):
         main(["--debug", *argv])
 

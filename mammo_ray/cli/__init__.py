@@ -9,6 +9,7 @@ import logging
 import sys
 
 from mammo_ray.cli.commands import COMMANDS
+from mammo_ray.console import LOG_LEVELS, setup_logging
 
 __all__ = ["get_args_parser", "main"]
 
@@ -20,23 +21,39 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _console_args(p: argparse.ArgumentParser, default) -> None:
+    """The console flags, the same on ``mammo-ray`` and on every subcommand (either place works)."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="DEBUG on the console")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="warnings and the results only on the console (the log file keeps everything)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, default=default,
+                   help="console level of mammo-ray's messages (default: INFO)")
+    p.add_argument("--log-dir", default=default, help="folder of the log file (default: $MAMMO_RAY_LOG_DIR, else "
+                                                      "~/.local/state/mammo-ray/logs)")
+    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of a failure")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mammo-ray", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    _console_args(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
+    for p in sub.choices.values():  # SUPPRESS: a subcommand's flag overrides the top level's only when given
+        _console_args(p, argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    level = "DEBUG" if args.verbose else (args.log_level or "INFO")
+    args.log_file = setup_logging(args.command, level=level, quiet=args.quiet, log_dir=args.log_dir or None)
     try:
-        return COMMANDS[args.command][1](args)
+        code = COMMANDS[args.command][1](args)
+        if not args.quiet:  # last, so an error stays the only line of a failed run
+            print(f"full log: {args.log_file}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -51,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                                     PermissionError))
         text = (str(exc).strip().splitlines() or [""])[0]
         plain = expected or getattr(exc, "user_facing", False)
-        what = text if plain else f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
+        logging.getLogger("mammo_ray").debug("%s failed", args.command, exc_info=True)  # the traceback: log file only
+        what = text if plain else (f"{type(exc).__name__}: {text} (run with --debug for the traceback; "
+                                   f"full log: {args.log_file})")
         print(f"mammo-ray {args.command}: error: {what}", file=sys.stderr)
         return 2 if expected else 1

@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import replace
 
@@ -369,18 +370,23 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from mammo_ray.demo import DemoConfig, run_demo
+    from mammo_ray.demo import DEMO_MARKER, DemoConfig, run_demo
 
     make = DemoConfig.full if args.full else DemoConfig.laptop
     cfg = make(n=args.n, n_external=args.n_external)
     if args.epochs:
         cfg = replace(cfg, sweep=replace(cfg.sweep, epochs=args.epochs))
-    facts = run_demo(args.out, cfg, full=args.full, address=args.address, progress=lambda line: print(line, flush=True))
+    try:
+        facts = run_demo(args.out, cfg, full=args.full, address=args.address,
+                         progress=lambda line: print(line, flush=True))
+    finally:  # the whole log (Ray's included) kept with the outputs, also when a stage failed
+        if os.path.exists(os.path.join(args.out, DEMO_MARKER)) and getattr(args, "log_file", None):
+            shutil.copyfile(args.log_file, os.path.join(args.out, "demo.log"))
     best = facts["best"]
     print(f"demo finished in {facts['seconds']:.0f} s ({facts['seconds'] / 60:.1f} min); best checkpoint by val AUC: "
           f"{best['name']}, test AUC {best['test_auc']:.3f}, external AUC {best['external_auc']:.3f}")
     print(f"report: {facts['report']}")
-    print(f"outputs in {os.path.abspath(args.out)}")
+    print(f"outputs in {os.path.abspath(args.out)} (full log: {os.path.join(args.out, 'demo.log')})")
     return 0
 
 

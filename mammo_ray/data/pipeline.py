@@ -36,6 +36,7 @@ from mammo_ray.data.transforms import INVERSION_WARN_MARGIN, preprocess_image
 from mammo_ray.outputs import (check_inputs_vs_out, clear_owned, is_project_parquet, list_relative, read_marker,
                                write_marker)
 from mammo_ray.privacy import PatientSecret, load_patient_secret, patient_key
+from mammo_ray.console import Progress
 from mammo_ray.ray_utils import init_ray, node_id, remote_args
 from mammo_ray.resources import (RESERVED_SOURCE_PIXELS, TASK_RETRIES, check_fits, largest_node_memory,
                                  preprocess_task_bytes)
@@ -354,5 +355,9 @@ def _run_tasks(records: list[dict], inputs: list[str], out: str, cfg: Preprocess
             ds = ds.map_batches(process_batch, batch_format="pandas", batch_size=cfg.batch_size,
                                 fn_kwargs={"cfg": cfg, "out": out}, num_cpus=1, memory=task_bytes,
                                 max_retries=TASK_RETRIES, **remote_args([*inputs, out]))
-        frames = list(ds.iter_batches(batch_format="pandas", batch_size=None))
+        frames, progress = [], Progress("preprocess", len(records))
+        for frame in ds.iter_batches(batch_format="pandas", batch_size=None):
+            frames.append(frame)
+            progress.update(len(frame), int((frame["status"] != "ok").sum()))
+        progress.close()
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(RESULT_COLUMNS))

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from mammo_ray.config import ArchiveConfig, PreprocessConfig
+from mammo_ray.console import Progress
 from mammo_ray.data.accounting import LOST_REASON
 from mammo_ray.data.arrays import pixels_from_bytes
 from mammo_ray.data.decode import describe_exception
@@ -238,6 +239,7 @@ class Stage:
     write_kwargs: dict[str, Any]
     preview_size: int = 0
     env_paths: list[str] = field(default_factory=list)
+    name: str = "score"
 
 
 def run_pipeline(todo: list[dict], pool: Pool, opts: ArchiveConfig, stage: Stage,
@@ -273,11 +275,13 @@ def run_pipeline(todo: list[dict], pool: Pool, opts: ArchiveConfig, stage: Stage
                             num_gpus=gpw, num_cpus=0 if gpw else 1, **env)
         ds = ds.map_batches(stage.write, batch_format="pandas", batch_size=opts.batch_size, num_cpus=1,
                             fn_kwargs=stage.write_kwargs, **task_env)
-    frames = []
+    frames, progress = [], Progress(stage.name, len(todo))
     for frame in ds.iter_batches(batch_format="pandas", batch_size=None):
         if on_batch is not None:
             on_batch(frame)
         frames.append(frame[STATUS_COLUMNS])
+        progress.update(len(frame), int((frame["status"] != "ok").sum()))
+    progress.close()
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STATUS_COLUMNS + META_COLUMNS)
 
 

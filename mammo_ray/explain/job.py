@@ -184,7 +184,7 @@ def _cam_stage(run: _Run, checkpoint: str, out: str, opts: ExplainConfig, inputs
                                                   "annotations": run.annotations,
                                                   "within_breast": opts.cam_within_breast,
                                                   "scores": into[0], "errors_folder": into[1]},
-                 preview_size=opts.preview_size,
+                 preview_size=opts.preview_size, name="explain" if into[0] == SCORES else "explain: CAMs",
                  env_paths=[*inputs, out, checkpoint, *([opts.annotations] if opts.annotations else [])])
 
 
@@ -237,7 +237,7 @@ def _passes(run: _Run, inputs: list[str], checkpoint: str, out: str, opts: Expla
         return status, status, time.perf_counter() - t0
     score = Stage(actor=ScoreActor, actor_kwargs={"checkpoint": checkpoint, "amp": opts.amp},
                   write=write_score_batch, write_kwargs={"out": out, "threshold": run.threshold},
-                  env_paths=[*inputs, out, checkpoint])
+                  env_paths=[*inputs, out, checkpoint], name="explain: scores")
     scored = run_pipeline(run.todo, run.pool, opts, score, on_batch=meta.write) if run.todo else None
     todo = _cam_todo(run, out)
     logger.info("--cam-for %s: %d image(s) to explain", opts.cam_for, len(todo))

@@ -1,0 +1,127 @@
+"""What a person sees on the terminal: one progress line per job, and Ray's chatter in a file.
+
+Ray Data prints a block of operator states every few seconds (``logging_progress``), Tune
+repeats "Experiment state snapshotting..." warnings, and both drown the lines a user needs.
+:func:`setup_logging` keeps mammo-ray's own records on the console (at ``--log-level``, or
+warnings only with ``--quiet``), lifts Ray's console handlers to warnings, and writes every
+record of both, at DEBUG, to one log file whose path the CLI prints first.
+
+:class:`Progress` is the job's line: done/total, errors, images/s and an ETA, rewritten in
+place on a terminal and printed every ``interval`` seconds otherwise (a log file or CI). Ray
+Data's own progress bars are off outside a terminal, so this line is written here from the
+status rows the driver receives. No Ray import: the CLI calls this before any job starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+logger = logging.getLogger("mammo_ray.progress")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: Ray's loggers: console handlers raised to WARNING (Tune's snapshot warnings: ERROR), all to the file
+RAY_LOGGERS = {"ray": logging.WARNING, "ray.data": logging.WARNING, "ray.tune": logging.ERROR,
+               "ray.train": logging.WARNING, "ray.air": logging.ERROR}
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def default_log_dir() -> Path:
+    """``$MAMMO_RAY_LOG_DIR``, else ``$XDG_STATE_HOME/mammo-ray/logs`` (``~/.local/state/...``)."""
+    if os.environ.get("MAMMO_RAY_LOG_DIR"):
+        return Path(os.environ["MAMMO_RAY_LOG_DIR"]).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "mammo-ray" / "logs"
+
+
+def setup_logging(command: str, *, level: str = "INFO", quiet: bool = False, log_dir: str | os.PathLike | None = None,
+                  stream: TextIO | None = None) -> Path:
+    """Console at ``level`` (WARNING with ``quiet``) for mammo-ray's records, Ray's consoles at
+    warnings, and everything at DEBUG in ``<log_dir>/<command>-<time>-<pid>.log``. Returns the
+    log file's path. Called again (the demo's stages, tests), it replaces what it set before."""
+    if level.upper() not in LOG_LEVELS:
+        raise ValueError(f"--log-level {level!r}: use one of {', '.join(LOG_LEVELS)}")
+    folder = Path(log_dir) if log_dir is not None else default_log_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(logging.Formatter(FORMAT))
+    file_handler._mammo_ray = True  # type: ignore[attr-defined]  # ours: replaced on the next call
+    console = logging.StreamHandler(stream or sys.stderr)
+    console.setLevel(logging.WARNING if quiet else getattr(logging, level.upper()))
+    console.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    console._mammo_ray = True  # type: ignore[attr-defined]
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_mammo_ray", False)]:
+        root.removeHandler(h)
+    root.setLevel(logging.DEBUG)
+    root.addHandler(console)
+    root.addHandler(file_handler)
+    quiet_ray(file_handler, quiet=quiet)
+    return path
+
+
+def quiet_ray(file_handler: logging.Handler | None = None, *, quiet: bool = False) -> None:
+    """Ray's console handlers at warnings (errors with ``quiet``); its records also to our file.
+    Ray configures ``ray.data``'s handlers when ``ray.data`` is imported, so the archive jobs
+    call this again after that import."""
+    if file_handler is None:
+        file_handler = next((h for h in logging.getLogger().handlers
+                             if getattr(h, "_mammo_ray", False) and isinstance(h, logging.FileHandler)), None)
+    if file_handler is None:  # a library caller, not the CLI: Ray's logging is left as Ray set it
+        return
+    for name, floor in RAY_LOGGERS.items():
+        lg = logging.getLogger(name)
+        for h in lg.handlers:
+            if not isinstance(h, logging.FileHandler) and not getattr(h, "_mammo_ray", False):
+                h.setLevel(max(floor, logging.ERROR if quiet else floor))
+        if not lg.propagate and file_handler not in lg.handlers:
+            lg.addHandler(file_handler)  # a logger that does not propagate reaches the root's file only this way
+        lg.setLevel(logging.INFO)  # Ray's INFO (operator progress, trial events) reaches the file
+
+
+class Progress:
+    """``<what>: done/total (p%), errors, images/s, ETA`` for one job.
+
+    On a terminal the line is rewritten in place; otherwise it is logged every ``interval``
+    seconds and once at the end, so a log or CI output gets a handful of lines, not one per batch.
+    """
+
+    def __init__(self, what: str, total: int, *, interval: float = 10.0, stream: TextIO | None = None) -> None:
+        self.what, self.total, self.interval = what, int(total), float(interval)
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.done = self.errors = 0
+        self.t0 = self.last = time.monotonic()
+        self.logged = -1  # the done count of the last logged line
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        rate = self.done / elapsed
+        left = self.total - self.done
+        eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 and left > 0 else "-"
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (f"{self.what}: {self.done}/{self.total} ({pct:.0f}%), {self.errors} errors, "
+                f"{rate:.1f} images/s, ETA {eta}")
+
+    def update(self, done: int, errors: int = 0) -> None:
+        self.done += int(done)
+        self.errors += int(errors)
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + self.line())
+            self.stream.flush()
+        elif now - self.last >= self.interval:
+            logger.info("%s", self.line())
+            self.last, self.logged = now, self.done
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\r" + self.line() + "\n")
+            self.stream.flush()
+        elif self.logged != self.done:
+            logger.info("%s", self.line())
