@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from mammo_ray.config import add_backbone_name
@@ -355,22 +354,36 @@ def simplecnn(*, weights: Any = None, **kwargs: Any) -> SimpleCNN:
     return SimpleCNN(**kwargs)
 
 
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    """torchvision's builder ``name``, imported when a model is built: importing torchvision
+    takes about 3 s on a CPU core (its ops import torch._dynamo), which every Ray worker that
+    only builds simplecnn or efficientnet_lite0 (trials, CAM actors, tests) would pay."""
+
+    def build(**kwargs: Any) -> nn.Module:
+        import torchvision  # deferred: see above
+
+        return getattr(torchvision.models, name)(**kwargs)
+
+    build.__name__ = build.__qualname__ = name
+    return build
+
+
 register_backbone(BackboneSpec(
-    name="resnet50", builder=torchvision.models.resnet50, weights_enum="ResNet50_Weights.IMAGENET1K_V2",
+    name="resnet50", builder=_torchvision("resnet50"), weights_enum="ResNet50_Weights.IMAGENET1K_V2",
     head="fc", cam_layer="layer4", units=_resnet_units, first_conv="conv1",
     description="ResNet-50 (25.6M params); units: stem + 16 bottleneck blocks"))
 register_backbone(BackboneSpec(
     # features.35 is the ReLU after the last conv (features.34): the last 14x14-at-224 map,
     # twice the resolution of the final max-pool, and a post-ReLU map as Grad-CAM expects.
-    name="vgg19", builder=torchvision.models.vgg19, weights_enum="VGG19_Weights.IMAGENET1K_V1",
+    name="vgg19", builder=_torchvision("vgg19"), weights_enum="VGG19_Weights.IMAGENET1K_V1",
     head="classifier.6", cam_layer="features.35", units=_vgg_units, first_conv="features.0",
     description="VGG-19 (143.7M params); units: 16 conv layers; the 3-layer classifier always trains"))
 register_backbone(BackboneSpec(
-    name="resnet18", builder=torchvision.models.resnet18, weights_enum="ResNet18_Weights.IMAGENET1K_V1",
+    name="resnet18", builder=_torchvision("resnet18"), weights_enum="ResNet18_Weights.IMAGENET1K_V1",
     head="fc", cam_layer="layer4", units=_resnet_units, first_conv="conv1",
     description="ResNet-18 (11.7M params); units: stem + 8 basic blocks"))
 register_backbone(BackboneSpec(
-    name="efficientnet_b0", builder=torchvision.models.efficientnet_b0,
+    name="efficientnet_b0", builder=_torchvision("efficientnet_b0"),
     weights_enum="EfficientNet_B0_Weights.IMAGENET1K_V1", head="classifier.1", cam_layer="features.8",
     units=_efficientnet_units, first_conv="features.0.0",
     description="EfficientNet-B0 (5.3M params); units: stem + 16 MBConv blocks + 1x1 head conv"))

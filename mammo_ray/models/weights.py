@@ -35,7 +35,6 @@ from typing import Union
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 
 from mammo_ray import io as mio
 from mammo_ray.models.checkpoint import unsafe_globals
@@ -99,6 +98,8 @@ def weights_url(name: str) -> str:
     _check_has_imagenet(spec)
     if spec.weights_enum is None:
         raise ValueError(f"backbone={name!r}: its ImageNet weights ship in a package, not at a torchvision URL")
+    import torchvision  # deferred: see registry._torchvision
+
     return torchvision.models.get_weight(spec.weights_enum).url
 
 

@@ -101,6 +101,9 @@ def test_cam_for_positive_explains_exactly_the_rows_at_or_above_the_threshold(ra
     summary = run_explain([str(phantom_dir)], str(trained_checkpoint), str(out),
                           ExplainConfig(cam_for="positive", scores_from=str(score_out), batch_size=16, preview_size=64))
     assert summary["threshold"] == threshold
+    # the score run's per-stage profile: each stage's seconds summed over its rows
+    assert set(first["stage_seconds"]) == {"decode_preprocess", "model", "write"}
+    assert first["stage_seconds"]["decode_preprocess"] > 0 < first["stage_seconds"]["model"]
     scores = pd.read_parquet(out / SCORES).set_index("image_id")
     positive = set(probs[probs >= threshold].index)
     assert 0 < len(positive) < len(probs) == first["rows"] == summary["rows"]
@@ -220,18 +223,33 @@ def test_merge_keeps_the_scoring_pass_score_and_is_idempotent(tmp_path):
     pd.testing.assert_frame_equal(first, again)
 
 
-def test_score_summary_profiles_its_stages(ray_local, trained_checkpoint, phantom_dir, tmp_path):
-    """summary.json's stage_seconds sums each stage's per-image time over the rows, and tta
-    averages each image with its mirror (a different probability from the plain pass)."""
-    small = tmp_path / "small"
-    small.mkdir()
-    for p in sorted(phantom_dir.rglob("*.png"))[:6]:
-        shutil.copy(p, small / p.name)
-    plain = run_score([str(small)], str(trained_checkpoint), str(tmp_path / "plain"), ScoreConfig(batch_size=8))
-    tta = run_score([str(small)], str(trained_checkpoint), str(tmp_path / "tta"), ScoreConfig(batch_size=8, tta=True))
-    stages = plain["stage_seconds"]
-    assert set(stages) == {"decode_preprocess", "model", "write"} and stages["decode_preprocess"] > 0 < stages["model"]
-    p0 = pd.read_parquet(tmp_path / "plain" / SCORES).set_index("image_id")["probability"].sort_index()
-    p1 = pd.read_parquet(tmp_path / "tta" / SCORES).set_index("image_id")["probability"].sort_index()
-    assert (p0 - p1).abs().max() > 1e-6 and tta["tta"] is True
-    assert json.loads((tmp_path / "tta" / "summary.json").read_text())["rows"] == 6
+def test_score_actor_tta_averages_each_image_with_its_mirror(trained_checkpoint, phantom_dir):
+    """ScoreActor in this process (no Ray): with tta, each probability is the mean of the plain
+    pass and the horizontally flipped one; a row the model cannot take fails alone."""
+    import numpy as np
+    import torch
+
+    from mammo_ray.config import PreprocessConfig
+    from mammo_ray.data.arrays import pixels_from_bytes
+    from mammo_ray.data.inputs import discover
+    from mammo_ray.explain.archive import ScoreActor, prepare_batch
+    from mammo_ray.models.checkpoint import load_checkpoint
+    from mammo_ray.models.inference import to_model_input
+
+    state = load_checkpoint(str(trained_checkpoint))
+    batch = prepare_batch(pd.DataFrame(discover([str(phantom_dir)]).records[:4]),
+                          cfg=PreprocessConfig(spec=state["spec"], external=True), preview_size=0)
+    assert (batch["preview"] == b"").all()  # the score job decodes no preview
+    plain, tta = ScoreActor(str(trained_checkpoint)), ScoreActor(str(trained_checkpoint), tta=True)
+    p0, p1 = plain(batch)["probability"].to_numpy(), tta(batch)["probability"].to_numpy()
+    m = plain.loaded
+    x = to_model_input(pixels_from_bytes(list(batch["pixels"]), batch["height"], batch["width"], batch["dtype"]),
+                       m.spec, m.device)
+    with torch.inference_mode():
+        flipped = torch.sigmoid(m.model(torch.flip(x, dims=[3])).squeeze(1)).numpy()
+    np.testing.assert_allclose(p1, (p0 + flipped) / 2, rtol=1e-5, atol=1e-6)
+    assert np.abs(p1 - p0).max() > 1e-6
+    bad = batch.copy()
+    bad.loc[1, "pixels"] = bad.loc[1, "pixels"][:-10]
+    out = plain(bad)
+    assert list(out["status"]) == ["ok", "error", "ok", "ok"] and out.loc[1, "reason"].startswith("scoring failed")
