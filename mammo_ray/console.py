@@ -27,6 +27,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 RAY_LOGGERS = {"ray": logging.WARNING, "ray.data": logging.WARNING, "ray.tune": logging.ERROR,
                "ray.train": logging.WARNING, "ray.air": logging.ERROR}
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_console_level = logging.INFO  # what setup_logging set; Tune's own trial tables only at DEBUG
+
+
+def ray_verbose() -> bool:
+    """Whether Ray's own progress output (Tune's trial tables) belongs on the console (-v)."""
+    return _console_level <= logging.DEBUG
 
 
 def default_log_dir() -> Path:
@@ -46,13 +52,19 @@ def setup_logging(command: str, *, level: str = "INFO", quiet: bool = False, log
         raise ValueError(f"--log-level {level!r}: use one of {', '.join(LOG_LEVELS)}")
     folder = Path(log_dir) if log_dir is not None else default_log_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    stem = f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    path, n = folder / f"{stem}.log", 1
+    while path.exists():  # two runs in one process within a second (the demo's, tests') get two files
+        n += 1
+        path = folder / f"{stem}-{n}.log"
     file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(FORMAT))
     file_handler._mammo_ray = True  # type: ignore[attr-defined]  # ours: replaced on the next call
+    global _console_level
+    _console_level = logging.WARNING if quiet else getattr(logging, level.upper())
     console = logging.StreamHandler(stream or sys.stderr)
-    console.setLevel(logging.WARNING if quiet else getattr(logging, level.upper()))
+    console.setLevel(_console_level)
     console.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
     console._mammo_ray = True  # type: ignore[attr-defined]
     root = logging.getLogger()
@@ -91,10 +103,11 @@ class Progress:
     seconds and once at the end, so a log or CI output gets a handful of lines, not one per batch.
     """
 
-    def __init__(self, what: str, total: int, *, interval: float = 10.0, stream: TextIO | None = None) -> None:
-        self.what, self.total, self.interval = what, int(total), float(interval)
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+    def __init__(self, what: str, total: int, *, interval: float = 10.0, stream: TextIO | None = None,
+                 unit: str = "images") -> None:
+        self.what, self.total, self.interval, self.unit = what, int(total), float(interval), unit
+        self.note = ""  # appended after "; " (the sweep's best val AUC so far)
+        self._stream = stream  # None: sys.stderr when writing (Tune pickles its callbacks: no stream kept)
         self.done = self.errors = 0
         self.t0 = self.last = time.monotonic()
         self.logged = -1  # the done count of the last logged line
@@ -106,7 +119,15 @@ class Progress:
         eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 and left > 0 else "-"
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return (f"{self.what}: {self.done}/{self.total} ({pct:.0f}%), {self.errors} errors, "
-                f"{rate:.1f} images/s, ETA {eta}")
+                f"{rate:.1f} {self.unit}/s, ETA {eta}" + (f"; {self.note}" if self.note else ""))
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stderr
+
+    @property
+    def tty(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
 
     def update(self, done: int, errors: int = 0) -> None:
         self.done += int(done)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -228,6 +229,15 @@ def trained_checkpoint(train_data_dir, tmp_path_factory) -> Path:
     result = fit(cfg, spec, train, val, out=str(out))
     assert result.best_metrics["val_auc"] >= 0.9, result.best_metrics
     return out / "best.pt"
+
+
+LOG_RECORD = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING) \S+: ")
+
+
+def error_text(err: str) -> str:
+    """A command's stderr without its log records (``HH:MM:SS LEVEL name: ...``, the console
+    handler's lines): what is left is the error, which must be one line."""
+    return "\n".join(x for x in err.strip().splitlines() if not LOG_RECORD.match(x))
 
 
 def copies_archive(src: Path, dst: Path, n: int) -> Path:

@@ -17,6 +17,7 @@ import torch
 from mammo_ray.cli import main
 from mammo_ray.config import MAX_SIDE, PreprocessConfig, PreprocessSpec, TrainConfig
 from mammo_ray.resources import MemoryBoundError, TASK_RETRIES, check_fits, preprocess_task_bytes
+from tests.conftest import error_text
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -65,7 +66,8 @@ def test_memory_need_refused_with_the_computed_figure(ray_local, phantom_dir, tm
     argv = ["preprocess", str(phantom_dir), "--out", str(out), "--size", "8192", "--dtype", "float32",
             "--batch-size", "4096", "--overwrite"]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    # the error is one line (a warning logged before it, e.g. an ignored labels.csv, is its own line)
+    err = error_text(capsys.readouterr().err)
     need = preprocess_task_bytes(size=(8192, 8192), dtype="float32", batch_size=4096, max_pixels=100_000_000)
     assert len(err.splitlines()) == 1 and "needs about" in err and f"{need / 2**40:.1f} TB" in err, err
     assert "lower --batch-size" in err

@@ -14,6 +14,7 @@ from mammo_ray.cli import main
 from mammo_ray.data.pipeline import PREPROCESS_OUTPUTS, _written_by_preprocess
 from mammo_ray.outputs import (MARKER, OutputLocationError, check_out_location, clear_owned, inside,
                                write_marker)
+from tests.conftest import error_text
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -75,7 +76,7 @@ def test_every_stage_refuses_out_overlapping_inputs(where, phantom_dir, train_da
     before = {"raw": _tree_digest(raw), "data": _tree_digest(data)}
     for name, argv in runs.items():
         assert main(argv) == 2, name
-        err = capsys.readouterr().err.strip()
+        err = error_text(capsys.readouterr().err)  # the error is one line; log records are their own
         assert len(err.splitlines()) == 1 and ("inside the input" in err or "contains the input" in err), (name, err)
     assert {"raw": _tree_digest(raw), "data": _tree_digest(data)} == before
 
@@ -102,10 +103,11 @@ def test_out_that_is_a_file_is_refused_on_every_subcommand(tmp_path, train_data_
                  ["tune", "--data", str(train_data_dir), "--out", str(f)],
                  ["evaluate", "--checkpoint", str(trained_checkpoint), "--data", str(train_data_dir), "--out", str(f)],
                  ["explain", str(train_data_dir), "--checkpoint", str(trained_checkpoint), "--out", str(f)],
+                 ["score", str(train_data_dir), "--checkpoint", str(trained_checkpoint), "--out", str(f)],
                  ["synth", "--out", str(f), "--n", "2"],
                  ["demo", "--out", str(f)]):
         assert main(argv) == 2, argv
-        err = capsys.readouterr().err.strip()
+        err = error_text(capsys.readouterr().err)
         assert len(err.splitlines()) == 1 and "is an existing file" in err, (argv, err)
     assert f.read_text() == "keep me"
 

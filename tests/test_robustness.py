@@ -15,6 +15,7 @@ from mammo_ray.cli import main
 from mammo_ray.config import PreprocessConfig, SweepConfig, TrainConfig
 from mammo_ray.data.decode import DecodeError, decode_bytes
 from mammo_ray.data.inputs import discover
+from tests.conftest import error_text
 
 
 @pytest.mark.parametrize("argv", [
@@ -168,7 +169,7 @@ def test_sweep_killed_by_the_memory_monitor_ends_in_one_line_naming_resume(ray_l
     code = main(["tune", "--data", str(train_data_dir), "--out", str(out), "--backbones", "simplecnn",
                  "--freeze-ratios", "0", "--lr-bounds", "1e-4:1e-3", "--epochs", "1"])
     assert code == 1
-    err = capsys.readouterr().err.strip()
+    err = error_text(capsys.readouterr().err)  # log records before it are their own lines
     assert len(err.splitlines()) == 1, err
     assert "memory monitor killed trial workers" in err and f"--out {out} --resume" in err
 

@@ -5,11 +5,9 @@ classification head and first convolution live, which layer Grad-CAM should look
 and how it is cut into ordered *units* for selective freezing (see
 :mod:`mammo_ray.models.freezing`).
 
-:func:`build_model` builds a backbone with random weights (the default), with ImageNet
-weights (torch hub cache, downloaded once when missing; or a file a package ships), with
-an explicit state-dict file, or with a state dict in memory (all resolved by
-:mod:`mammo_ray.models.weights`); then folds the first convolution to one input channel
-and replaces the head by a ``num_outputs``-logit ``nn.Linear``.
+:func:`build_model` builds a backbone with random, ImageNet (hub cache or a package's file),
+file or in-memory weights (:mod:`mammo_ray.models.weights`), folds the first convolution to
+one input channel and replaces the head by a ``num_outputs``-logit ``nn.Linear``.
 """
 from __future__ import annotations
 
@@ -355,13 +353,10 @@ def simplecnn(*, weights: Any = None, **kwargs: Any) -> SimpleCNN:
 
 
 def _torchvision(name: str) -> Callable[..., nn.Module]:
-    """torchvision's builder ``name``, imported when a model is built: importing torchvision
-    takes about 3 s on a CPU core (its ops import torch._dynamo), which every Ray worker that
-    only builds simplecnn or efficientnet_lite0 (trials, CAM actors, tests) would pay."""
-
+    """torchvision's builder ``name``, imported on first build: importing torchvision takes ~3 s
+    (its ops import torch._dynamo), which workers building simplecnn/efficientnet_lite0 skip."""
     def build(**kwargs: Any) -> nn.Module:
         import torchvision  # deferred: see above
-
         return getattr(torchvision.models, name)(**kwargs)
 
     build.__name__ = build.__qualname__ = name

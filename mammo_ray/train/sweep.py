@@ -27,6 +27,7 @@ from mammo_ray.models.checkpoint import load_checkpoint
 from mammo_ray.models.inference import resolve_device
 from mammo_ray.models.weights import resolve_weights
 from mammo_ray.outputs import check_out_location
+from mammo_ray.console import Progress, ray_verbose
 from mammo_ray.ray_utils import init_ray
 from mammo_ray.train.data import load_training_data
 from mammo_ray.train.loop import fit
@@ -187,11 +188,36 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
             tune_config=tune.TuneConfig(metric="best_val_auc", mode="max", num_samples=sweep.num_samples,
                                         scheduler=scheduler),
             run_config=tune.RunConfig(
-                name=EXPERIMENT, storage_path=storage_path(out), verbose=1,
+                name=EXPERIMENT, storage_path=storage_path(out), verbose=1 if ray_verbose() else 0,
+                callbacks=[SweepProgress(sweep.grid_size * sweep.num_samples)],
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
     grid = _fit_or_explain(tuner, data_dir, out, address)
     return write_outputs(grid, out, sweep)
+
+
+class SweepProgress(tune.Callback):
+    """The sweep's progress line in place of Tune's trial tables (those only with ``-v``): trials
+    done and failed, ETA, and the best val AUC so far, each trial's best epoch as Tune ranks."""
+
+    def __init__(self, total: int) -> None:
+        self.progress = Progress("sweep", total, unit="trials")
+        self.best = -1.0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        auc = result.get("best_val_auc")
+        if auc is not None and auc > self.best:
+            self.best, c = float(auc), trial.config
+            self.progress.note = f"best val AUC {self.best:.3f} ({c.get('backbone')} freeze {c.get('freeze_ratio')})"
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.progress.update(1)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.progress.update(1, 1)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.progress.close()
 
 
 class SweepInterrupted(RuntimeError):

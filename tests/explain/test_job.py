@@ -425,7 +425,8 @@ def test_an_image_the_model_cannot_take_fails_alone(trained_checkpoint, phantom_
     becomes an error (here a row whose pixel buffer does not match its shape)."""
     from mammo_ray.config import PreprocessConfig
     from mammo_ray.data.inputs import discover
-    from mammo_ray.explain.job import CamActor, prepare_batch
+    from mammo_ray.explain.archive import prepare_batch
+    from mammo_ray.explain.job import CamActor
     from mammo_ray.models.checkpoint import load_checkpoint
 
     state = load_checkpoint(str(trained_checkpoint))
@@ -441,7 +442,7 @@ def test_an_image_the_model_cannot_take_fails_alone(trained_checkpoint, phantom_
 
 
 def test_actor_pools_that_cannot_run_are_refused_on_a_local_ray():
-    from mammo_ray.explain.job import _check_pool
+    from mammo_ray.explain.archive import check_pool as _check_pool
 
     with pytest.raises(ValueError, match="--workers 2 CPU actors on 2 CPU\\(s\\) leave none for the read/write tasks: "
                                          "use at most 1"):

