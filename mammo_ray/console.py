@@ -24,7 +24,7 @@ logger = logging.getLogger("mammo_ray.progress")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: Ray's loggers: console handlers raised to WARNING (Tune's snapshot warnings: ERROR), all to the file
-RAY_LOGGERS = {"ray": logging.WARNING, "ray.data": logging.WARNING, "ray.tune": logging.ERROR,
+RAY_LOGGERS = {"ray": logging.WARNING, "ray.data": logging.ERROR, "ray.tune": logging.ERROR,
                "ray.train": logging.WARNING, "ray.air": logging.ERROR}
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _console_level = logging.INFO  # what setup_logging set; Tune's own trial tables only at DEBUG
@@ -75,6 +75,36 @@ def setup_logging(command: str, *, level: str = "INFO", quiet: bool = False, log
     root.addHandler(file_handler)
     quiet_ray(file_handler, quiet=quiet)
     return path
+
+
+def set_console_level(level: int) -> None:
+    """The console handler's level (the demo prints its own stage lines over WARNING records)."""
+    global _console_level
+    _console_level = level
+    for h in logging.getLogger().handlers:
+        if getattr(h, "_mammo_ray", False) and not isinstance(h, logging.FileHandler):
+            h.setLevel(level)
+
+
+class LogWriter:
+    """A file-like object whose lines become log records (Tune's console output, into the log file)."""
+
+    def __init__(self, name: str, level: int = logging.INFO) -> None:
+        self.logger, self.level, self._buf = logging.getLogger(name), level, ""
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            if line.strip():
+                self.logger.log(self.level, "%s", line.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
 
 
 def quiet_ray(file_handler: logging.Handler | None = None, *, quiet: bool = False) -> None:

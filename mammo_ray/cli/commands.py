@@ -36,6 +36,7 @@ from mammo_ray.config import (
     TrainConfig,
     backbone_names,
 )
+from mammo_ray.console import set_console_level
 from mammo_ray.outputs import check_out_location
 from mammo_ray.cli.options import Renamed, config_overrides, finite_float, lr_pair
 
@@ -376,6 +377,8 @@ def _run_demo(args) -> int:
     cfg = make(n=args.n, n_external=args.n_external)
     if args.epochs:
         cfg = replace(cfg, sweep=replace(cfg.sweep, epochs=args.epochs))
+    if not (args.verbose or args.log_level or args.quiet):
+        set_console_level(logging.WARNING)  # its own stage lines say what happens; INFO goes to demo.log
     try:
         facts = run_demo(args.out, cfg, full=args.full, address=args.address,
                          progress=lambda line: print(line, flush=True))

@@ -7,6 +7,7 @@ every epoch (``last.pt`` + ``best.pt``); a failed trial restarts from its last c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from mammo_ray.models.checkpoint import load_checkpoint
 from mammo_ray.models.inference import resolve_device
 from mammo_ray.models.weights import resolve_weights
 from mammo_ray.outputs import check_out_location
-from mammo_ray.console import Progress, ray_verbose
+from mammo_ray.console import LogWriter, Progress, ray_verbose
 from mammo_ray.ray_utils import init_ray
 from mammo_ray.train.data import load_training_data
 from mammo_ray.train.loop import fit
@@ -231,7 +232,11 @@ def _fit_or_explain(tuner, data_dir: str, out: str, address: str | None = None):
     memory monitor faster than ``max_failures`` covers), one line naming the cause and the
     command that continues the sweep from its checkpoints, instead of a 150-line traceback."""
     try:
-        return tuner.fit()
+        if ray_verbose():
+            return tuner.fit()
+        # Tune prints its experiment box and paths even at verbose=0: into the log file
+        with contextlib.redirect_stdout(LogWriter("mammo_ray.tune_console", logging.DEBUG)):
+            return tuner.fit()
     except KeyboardInterrupt:
         raise
     except Exception as exc:
