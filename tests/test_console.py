@@ -76,7 +76,9 @@ def test_quiet_prints_results_only_and_the_log_file_keeps_the_rest(tmp_path, cap
     assert len(logs) == 2 and all(p.stat().st_size > 0 for p in logs)
 
 
-def test_ray_consoles_are_raised_to_warnings_and_copied_to_the_file(tmp_path):
+def test_ray_consoles_are_raised_and_copied_to_the_file(tmp_path):
+    """Ray Data's console shows errors only (its "Progress bars disabled" and backpressure
+    warnings are in the file), the other Ray loggers warnings; every record reaches the file."""
     ray_data = logging.getLogger("ray.data")
     console = logging.StreamHandler(io.StringIO())
     console.setLevel(logging.INFO)
@@ -87,11 +89,12 @@ def test_ray_consoles_are_raised_to_warnings_and_copied_to_the_file(tmp_path):
         quiet_ray()
         ray_data.info("Running Dataset: logging_progress block")
         ray_data.warning("a real warning")
-        assert console.stream.getvalue() == "a real warning\n"
+        ray_data.error("a real error")
+        assert console.stream.getvalue() == "a real error\n"
         for h in logging.getLogger().handlers:
             h.flush()
         text = path.read_text()
-        assert "logging_progress block" in text and "a real warning" in text
+        assert "logging_progress block" in text and "a real warning" in text and "a real error" in text
     finally:
         ray_data.removeHandler(console)
 
