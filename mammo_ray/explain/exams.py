@@ -154,8 +154,8 @@ def fill_meta(out: str, records: list[dict], rows: pd.DataFrame, writer: MetaWri
     """Meta rows for scored images that have none: a driver killed between a batch's commit and
     its own receipt of the batch's status rows never wrote them. Their headers are read again
     (header only) on the driver; a manifest's columns come from the listing. Returns how many."""
-    have = set(read_parts(out, META, ["image_id"])["image_id"])
-    missing = [r for r in records if r["image_id"] in set(rows["image_id"]) - have]
+    lacking = set(rows["image_id"]) - set(read_parts(out, META, ["image_id"])["image_id"])
+    missing = [r for r in records if r["image_id"] in lacking]
     if missing:
         probed = probe_batch(pd.DataFrame({"path": [r["path"] for r in missing]}))
         writer.write(pd.DataFrame([{"image_id": r["image_id"], **{k: r.get(k) or p[k] for k in
