@@ -85,6 +85,7 @@ def main(args) -> dict:
         args.n, args.height, args.width, args.distinct = 4, 640, 512, 2
     cfg = PreprocessConfig.load(batch_size=args.batch_size)
     root = tempfile.mkdtemp(prefix="bench-preprocess-")
+    ours = not ray.is_initialized()  # a caller's Ray (the test suite's) is left running
     try:
         small = make_archive(root, args.n, args.distinct, args.height, args.width)
         large = make_archive(root, 4 * args.n, args.distinct, args.height, args.width)
@@ -99,7 +100,8 @@ def main(args) -> dict:
             run_ray(small, os.path.join(root, "ray-out"), cfg)
         with PeakMemory() as mem_4n:
             run_ray(large, os.path.join(root, "ray-out-4n"), cfg)
-        ray.shutdown()
+        if ours:
+            ray.shutdown()
         result = {
             "benchmark": "preprocess",
             "image": f"{args.height}x{args.width} uint16 DICOM (synthetic)",

@@ -164,6 +164,7 @@ def main(args) -> dict:
     }
     with open(os.path.join(out, "realdata.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
+    print(json.dumps(result, indent=2, default=str))
     return result
 
 
@@ -176,5 +177,5 @@ def _gap(rows: list[dict], ratio: float) -> float | None:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(get_args_parser().parse_args()), indent=2, default=str))
+    main(get_args_parser().parse_args())
     sys.exit(0)
