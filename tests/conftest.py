@@ -36,17 +36,38 @@ def _ray_session():
         ray.shutdown()
 
 
+_SESSION_RAY: dict = {}
+
+
 @pytest.fixture
 def ray_local(_ray_session):
     """A local Ray with 2 CPUs on 127.0.0.1, started once and shared by the session
-    (re-started only if a cluster test shut it down)."""
+    (re-started only if a test on another Ray (a cluster, logical GPUs) shut it down)."""
     import ray
 
     from mammo_ray.ray_utils import init_ray
 
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address != _SESSION_RAY.get("gcs"):
+        ray.shutdown()  # connected to another test's Ray: leave it, start ours
     if not ray.is_initialized():
         init_ray(num_cpus=2)
+        _SESSION_RAY["gcs"] = ray.get_runtime_context().gcs_address
     return ray
+
+
+# Tests on a Ray of their own run last, grouped by that Ray, so that the session's local Ray
+# and the shared Cluster start once each (a cluster test between two local ones costs a
+# restart of both, about 10 s each).
+_OWN_RAY = ("ray_cluster", "ray_gpus", "ray_head")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        names = set(getattr(item, "fixturenames", ()))
+        return next((i + 1 for i, name in enumerate(_OWN_RAY) if name in names),
+                    len(_OWN_RAY) if "test_gpu_scheduling" in item.nodeid else 0)
+
+    items.sort(key=rank)  # stable: the order within each group is kept
 
 
 @pytest.fixture(scope="session")
@@ -114,11 +135,10 @@ def wait_for_port(port: int, *, timeout: float, proc: subprocess.Popen | None = 
     return False
 
 
-@pytest.fixture
-def ray_cluster():
-    """A ray.cluster_utils.Cluster on loopback: a head without CPUs (it runs drivers only, as
-    on real clusters) and two 2-CPU worker nodes, connected. Yields (cluster, [worker nodes]).
-    Shuts the session's local Ray down first; the ray_local fixture restarts it when needed."""
+@pytest.fixture(scope="session")
+def _cluster_session():
+    """One ray.cluster_utils.Cluster for the session (its tests run together, last but the
+    logical-GPU and ``ray start`` ones): a head without CPUs and two 2-CPU workers."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -126,14 +146,35 @@ def ray_cluster():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
                                                             "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(2)]
+    state = {"cluster": cluster, "workers": []}
+    try:
+        yield state
+    finally:
+        if ray.is_initialized() and ray.get_runtime_context().gcs_address == cluster.gcs_address:
+            ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_cluster_session):
+    """The session's Cluster on loopback with two live 2-CPU worker nodes (a node a previous
+    test removed is replaced), connected. Yields (cluster, [worker nodes]). Shuts the
+    session's local Ray down first; the ray_local fixture restarts it when needed."""
+    import ray
+
+    cluster = _cluster_session["cluster"]
+    if ray.is_initialized():
+        ray.shutdown()
+    live = [w for w in _cluster_session["workers"] if w in cluster.worker_nodes]
+    while len(live) < 2:
+        live.append(cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1"))
+    _cluster_session["workers"] = live
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
-        yield cluster, workers
+        yield cluster, list(live)
     finally:
-        ray.shutdown()
-        cluster.shutdown()
+        ray.shutdown()  # disconnects this driver; the cluster stays for the next test
 
 
 def remove_node_when(cluster, ready, pick, removed: list, timeout: float = 240):
