@@ -273,8 +273,11 @@ def run_pipeline(todo: list[dict], pool: Pool, opts: ArchiveConfig, stage: Stage
                             # errors (tests/test_cluster.py); a failing batch is retried image by
                             # image inside the actor instead
                             num_gpus=gpw, num_cpus=0 if gpw else 1, **env)
-        ds = ds.map_batches(stage.write, batch_format="pandas", batch_size=opts.batch_size, num_cpus=1,
-                            fn_kwargs=stage.write_kwargs, **task_env)
+        # the writes hold no CPU of their own (bounded to one task per actor instead): with a
+        # CPU each they queued behind the read tasks for the CPU the actor leaves, so on a
+        # 2-CPU node no part was written, and no memory freed, until every image was read
+        ds = ds.map_batches(stage.write, batch_format="pandas", batch_size=opts.batch_size, num_cpus=0,
+                            concurrency=max(1, pool.workers), fn_kwargs=stage.write_kwargs, **task_env)
     frames, progress = [], Progress(stage.name, len(todo))
     for frame in ds.iter_batches(batch_format="pandas", batch_size=None):
         if on_batch is not None:
