@@ -160,7 +160,7 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, full: bool = False, add
     from mammo_ray.explain.job import run_explain
 
     best_ckpt = os.path.join(out, "sweep", "best", "overall", "checkpoint.pt")
-    expl = run_explain([ext_raw], best_ckpt, _fresh(os.path.join(out, "explain")),
+    expl = run_explain([os.path.join(ext_raw, "labels.csv")], best_ckpt, _fresh(os.path.join(out, "explain")),
                        ExplainConfig(preview_size=384, annotations=os.path.join(ext_raw, "labels.csv")))
     times["explain"] = time.perf_counter() - t
     loc = expl.get("localization") or {}
@@ -207,9 +207,10 @@ def _demo_data(out: str, cfg: DemoConfig, times: dict[str, float], progress: Cal
                    formats=("dcm-rle", "jpg", "dcm-mono1"))
     times["synth"] = time.perf_counter() - t
     t = time.perf_counter()
-    pre = run_preprocess([raw], os.path.join(out, "data"),
+    # the manifests the phantoms come with: labels, patient ids (the split groups by them), views
+    pre = run_preprocess([os.path.join(raw, "labels.csv")], os.path.join(out, "data"),
                          PreprocessConfig.load(size=cfg.size, ratios=cfg.ratios, std=cfg.std), overwrite=True)
-    ext = run_preprocess([ext_raw], os.path.join(out, "external"),
+    ext = run_preprocess([os.path.join(ext_raw, "labels.csv")], os.path.join(out, "external"),
                          PreprocessConfig.load(size=cfg.size, external=True, std=cfg.std), overwrite=True)
     contact_sheet(os.path.join(out, "data"), os.path.join(out, "preview-train.png"))
     contact_sheet(os.path.join(out, "external"), os.path.join(out, "preview-external.png"), split="external")

@@ -16,15 +16,16 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
     """`ray start --head --block` on 127.0.0.1 with its dashboard (the job server of `ray job
-    submit`) on 127.0.0.1 too; terminating it stops this head only. Yields (GCS address,
-    dashboard URL, environment)."""
+    submit`) on 127.0.0.1 too, shared by this module's tests; terminating it stops this head
+    only. Yields (GCS address, dashboard URL, environment)."""
     import shutil
     import tempfile
 
     port, dashboard, agent, metrics, runtime_env = free_ports(5)  # distinct: two equal ports failed `ray start`
+    tmp_path = tmp_path_factory.mktemp("ray-head")
     temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: AF_UNIX paths are <= 107 bytes
     # auth off on this loopback-only head (and for the CLI talking to it); the job's `python`
     # is the one on the head's PATH: the venv's, so the job has the project's dependencies
