@@ -114,6 +114,31 @@ def _is_missing(key: Any) -> bool:
     return key is None or (isinstance(key, float) and math.isnan(key))
 
 
+def group_codes(keys: list, *, missing: str, name: str = "keys") -> tuple[np.ndarray, list]:
+    """A dense integer code per entry of ``keys`` (first-seen order) and the key of each code.
+    A missing key (None, NaN) gets a code of its own (``missing="own"``, key None) or -1
+    (``missing="drop"``). pandas' factorize would do the coding, but it gives NaN no code of its
+    own and accepts unhashable keys without the error naming the entry."""
+    codes = np.empty(len(keys), dtype=np.int64)
+    seen: dict[Any, int] = {}
+    group_keys: list = []
+    for i, k in enumerate(keys):
+        if _is_missing(k):
+            codes[i] = -1 if missing == "drop" else len(group_keys)
+            if missing != "drop":
+                group_keys.append(None)
+            continue
+        try:
+            c = seen.get(k)
+        except TypeError:
+            raise ValueError(f"{name}[{i}]={k!r}: {name} must be hashable (str, int, tuple)") from None
+        if c is None:
+            c = seen[k] = len(group_keys)
+            group_keys.append(k)
+        codes[i] = c
+    return codes, group_keys
+
+
 # --------------------------------------------------------------------------- thresholds
 
 def choose_threshold(labels: Iterable[int], scores: Iterable[float], *, method: str = "youden",
@@ -359,26 +384,13 @@ def aggregate(labels: Iterable[int] | None, scores: Iterable[float], keys: Itera
     keys = list(keys)
     if len(keys) != len(y):
         raise ValueError(f"keys has {len(keys)} entries but labels has {len(y)}: lengths must match")
-    seen: dict[Any, int] = {}
-    group_keys: list = []
-    rows: list[int] = []
-    codes: list[int] = []
-    for i, k in enumerate(keys):
-        if _is_missing(k):
-            continue
-        try:
-            c = seen.get(k)
-        except TypeError:
-            raise ValueError(f"keys[{i}]={k!r}: keys must be hashable (str, int, tuple)") from None
-        if c is None:
-            c = seen[k] = len(group_keys)
-            group_keys.append(k)
-        rows.append(i)
-        codes.append(c)
+    all_codes, group_keys = group_codes(keys, missing="drop")
+    rows = np.flatnonzero(all_codes >= 0)
+    codes = all_codes[rows]
     g = len(group_keys)
     if not g:
         return None if unlabeled else np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64), []
-    r, c = np.asarray(rows), np.asarray(codes)
+    r, c = rows, codes
     lab = np.zeros(g, dtype=np.int64)
     np.maximum.at(lab, c, y[r])
     if how == "max":

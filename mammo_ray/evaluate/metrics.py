@@ -19,8 +19,8 @@ from mammo_ray.metrics import (
     _bin_index,
     _both_classes,
     _check_threshold,
-    _is_missing,
     binary_metrics,
+    group_codes,
     reliability_curve,
     small_sample_reason,
 )
@@ -36,23 +36,8 @@ def _group_codes(groups: Iterable[Any], n: int) -> tuple[np.ndarray, int]:
     groups = list(groups)
     if len(groups) != n:
         raise ValueError(f"groups has {len(groups)} entries but labels has {n}: lengths must match")
-    codes = np.empty(n, dtype=np.int64)
-    seen: dict[Any, int] = {}
-    k = 0
-    for i, g in enumerate(groups):
-        if _is_missing(g):
-            codes[i] = k
-            k += 1
-            continue
-        try:
-            c = seen.get(g)
-        except TypeError:
-            raise ValueError(f"groups[{i}]={g!r}: group keys must be hashable (str, int, tuple)") from None
-        if c is None:
-            c = seen[g] = k
-            k += 1
-        codes[i] = c
-    return codes, k
+    codes, keys = group_codes(groups, missing="own", name="groups")
+    return codes, len(keys)
 
 
 def _replicate_metrics(y: np.ndarray, s: np.ndarray, w: np.ndarray, *, threshold: float,

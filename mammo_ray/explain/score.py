@@ -89,6 +89,8 @@ def run_score(inputs: list[str], checkpoint: str, out: str, opts: ScoreConfig | 
         "checkpoint": checkpoint, "backbone": state["backbone"], "threshold": threshold, "threshold_source": source,
         "tta": opts.tta, "predicted_malignant": int(rows["predicted"].sum()), "exams": exam_counts,
         "workers": dict(Counter(status["cam_worker"])) if processed else {},
+        "nodes": dict(Counter(status["node_id"])) if processed else {},
+        "preprocess_nodes": dict(Counter(status["prep_node_id"])) if processed else {},
         "stage_seconds": stage_seconds(rows), "seconds": round(time.perf_counter() - t0, 3),
         "images_per_second": round(processed / job_seconds, 2) if processed and job_seconds > 0 else None,
     }

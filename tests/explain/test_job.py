@@ -245,10 +245,13 @@ def test_memory_is_flat_in_the_archive_size(job, ray_local, trained_checkpoint, 
     growth = {k: (peaks[1200][k] - peaks[300][k]) / 2**20 for k in ("driver", "worker")}
     print(f"{job} peak USS, MB: driver {peaks[300]['driver'] / 2**20:.0f} -> {peaks[1200]['driver'] / 2**20:.0f}, "
           f"largest worker {peaks[300]['worker'] / 2**20:.0f} -> {peaks[1200]['worker'] / 2**20:.0f}")
-    # the driver is steady (+6 to +10 MB measured); the largest worker, the CAM actor, moves by up to
-    # ~100 MB between runs (allocator and queued batches), less than the 900 decoded 256x208 float
-    # images (192 MB) it would hold if it kept them
-    assert growth["driver"] < 48 and growth["worker"] < 160, (growth, peaks)
+    # The driver never receives pixels (reads go to the actor, the actor's output to the write
+    # tasks; the driver gets status rows). Its peak rises by a bounded ~70 MB of in-flight
+    # bookkeeping while the writes stream alongside the reads, then stops: measured 300 -> 1200
+    # -> 2400 images +84 then +18 MB, and +5 to +80 MB between 300 and 1200 over runs. The
+    # largest worker, the CAM actor, moves by up to ~100 MB between runs (allocator and queued
+    # batches), less than the 900 decoded 256x208 float images (192 MB) it would hold if it kept them.
+    assert growth["driver"] < 128 and growth["worker"] < 160, (growth, peaks)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -37,17 +37,37 @@ def _cbis(tmp_path: Path, manifest: bool) -> Path:
     return root
 
 
-def test_score_writes_rows_only_with_breast_and_exam_tables_from_real_dicom_headers(ray_local, trained_checkpoint,
-                                                                                      tmp_path):
-    out = tmp_path / "score"
-    summary = run_score([str(_cbis(tmp_path, manifest=True))], str(trained_checkpoint), str(out),
-                        ScoreConfig(batch_size=4))
+def _s3_objects(client, prefix: str) -> dict[str, bytes]:
+    from tests.conftest import S3_BUCKET
+
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix).get("Contents", [])]
+    return {k: client.get_object(Bucket=S3_BUCKET, Key=k)["Body"].read() for k in keys}
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_score_writes_rows_only_with_breast_and_exam_tables_from_real_dicom_headers(ray_cluster, s3_server,
+                                                                                      trained_checkpoint, tmp_path):
+    """On the multi-node Cluster, the CBIS files, their manifest and the outputs on S3 (moto)."""
+    import io
+
+    from mammo_ray.explain.results import read_parts
+    from tests.conftest import S3_BUCKET
+
+    manifest = _cbis(tmp_path, manifest=True)
+    for f in sorted(manifest.parent.iterdir()):
+        s3_server.upload_file(str(f), S3_BUCKET, f"cbis/{f.name}")
+    out = f"s3://{S3_BUCKET}/score"
+    summary = run_score([f"s3://{S3_BUCKET}/cbis/manifest.csv"], str(trained_checkpoint), out, ScoreConfig(batch_size=4))
     assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (8, 8, 0)
-    scores = pd.read_parquet(out / SCORES)
+    workers = {w.node_id for w in ray_cluster[1]}
+    assert summary["nodes"] and set(summary["nodes"]) | set(summary["preprocess_nodes"]) <= workers
+    scores = read_parts(out, SCORES, ["image_id", "probability", "heatmap_path", "cam_peak_x"])
     assert len(scores) == 8 and scores["probability"].between(0, 1).all()
     assert scores["heatmap_path"].isna().all() and scores["cam_peak_x"].isna().all()
-    assert not (out / "heatmaps").exists() and not (out / "overlays").exists()  # nothing per image on disk
-    breasts, exams = pd.read_parquet(out / "breasts.parquet"), pd.read_parquet(out / "exams.parquet")
+    objects = _s3_objects(s3_server, "score/")
+    assert not any(k.startswith(("score/heatmaps/", "score/overlays/")) for k in objects)  # nothing per image
+    breasts, exams = (pd.read_parquet(io.BytesIO(objects[f"score/{n}.parquet"])) for n in ("breasts", "exams"))
     # laterality from ImageLaterality (the manifest has none), patients and views from the manifest
     assert len(exams) == 2 and sorted(exams["n_images"]) == [4, 4] and set(exams["breasts"]) == {"L,R"}
     assert len(breasts) == 4 and set(breasts["views"]) == {"CC,MLO"} and set(breasts["laterality"]) == {"L", "R"}
@@ -59,7 +79,7 @@ def test_score_writes_rows_only_with_breast_and_exam_tables_from_real_dicom_head
     assert summary["exams"]["exams"] == 2 and summary["exams"]["in_exams"] == 8
     assert summary["exams"]["exams_keyed_by_patient"] == 0 and "warning" not in summary["exams"]
     # pseudonyms only: no patient id from the headers or the manifest in any output file
-    text = b"".join(f.read_bytes() for f in out.rglob("*") if f.is_file())
+    text = b"".join(objects.values())
     assert b"P_00173" not in text and b"P_00820" not in text and b"Mass-Test" not in text
     assert b"1.3.6.1.4.1.9590" not in text  # nor a StudyInstanceUID
 
@@ -87,18 +107,24 @@ def test_pseudonyms_are_keyed_and_an_exam_without_id_is_its_patients():
     assert pd.isna(one.loc[2, "patient_key"]) and pd.isna(one.loc[2, "exam_key"])
 
 
-def test_cam_for_positive_explains_exactly_the_rows_at_or_above_the_threshold(ray_local, trained_checkpoint,
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_cam_for_positive_explains_exactly_the_rows_at_or_above_the_threshold(ray_cluster, s3_server, trained_checkpoint,
                                                                            phantom_dir, tmp_path):
-    """A score run, then explain --cam-for positive --scores-from it: no image is scored again,
-    CAMs exist exactly for the rows at or above the threshold (the checkpoint's val threshold,
-    which splits the phantoms of both classes), and their scores are the score run's."""
-    score_out = tmp_path / "score"
-    first = run_score([str(phantom_dir)], str(trained_checkpoint), str(score_out), ScoreConfig(batch_size=16))
-    probs = pd.read_parquet(score_out / SCORES).set_index("image_id")["probability"]
+    """On the multi-node Cluster: a score run writing to S3 (moto), then explain --cam-for
+    positive --scores-from it: no image is scored again, CAMs exist exactly for the rows at or
+    above the threshold (the checkpoint's val threshold, which splits the phantoms of both
+    classes), and their scores are the score run's."""
+    from mammo_ray.explain.results import read_parts
+    from tests.conftest import S3_BUCKET
+
+    score_out = f"s3://{S3_BUCKET}/score"
+    first = run_score([str(phantom_dir)], str(trained_checkpoint), score_out, ScoreConfig(batch_size=16))
+    probs = read_parts(score_out, SCORES, ["image_id", "probability"]).set_index("image_id")["probability"]
     threshold = first["threshold"]
     out = tmp_path / "explain"
     summary = run_explain([str(phantom_dir)], str(trained_checkpoint), str(out),
-                          ExplainConfig(cam_for="positive", scores_from=str(score_out), batch_size=16, preview_size=64))
+                          ExplainConfig(cam_for="positive", scores_from=score_out, batch_size=16, preview_size=64))
     assert summary["threshold"] == threshold
     # the score run's per-stage profile: each stage's seconds summed over its rows
     assert set(first["stage_seconds"]) == {"decode_preprocess", "model", "write"}
