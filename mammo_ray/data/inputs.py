@@ -186,9 +186,9 @@ def _discover_manifest(manifest: str, unlabeled: bool, listing: Listing, labels_
     for lineno, row in enumerate(rows, start=2):
         raw = (row.get("path") or "").strip()
         if mio.is_uri(root):
-            path = raw if mio.is_uri(raw) else posixpath.normpath(posixpath.join(root, raw))
-            if not mio.is_uri(path):
-                path = root.split("://")[0] + "://" + path.split("://")[-1].lstrip("/")
+            # normalised after the scheme: normpath would fold "s3://" into "s3:/"
+            scheme, rest = root.split("://", 1)
+            path = raw if mio.is_uri(raw) else f"{scheme}://{posixpath.normpath(posixpath.join(rest, raw))}"
         else:
             path = os.path.normpath(os.path.join(root, raw))
         where = f"{manifest} line {lineno}"

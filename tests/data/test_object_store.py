@@ -32,3 +32,18 @@ def test_preprocess_s3_in_s3_out(ray_local, s3_server, phantom_dir):
     rows = sum(len(read_split(f"s3://{BUCKET}/out", s)) for s in ("train", "val", "test")
                if any(k.startswith(f"out/{s}/") for k in keys))
     assert rows == 16
+
+
+def test_manifest_on_s3_resolves_paths_under_its_folder(s3_server):
+    """A manifest on s3:// names files relative to its folder (as on disk); a path that
+    climbs out of the folder is refused in its own error line. (normpath once folded the
+    scheme, so every row of an S3 manifest became "s3://s3:/..." and was refused.)"""
+    from mammo_ray.data.inputs import discover
+
+    for key in ("m/cc/a.png", "m/b.png", "x.png"):
+        s3_server.put_object(Bucket=BUCKET, Key=key, Body=b"\x89PNG not decoded here")
+    s3_server.put_object(Bucket=BUCKET, Key="m/labels.csv",
+                         Body=b"path,label\ncc/a.png,benign\n./b.png,malignant\n../x.png,benign\n")
+    listing = discover([f"s3://{BUCKET}/m/labels.csv"])
+    assert sorted(r["path"] for r in listing.records) == [f"s3://{BUCKET}/m/b.png", f"s3://{BUCKET}/m/cc/a.png"]
+    assert len(listing.errors) == 1 and "'../x.png' escapes the manifest's folder" in listing.errors[0]["reason"]
