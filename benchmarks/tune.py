@@ -48,7 +48,7 @@ def main(args) -> dict:
     from train import bare_images_per_s  # the bare loop of benchmarks/train.py
 
     if args.smoke_test:
-        args.trials, args.backbone, args.size, args.images, args.epochs = 2, "simplecnn", 64, 80, 2
+        args.trials, args.backbone, args.size, args.images, args.epochs = 1, "simplecnn", 64, 60, 1
     root = tempfile.mkdtemp(prefix="bench-tune-")
     ours = not ray.is_initialized()  # a caller's Ray (the test suite's) is left running
     bin_dir = os.path.dirname(sys.executable)

@@ -50,7 +50,7 @@ PAPER_SWEEP = SweepConfig(
 class DemoConfig:
     """Sizes of one demo run."""
 
-    n: int = 360
+    n: int = 240
     n_external: int = 60
     height: int = 384
     width: int = 312

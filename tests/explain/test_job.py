@@ -118,52 +118,39 @@ def _parts(out: Path) -> list[Path]:
     return sorted((out / SCORES).glob("part-*.parquet")) if (out / SCORES).is_dir() else []
 
 
-def _cli(args: list[str], ray_address: str | None = None, **kw) -> subprocess.Popen:
+def _cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
     return subprocess.Popen([sys.executable, "-m", "mammo_ray.cli", *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw)
 
 
 @pytest.mark.slow
-@pytest.mark.cluster
 @pytest.mark.parametrize("job", ["explain-top", "score"])
-def test_killed_driver_then_resume_gives_one_row_per_input(job, ray_cluster, s3_server, trained_checkpoint, phantom_dir,
-                                                          tmp_path):
-    """On the multi-node Cluster, the archive on S3 (moto): the job's driver killed mid-run,
-    then ``--resume``: one row per input, no duplicates. ``explain --cam-for top:10``: killed
-    in its scoring pass, the resume finishes it and explains exactly the 10 highest scores;
-    ``score``: the score job alike. (The driver is submitted as users do, RAY_ADDRESS naming
-    the cluster; the cluster outlives it and drops the dead job's tasks and actors.)"""
-    from mammo_ray.data.inputs import discover
-    from tests.conftest import S3_BUCKET
-
-    cluster, _ = ray_cluster
-    n = 48
-    local = copies_archive(phantom_dir, tmp_path / "archive", n)
-    for f in sorted(p for p in local.rglob("*") if p.is_file()):
-        s3_server.upload_file(str(f), S3_BUCKET, f"{job}/{f.relative_to(local).as_posix()}")
-    archive = f"s3://{S3_BUCKET}/{job}"
+def test_killed_driver_then_resume_gives_one_row_per_input(job, trained_checkpoint, phantom_dir, tmp_path):
+    """The driver (and the local Ray it started) killed mid-run, then ``--resume``: one row per
+    input, no duplicates. ``explain --cam-for top:10``: killed in its scoring pass, the resume
+    finishes it and explains exactly the 10 highest scores; ``score``: the score job alike."""
+    n = 64
+    archive = copies_archive(phantom_dir, tmp_path / "archive", n)
     out = tmp_path / job
-    args = [job.split("-")[0], archive, "--checkpoint", str(trained_checkpoint), "--out", str(out),
+    args = [job.split("-")[0], str(archive), "--checkpoint", str(trained_checkpoint), "--out", str(out),
             "--batch-size", "8"] + (["--preview-size", "96", "--cam-for", "top:10"] if job == "explain-top" else [])
-    proc = _cli(args, cluster.address)
+    proc = _cli(args)
     deadline = time.monotonic() + 240
     while len(_parts(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, f"the job ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver (the cluster is not its to stop)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
     done_before = len(pd.concat([pd.read_parquet(p) for p in _parts(out)]))
     assert 0 < done_before < n
 
-    again = _cli(args, cluster.address)  # without --resume: refused, nothing touched
+    again = _cli(args)  # without --resume: refused, nothing touched
     text, _ = again.communicate(timeout=120)
     assert again.returncode == 2 and f"already holds {args[0]} results: pass --resume" in text, text
 
-    resumed = _cli([*args, "--resume"], cluster.address)
+    resumed = _cli([*args, "--resume"])
     text, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, text[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -173,7 +160,9 @@ def test_killed_driver_then_resume_gives_one_row_per_input(job, ray_cluster, s3_
     assert summary["processed_this_run"] == n - summary["skipped_as_done"]
     scores = _read_scores(out)
     assert len(scores) == n and scores["image_id"].is_unique  # no duplicates, no gaps
-    assert set(scores["image_id"]) == {r["image_id"] for r in discover([archive]).records}
+    from mammo_ray.data.inputs import discover
+
+    assert set(scores["image_id"]) == {r["image_id"] for r in discover([str(archive)]).records}
     top = set(scores.sort_values(["probability", "image_id"], ascending=[False, True]).head(10)["image_id"])
     explained = set(scores.loc[scores["overlay_path"].notna(), "image_id"])
     assert explained == (top if job == "explain-top" else set())

@@ -58,7 +58,10 @@ def test_score_writes_rows_only_with_breast_and_exam_tables_from_real_dicom_head
     for f in sorted(manifest.parent.iterdir()):
         s3_server.upload_file(str(f), S3_BUCKET, f"cbis/{f.name}")
     out = f"s3://{S3_BUCKET}/score"
-    summary = run_score([f"s3://{S3_BUCKET}/cbis/manifest.csv"], str(trained_checkpoint), out, ScoreConfig(batch_size=4))
+    # one model actor: the default (a CPU each, less one) starts three on this Cluster's 4
+    # logical CPUs, which share 2 real cores here
+    summary = run_score([f"s3://{S3_BUCKET}/cbis/manifest.csv"], str(trained_checkpoint), out,
+                        ScoreConfig(batch_size=4, workers=1))
     assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (8, 8, 0)
     workers = {w.node_id for w in ray_cluster[1]}
     assert summary["nodes"] and set(summary["nodes"]) | set(summary["preprocess_nodes"]) <= workers
@@ -87,7 +90,7 @@ def test_score_writes_rows_only_with_breast_and_exam_tables_from_real_dicom_head
     # (counted, never merged by guessing from the names)
     (tmp_path / "h").mkdir()
     alone = run_score([str(_cbis(tmp_path / "h", manifest=False))], str(trained_checkpoint), str(tmp_path / "h-out"),
-                      ScoreConfig(batch_size=4))
+                      ScoreConfig(batch_size=4, workers=1))
     assert alone["exams"]["exams"] == 8 and alone["exams"]["breasts"] == 8 and alone["exams"]["in_exams"] == 8
     assert "look per-image" in alone["exams"]["warning"]
 
@@ -119,12 +122,13 @@ def test_cam_for_positive_explains_exactly_the_rows_at_or_above_the_threshold(ra
     from tests.conftest import S3_BUCKET
 
     score_out = f"s3://{S3_BUCKET}/score"
-    first = run_score([str(phantom_dir)], str(trained_checkpoint), score_out, ScoreConfig(batch_size=16))
+    first = run_score([str(phantom_dir)], str(trained_checkpoint), score_out, ScoreConfig(batch_size=16, workers=1))
     probs = read_parts(score_out, SCORES, ["image_id", "probability"]).set_index("image_id")["probability"]
     threshold = first["threshold"]
     out = tmp_path / "explain"
     summary = run_explain([str(phantom_dir)], str(trained_checkpoint), str(out),
-                          ExplainConfig(cam_for="positive", scores_from=score_out, batch_size=16, preview_size=64))
+                          ExplainConfig(cam_for="positive", scores_from=score_out, batch_size=16, preview_size=64,
+                                        workers=1))
     assert summary["threshold"] == threshold
     # the score run's per-stage profile: each stage's seconds summed over its rows
     assert set(first["stage_seconds"]) == {"decode_preprocess", "model", "write"}
