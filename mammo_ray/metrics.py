@@ -115,18 +115,16 @@ def _is_missing(key: Any) -> bool:
 
 
 def group_codes(keys: list, *, missing: str, name: str = "keys") -> tuple[np.ndarray, list]:
-    """A dense integer code per entry of ``keys`` (first-seen order) and the key of each code.
-    A missing key (None, NaN) gets a code of its own (``missing="own"``, key None) or -1
-    (``missing="drop"``). pandas' factorize would do the coding, but it gives NaN no code of its
-    own and accepts unhashable keys without the error naming the entry."""
+    """Dense integer codes of ``keys`` (first-seen order) and each code's key; a missing key
+    (None, NaN) gets its own code (``missing="own"``, key None) or -1 (``"drop"``). Not pandas'
+    factorize: it gives NaN no code of its own, and no error naming an unhashable entry."""
     codes = np.empty(len(keys), dtype=np.int64)
     seen: dict[Any, int] = {}
     group_keys: list = []
     for i, k in enumerate(keys):
         if _is_missing(k):
             codes[i] = -1 if missing == "drop" else len(group_keys)
-            if missing != "drop":
-                group_keys.append(None)
+            group_keys += [] if missing == "drop" else [None]
             continue
         try:
             c = seen.get(k)
