@@ -77,6 +77,28 @@ def setup_logging(command: str, *, level: str = "INFO", quiet: bool = False, log
     return path
 
 
+def route_native_stderr(log_file: str | os.PathLike) -> None:
+    """Point file descriptor 2 at ``log_file`` and keep Python's ``sys.stderr`` (the console
+    handler, progress lines, errors) on the terminal.
+
+    Ray's C++ core writes some warnings straight to fd 2, past Python's logging, for example
+    ``core_worker.cc``'s "constructor arguments in the object store" for every Ray Data actor
+    pool (ray-project/ray#53727): only a file-descriptor redirect keeps them off the console.
+    For the command line only (``main()`` without argv); a library caller keeps its stderr.
+    """
+    old = sys.stderr
+    old.flush()
+    terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                         errors="backslashreplace")
+    fd = os.open(os.fspath(log_file), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = terminal
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) and h.stream is old:
+            h.setStream(terminal)
+
+
 def set_console_level(level: int) -> None:
     """The console handler's level (the demo prints its own stage lines over WARNING records)."""
     global _console_level

@@ -66,7 +66,7 @@ def test_worker_removed_mid_explain_loses_nothing(ray_cluster, phantom_dir, trai
     import psutil
 
     cluster, workers = ray_cluster
-    archive = copies_archive(phantom_dir, tmp_path / "archive", 240)
+    archive = copies_archive(phantom_dir, tmp_path / "archive", 160)
     out = tmp_path / "out"
 
     busy_since: list[float] = []
@@ -87,9 +87,9 @@ def test_worker_removed_mid_explain_loses_nothing(ray_cluster, phantom_dir, trai
                           ExplainConfig(workers=1, batch_size=8, preview_size=64))
     thread.join(timeout=5)
     assert removed, "the job ended before the actor's node could be removed"
-    assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (240, 240, 0)
+    assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (160, 160, 0)
     assert summary["duplicate_rows_removed"] == 0  # not a resume: a duplicate row would have failed the job
     scores = pd.read_parquet(out / SCORES)
-    assert len(scores) == 240 and scores["image_id"].is_unique
+    assert len(scores) == 160 and scores["image_id"].is_unique
     survivor = ({w.node_id for w in workers} - set(removed)).pop()
     assert survivor in set(scores["node_id"])  # the restarted actor finished the job elsewhere

@@ -102,3 +102,25 @@ def test_ray_consoles_are_raised_and_copied_to_the_file(tmp_path):
 def test_setup_logging_refuses_an_unknown_level(tmp_path):
     with pytest.raises(ValueError, match="--log-level 'loud': use one of DEBUG, INFO, WARNING, ERROR"):
         setup_logging("t", level="loud", log_dir=tmp_path)
+
+
+def test_native_stderr_goes_to_the_log_file_and_python_stderr_stays_on_the_console(tmp_path):
+    """What Ray's C++ core writes to file descriptor 2 (past Python's logging) lands in the log
+    file; the console handler, progress lines and errors still reach the terminal."""
+    import subprocess
+    import sys
+
+    code = ("import logging, os, sys\n"
+            "from mammo_ray.console import route_native_stderr, setup_logging\n"
+            f"path = setup_logging('score', log_dir={str(tmp_path)!r})\n"
+            "route_native_stderr(path)\n"
+            "os.write(2, b'core_worker.cc:2465: native line\\n')\n"
+            "logging.getLogger('mammo_ray.x').info('a console record')\n"
+            "print('mammo-ray score: error: a python line', file=sys.stderr)\n"
+            "print(path)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    log = open(r.stdout.strip()).read()
+    assert "core_worker.cc:2465: native line" in log and "core_worker" not in r.stderr
+    assert "a console record" in r.stderr and "a console record" in log
+    assert r.stderr.strip().endswith("mammo-ray score: error: a python line")

@@ -9,7 +9,7 @@ import logging
 import sys
 
 from mammo_ray.cli.commands import COMMANDS
-from mammo_ray.console import LOG_LEVELS, setup_logging
+from mammo_ray.console import LOG_LEVELS, route_native_stderr, setup_logging
 
 __all__ = ["get_args_parser", "main"]
 
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = "DEBUG" if args.verbose else (args.log_level or "INFO")
     args.log_file = setup_logging(args.command, level=level, quiet=args.quiet, log_dir=args.log_dir or None)
+    if argv is None:  # the command line itself: Ray's native stderr lines go to the log file
+        route_native_stderr(args.log_file)
     try:
         code = COMMANDS[args.command][1](args)
         if not args.quiet:  # last, so an error stays the only line of a failed run
