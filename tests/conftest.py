@@ -100,6 +100,12 @@ def listening_beyond_loopback() -> list[str]:
 S3_BUCKET = "mammo-test-bucket"
 
 
+def s3_keys(client, prefix: str) -> list[str]:
+    """Every key under ``prefix`` in the test bucket (all pages), in listing order."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
 def free_port() -> int:
     """A free TCP port on loopback."""
     with socket.socket() as s:

@@ -10,7 +10,7 @@ from mammo_ray.config import PreprocessConfig
 from mammo_ray.data.parquet import read_spec, read_split
 from mammo_ray.data.pipeline import run_preprocess
 
-from tests.conftest import S3_BUCKET as BUCKET
+from tests.conftest import S3_BUCKET as BUCKET, s3_keys
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def test_preprocess_s3_in_s3_out(ray_local, s3_server, phantom_dir):
     cfg = PreprocessConfig.load(size=32, batch_size=4)
     summary = run_preprocess([f"s3://{BUCKET}/raw"], f"s3://{BUCKET}/out", cfg)
     assert summary["inputs"] == 17 and summary["rows"] == 16 and summary["errors"] == 1
-    keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket=BUCKET, Prefix="out/")["Contents"]}
+    keys = set(s3_keys(s3_server, "out/"))
     assert {"out/summary.json", "out/errors.csv", "out/preprocess.yaml"} <= keys
     errors = list(csv.DictReader(io.StringIO(
         s3_server.get_object(Bucket=BUCKET, Key="out/errors.csv")["Body"].read().decode())))

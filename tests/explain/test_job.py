@@ -22,7 +22,7 @@ from mammo_ray.config import ExplainConfig, ScoreConfig
 from mammo_ray.explain.job import run_explain
 from mammo_ray.explain.lesions import load_annotations
 from mammo_ray.explain.results import SCORE_COLUMNS, SCORES, OutputInUseError
-from tests.conftest import REPO, copies_archive, error_text
+from tests.conftest import REPO, copies_archive, error_text, s3_keys
 
 
 def _bad_inputs(root: Path) -> Path:
@@ -142,7 +142,7 @@ def test_killed_driver_then_resume_gives_one_row_per_input(job, ray_cluster, s3_
     proc = subprocess.Popen([sys.executable, "-m", "mammo_ray.cli", *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
-    while not _s3_keys(s3_server, f"{job}/{SCORES}/") and proc.poll() is None and time.monotonic() < deadline:
+    while not s3_keys(s3_server, f"{job}/{SCORES}/") and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, f"the job ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver; the cluster ends its job's tasks and actors
@@ -166,14 +166,7 @@ def test_killed_driver_then_resume_gives_one_row_per_input(job, ray_cluster, s3_
     top = set(scores.sort_values(["probability", "image_id"], ascending=[False, True]).head(10)["image_id"])
     explained = set(scores.loc[scores["overlay_path"].notna(), "image_id"])
     assert explained == (top if job == "explain-top" else set())
-    assert len([k for k in _s3_keys(s3_server, f"{job}/overlays/") if k.endswith(".png")]) == len(explained)
-
-
-def _s3_keys(client, prefix: str) -> list[str]:
-    from tests.conftest import S3_BUCKET
-
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix)
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+    assert len([k for k in s3_keys(s3_server, f"{job}/overlays/") if k.endswith(".png")]) == len(explained)
 
 
 def _cam_actor_pids() -> set[int]:
@@ -433,7 +426,7 @@ def test_explain_s3_in_s3_out(ray_local, s3_server, phantom_dir, trained_checkpo
     assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (17, 16, 1)
     assert summary["localization"]["n"] == 16
 
-    keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket=BUCKET, Prefix="explain/")["Contents"]}
+    keys = set(s3_keys(s3_server, "explain/"))
     assert {"explain/summary.json", "explain/errors.csv", "explain/explain.yaml", "explain/overview.png",
             "explain/localization.json"} <= keys
     pngs = [k for k in keys if k.endswith(".png")]

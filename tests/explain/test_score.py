@@ -39,10 +39,9 @@ def _cbis(tmp_path: Path, manifest: bool) -> Path:
 
 
 def _s3_objects(client, prefix: str) -> dict[str, bytes]:
-    from tests.conftest import S3_BUCKET
+    from tests.conftest import S3_BUCKET, s3_keys
 
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix).get("Contents", [])]
-    return {k: client.get_object(Bucket=S3_BUCKET, Key=k)["Body"].read() for k in keys}
+    return {k: client.get_object(Bucket=S3_BUCKET, Key=k)["Body"].read() for k in s3_keys(client, prefix)}
 
 
 @pytest.mark.slow

@@ -241,7 +241,7 @@ def test_sweep_storage_on_s3(s3_server, train_data_dir):
     """Tune's experiment state, checkpoints and every output on an S3-protocol server (moto)."""
     import ray
 
-    from tests.conftest import S3_BUCKET
+    from tests.conftest import S3_BUCKET, s3_keys
 
     if ray.is_initialized():
         ray.shutdown()  # restart so the job's workers get the S3 endpoint and credentials
@@ -250,7 +250,7 @@ def test_sweep_storage_on_s3(s3_server, train_data_dir):
         summary = run_sweep(str(train_data_dir), out, small_sweep(epochs=2, freeze_ratios=(0.5,),
                                                                    lr_bounds=((1e-3, 1e-2),)))
         assert summary["trials"] == 1 and summary["errors"] == 0
-        keys = {o["Key"] for o in s3_server.list_objects_v2(Bucket=S3_BUCKET, Prefix="sweeps/one/")["Contents"]}
+        keys = set(s3_keys(s3_server, "sweeps/one/"))
         for name in ("results.csv", "table.md", "auc_vs_freezing.png", "best/overall/checkpoint.pt",
                      "best/simplecnn-r0.5/checkpoint.pt"):
             assert f"sweeps/one/{name}" in keys, name
