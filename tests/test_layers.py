@@ -48,6 +48,22 @@ def test_help_imports_neither_torch_nor_ray(argv):
     assert "usage: " in r.stdout and r.stdout.strip().splitlines()[-1] == "LOADED False False False", r.stdout[-500:]
 
 
+def test_cpu_task_modules_import_no_torch():
+    """Ray imports a task function's module in every worker process that runs it: the archive
+    jobs' read/write tasks and the preprocess job's must not pull torch (4-6 CPU-s and ~600 MB
+    per CPU worker), scipy or scikit-learn in with them."""
+    from mammo_ray.explain import archive, job, score, tasks
+
+    used = {archive.prepare_batch, job.write_batch, job.write_score_batch, score.write_score_batch}
+    assert {f.__module__ for f in used} == {"mammo_ray.explain.tasks"}
+    assert all(getattr(tasks, f.__name__) is f for f in used)
+    code = ("import sys, mammo_ray.explain.tasks, mammo_ray.data.pipeline\n"
+            "print('LOADED', *(m in sys.modules for m in ('torch', 'torchvision', 'scipy', 'sklearn')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "LOADED False False False False", r.stdout[-500:]
+
+
 def test_help_wall_time_against_bare_python():
     """`mammo-ray --help` against `python -c pass` in the same run (the README's figure)."""
     def best(cmd: list[str]) -> float:

@@ -46,19 +46,17 @@ from mammo_ray.config import ExplainConfig, parse_cam_for
 from mammo_ray.data.accounting import Tally, check_nothing_lost, tally
 from mammo_ray.data.arrays import pixels_from_bytes
 from mammo_ray.data.parquet import write_table
-from mammo_ray.data.decode import describe_exception
 from mammo_ray.data.inputs import Listing, discover
 from mammo_ray.data.pipeline import write_errors
-from mammo_ray.explain.archive import (META_COLUMNS, STATUS_COLUMNS, Pool, ScoreActor, Stage, batch_then_images,
-                                       collect, done_ids, plan_pool, run_pipeline, stage_seconds, status_row,
-                                       threshold_of, worker_name, write_score_batch)
+from mammo_ray.explain.archive import (Pool, ScoreActor, Stage, batch_then_images, collect, done_ids, plan_pool,
+                                       run_pipeline, stage_seconds, threshold_of, worker_name)
 from mammo_ray.explain.cam import check_target_layer, resolve_target_layer, score_and_cam
 from mammo_ray.explain.exams import MetaWriter, fill_meta, finish_exams
 from mammo_ray.explain.lesions import load_annotations, localization_summary
-from mammo_ray.explain.maps import explain_record
 from mammo_ray.explain.render import contact_sheet
 from mammo_ray.explain.results import (CAM_ERROR_PARTS, CAMS, ERROR_PARTS, IDENTITY_FILE, SCORE_SCHEMA, SCORES,
-                                       check_output, identity, import_scores, part_paths, read_parts, write_parts)
+                                       check_output, identity, import_scores, part_paths, read_parts)
+from mammo_ray.explain.tasks import STATUS_COLUMNS, write_batch, write_score_batch
 from mammo_ray.models.checkpoint import load_checkpoint, read_checkpoint_bytes
 from mammo_ray.models.inference import load_for_inference, to_model_input
 from mammo_ray.outputs import check_inputs_vs_out
@@ -99,31 +97,6 @@ class CamActor:
         return batch.drop(columns=["pixels"]).assign(
             status=status, reason=reason, probability=probs, cam=cams, cam_height=cam_h, cam_width=cam_w,
             seconds_cam=np.where(status == "ok", per_image, 0.0), node_id=node_id(), cam_worker=self.worker)
-
-
-def write_batch(batch: pd.DataFrame, *, out: str, threshold: float, preview_size: int, heatmap_max_side: int,
-                annotations: dict[str, list[dict]], within_breast: bool = True, scores: str = SCORES,
-                errors_folder: str = ERROR_PARTS) -> pd.DataFrame:
-    """CPU task: each scored record's heatmap, overlay and scores row (``maps.explain_record``),
-    then the batch's Parquet parts; one status row per input."""
-    import cv2  # deferred: configured per worker process below
-
-    cv2.setNumThreads(1)
-    rows, errors, statuses = [], [], []
-    for rec in batch.to_dict("records"):
-        status = status_row(rec)
-        if rec["status"] == "ok":
-            try:
-                rows.append(explain_record(rec, out=out, threshold=threshold, heatmap_max_side=heatmap_max_side,
-                                           lesions=annotations.get(rec["image_id"]), within_breast=within_breast))
-            except Exception as exc:  # one bad image (e.g. an unreadable mask) must not stop the archive
-                logger.warning("writing outputs failed for %s", rec["source_path"], exc_info=True)
-                status.update(status="error", reason=f"writing outputs failed: {describe_exception(exc)}")
-        if status["status"] != "ok":
-            errors.append({"image_id": rec["image_id"], "path": rec["source_path"], "reason": status["reason"]})
-        statuses.append(status)
-    write_parts(out, list(batch["image_id"]), rows, errors, scores=scores, errors_folder=errors_folder)
-    return pd.DataFrame(statuses, columns=STATUS_COLUMNS + META_COLUMNS)
 
 
 # ----------------------------------------------------------------------------- driver side

@@ -20,9 +20,44 @@ from mammo_ray.config import LABELS
 from mammo_ray.data.decode import decode_bytes
 from mammo_ray.data.inputs import printable_path, read_csv_text
 from mammo_ray.data.transforms import map_to_original, scale_geometry
-from mammo_ray.explain.cam import localization
 
 logger = logging.getLogger(__name__)
+
+
+def top_energy_fraction(cam: np.ndarray, top: float = 0.05) -> float:
+    """Share of a CAM's total mass held by its ``top`` fraction of pixels (how focused it is:
+    about ``top`` for a flat map, near 1 for a single hot spot)."""
+    flat = cam.ravel()
+    total = float(flat.sum())
+    if total <= 0:
+        return 0.0
+    k = max(1, int(round(top * flat.size)))
+    top_mass = np.partition(flat, flat.size - k)[flat.size - k:].sum(dtype=np.float64)
+    return float(min(1.0, top_mass / flat.sum(dtype=np.float64)))  # float32 sums can exceed 1 by an ulp
+
+
+def localization(cam: np.ndarray, *, x: float | None = None, y: float | None = None, r: float | None = None,
+                 mask: np.ndarray | None = None) -> dict[str, float | bool]:
+    """How well a CAM (in the source geometry) points at a lesion given as a circle (centre
+    ``x``, ``y``, radius ``r`` in pixels) or a boolean ``mask`` of the CAM's shape.
+
+    Returns:
+        pointing_hit: the CAM's peak lies inside the lesion (pointing game, Zhang et al. 2018);
+        energy_inside: share of the CAM's total mass inside the lesion;
+        area_fraction: the lesion's share of the image, the chance level of both.
+    """
+    h, w = cam.shape
+    if mask is not None:
+        inside = np.asarray(mask, bool)
+        if inside.shape != cam.shape:
+            raise ValueError(f"lesion mask shape {inside.shape} differs from the CAM's {cam.shape}")
+    else:
+        yy, xx = np.ogrid[0:h, 0:w]
+        inside = (xx - x) ** 2 + (yy - y) ** 2 <= r ** 2
+    py, px = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    total = float(cam.sum())
+    return {"pointing_hit": bool(inside[py, px]), "energy_inside": float(cam[inside].sum() / total) if total > 0 else 0.0,
+            "area_fraction": float(inside.mean())}
 
 
 def lesion_mask(shape: tuple[int, int], f_heat: float, lesions: list[dict]) -> np.ndarray:

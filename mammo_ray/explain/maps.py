@@ -12,8 +12,7 @@ import numpy as np
 from mammo_ray import io as mio
 from mammo_ray.data.decode import describe_exception
 from mammo_ray.data.transforms import GEOMETRY_FIELDS, map_to_original, scale_geometry
-from mammo_ray.explain.cam import top_energy_fraction
-from mammo_ray.explain.lesions import breast_at, lesion_scores
+from mammo_ray.explain.lesions import breast_at, lesion_scores, top_energy_fraction
 from mammo_ray.explain.render import encode_png, overlay_image, scale_for, shard_path
 
 

@@ -30,10 +30,11 @@ from mammo_ray.data.accounting import check_nothing_lost, tally
 from mammo_ray.data.inputs import discover
 from mammo_ray.data.pipeline import write_errors
 from mammo_ray.explain.archive import (ScoreActor, Stage, collect, done_ids, plan_pool, run_pipeline, stage_seconds,
-                                       threshold_of, write_score_batch)
+                                       threshold_of)
 from mammo_ray.explain.exams import MetaWriter, fill_meta, finish_exams
 from mammo_ray.explain.results import (ERROR_PARTS, SCORE_IDENTITY_FILE, SCORE_IDENTITY_KEYS, SCORES,
                                        check_output, score_identity)
+from mammo_ray.explain.tasks import write_score_batch
 from mammo_ray.models.checkpoint import load_checkpoint, read_checkpoint_bytes
 from mammo_ray.outputs import check_inputs_vs_out
 

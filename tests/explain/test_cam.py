@@ -9,7 +9,8 @@ import torch
 from mammo_ray.config import PreprocessSpec, TrainConfig
 from mammo_ray.data.synth import render_phantom
 from mammo_ray.data.transforms import map_to_original, preprocess_image
-from mammo_ray.explain.cam import CAM_METHODS, cam_extractor, localization, score_and_cam
+from mammo_ray.explain.cam import CAM_METHODS, cam_extractor, score_and_cam
+from mammo_ray.explain.lesions import localization
 from mammo_ray.models.registry import build_model
 from mammo_ray.data.arrays import SplitArrays
 
@@ -118,7 +119,7 @@ def test_backward_stopped_at_target_layer_gives_the_same_maps(backbone, method):
 
 
 def test_top_energy_fraction():
-    from mammo_ray.explain.cam import top_energy_fraction
+    from mammo_ray.explain.lesions import top_energy_fraction
 
     flat = np.ones((20, 20), np.float32)
     assert top_energy_fraction(flat) == pytest.approx(0.05)

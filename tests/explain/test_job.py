@@ -444,7 +444,7 @@ def test_an_image_the_model_cannot_take_fails_alone(trained_checkpoint, phantom_
     becomes an error (here a row whose pixel buffer does not match its shape)."""
     from mammo_ray.config import PreprocessConfig
     from mammo_ray.data.inputs import discover
-    from mammo_ray.explain.archive import prepare_batch
+    from mammo_ray.explain.tasks import prepare_batch
     from mammo_ray.explain.job import CamActor
     from mammo_ray.models.checkpoint import load_checkpoint
 

@@ -264,7 +264,8 @@ def test_score_actor_tta_averages_each_image_with_its_mirror(trained_checkpoint,
     from mammo_ray.config import PreprocessConfig
     from mammo_ray.data.arrays import pixels_from_bytes
     from mammo_ray.data.inputs import discover
-    from mammo_ray.explain.archive import ScoreActor, prepare_batch
+    from mammo_ray.explain.archive import ScoreActor
+    from mammo_ray.explain.tasks import prepare_batch
     from mammo_ray.models.checkpoint import load_checkpoint
     from mammo_ray.models.inference import to_model_input
 
