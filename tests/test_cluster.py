@@ -33,17 +33,6 @@ def test_preprocess_shards_across_both_workers(ray_cluster, phantom_dir, tmp_pat
     assert listening_beyond_loopback() == []
 
 
-def test_explain_spreads_over_both_workers(ray_cluster, phantom_dir, trained_checkpoint, tmp_path):
-    _, workers = ray_cluster
-    summary = run_explain([str(phantom_dir)], str(trained_checkpoint), str(tmp_path / "out"),
-                          ExplainConfig(workers=2, batch_size=8, preview_size=64))
-    assert summary["balanced"] and summary["rows"] == 60
-    ids = {w.node_id for w in workers}
-    assert set(summary["cam_nodes"]) == ids, summary["cam_nodes"]
-    assert set(summary["preprocess_nodes"]) <= ids
-    assert listening_beyond_loopback() == []
-
-
 def test_worker_removed_mid_preprocess_loses_nothing(ray_cluster, phantom_dir, tmp_path):
     cluster, workers = ray_cluster
     archive = copies_archive(phantom_dir, tmp_path / "archive", 400)

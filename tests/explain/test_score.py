@@ -113,23 +113,35 @@ def test_pseudonyms_are_keyed_and_an_exam_without_id_is_its_patients():
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_cam_for_positive_explains_exactly_the_rows_at_or_above_the_threshold(ray_cluster, s3_server, trained_checkpoint,
-                                                                           phantom_dir, tmp_path):
+                                                                           phantom_dir, tmp_path, monkeypatch):
     """On the multi-node Cluster: a score run writing to S3 (moto), then explain --cam-for
     positive --scores-from it: no image is scored again, CAMs exist exactly for the rows at or
     above the threshold (the checkpoint's val threshold, which splits the phantoms of both
-    classes), and their scores are the score run's."""
+    classes), and their scores are the score run's. Both jobs' pools have an actor on each worker
+    node, and each takes part."""
+    import ray
+
     from mammo_ray.explain.results import read_parts
-    from tests.conftest import S3_BUCKET
+    from tests.conftest import S3_BUCKET, listening_beyond_loopback
+
+    _, workers = ray_cluster
+    ids = {w.node_id for w in workers}
+    # Ray Data starts a pool's actors asynchronously and feeds the first one ready: waiting for
+    # the whole pool makes "each actor takes part" a property of the dispatch, not of timing
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "wait_for_min_actors_s", 300)
 
     score_out = f"s3://{S3_BUCKET}/score"
-    first = run_score([str(phantom_dir)], str(trained_checkpoint), score_out, ScoreConfig(batch_size=16, workers=1))
+    first = run_score([str(phantom_dir)], str(trained_checkpoint), score_out, ScoreConfig(batch_size=8, workers=2))
     probs = read_parts(score_out, SCORES, ["image_id", "probability"]).set_index("image_id")["probability"]
     threshold = first["threshold"]
     out = tmp_path / "explain"
     summary = run_explain([str(phantom_dir)], str(trained_checkpoint), str(out),
-                          ExplainConfig(cam_for="positive", scores_from=score_out, batch_size=16, preview_size=64,
-                                        workers=1))
+                          ExplainConfig(cam_for="positive", scores_from=score_out, batch_size=4, preview_size=64,
+                                        workers=2))
     assert summary["threshold"] == threshold
+    assert set(first["nodes"]) == ids and set(first["preprocess_nodes"]) <= ids, first
+    assert set(summary["cam_nodes"]) == ids, summary["cam_nodes"]
+    assert listening_beyond_loopback() == []
     # the score run's per-stage profile: each stage's seconds summed over its rows
     assert set(first["stage_seconds"]) == {"decode_preprocess", "model", "write"}
     assert first["stage_seconds"]["decode_preprocess"] > 0 < first["stage_seconds"]["model"]
