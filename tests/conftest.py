@@ -62,8 +62,10 @@ _OWN_RAY = ("ray_cluster", "ray_gpus", "ray_head")
 
 
 def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
+    def rank(item) -> float:
         names = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("restarts_ray"):  # after the local ones: no restart of theirs after it
+            return 0.5
         return next((i + 1 for i, name in enumerate(_OWN_RAY) if name in names),
                     len(_OWN_RAY) if "test_gpu_scheduling" in item.nodeid else 0)
 

@@ -237,6 +237,7 @@ def test_shipped_sweep_files_are_valid(name):
     assert sweep.grid_size >= 4
 
 
+@pytest.mark.restarts_ray
 def test_sweep_storage_on_s3(s3_server, train_data_dir):
     """Tune's experiment state, checkpoints and every output on an S3-protocol server (moto)."""
     import ray
