@@ -28,6 +28,7 @@ RAY_LOGGERS = {"ray": logging.WARNING, "ray.data": logging.ERROR, "ray.tune": lo
                "ray.train": logging.WARNING, "ray.air": logging.ERROR}
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _console_level = logging.INFO  # what setup_logging set; Tune's own trial tables only at DEBUG
+_quiet = False  # setup_logging's quiet, for quiet_ray's later calls (after Ray's imports)
 
 
 def ray_verbose() -> bool:
@@ -61,8 +62,9 @@ def setup_logging(command: str, *, level: str = "INFO", quiet: bool = False, log
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(FORMAT))
     file_handler._mammo_ray = True  # type: ignore[attr-defined]  # ours: replaced on the next call
-    global _console_level
+    global _console_level, _quiet
     _console_level = logging.WARNING if quiet else getattr(logging, level.upper())
+    _quiet = quiet
     console = logging.StreamHandler(stream or sys.stderr)
     console.setLevel(_console_level)
     console.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
@@ -129,10 +131,26 @@ class LogWriter:
         return False
 
 
-def quiet_ray(file_handler: logging.Handler | None = None, *, quiet: bool = False) -> None:
-    """Ray's console handlers at warnings (errors with ``quiet``); its records also to our file.
-    Ray configures ``ray.data``'s handlers when ``ray.data`` is imported, so the archive jobs
-    call this again after that import."""
+class _RayFloor(logging.Filter):
+    """A Ray console handler's floor by the record's own logger. A record goes to the handlers
+    of every ancestor, so a handler's level alone let ``ray.tune``'s warnings ("Experiment state
+    snapshotting...", floor ERROR) through ``ray``'s console handler (floor WARNING)."""
+
+    def __init__(self, quiet: bool) -> None:
+        super().__init__()
+        self.quiet = quiet
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        owners = [n for n in RAY_LOGGERS if record.name == n or record.name.startswith(n + ".")]
+        floor = RAY_LOGGERS[max(owners, key=len)] if owners else logging.NOTSET
+        return record.levelno >= (logging.ERROR if self.quiet else floor)
+
+
+def quiet_ray(file_handler: logging.Handler | None = None, *, quiet: bool | None = None) -> None:
+    """Ray's console handlers at warnings (errors with ``quiet``; None: as setup_logging was
+    told); its records also to our file. Ray configures ``ray.data``'s handlers when ``ray.data``
+    is imported, so the archive jobs call this again after that import."""
+    quiet = _quiet if quiet is None else quiet
     if file_handler is None:
         file_handler = next((h for h in logging.getLogger().handlers
                              if getattr(h, "_mammo_ray", False) and isinstance(h, logging.FileHandler)), None)
@@ -143,6 +161,9 @@ def quiet_ray(file_handler: logging.Handler | None = None, *, quiet: bool = Fals
         for h in lg.handlers:
             if not isinstance(h, logging.FileHandler) and not getattr(h, "_mammo_ray", False):
                 h.setLevel(max(floor, logging.ERROR if quiet else floor))
+                for f in [f for f in h.filters if isinstance(f, _RayFloor)]:
+                    h.removeFilter(f)
+                h.addFilter(_RayFloor(quiet))
         if not lg.propagate and file_handler not in lg.handlers:
             lg.addHandler(file_handler)  # a logger that does not propagate reaches the root's file only this way
         lg.setLevel(logging.INFO)  # Ray's INFO (operator progress, trial events) reaches the file

@@ -99,6 +99,31 @@ def test_ray_consoles_are_raised_and_copied_to_the_file(tmp_path):
         ray_data.removeHandler(console)
 
 
+def test_tune_warnings_do_not_reach_the_console_through_rays_handler(tmp_path):
+    """A record propagates to every ancestor's handlers: Tune's "Experiment state snapshotting"
+    warning (a ``ray.tune`` logger, floor ERROR) must not print through ``ray``'s console
+    handler (floor WARNING), which still prints Ray's own warnings."""
+    ray_root = logging.getLogger("ray")
+    console = logging.StreamHandler(io.StringIO())
+    ray_root.addHandler(console)
+    try:
+        path = setup_logging("t", log_dir=tmp_path, stream=io.StringIO())
+        quiet_ray()
+        logging.getLogger("ray.tune.execution.experiment_state").warning("Experiment state snapshotting ...")
+        logging.getLogger("ray._private.worker").warning("a Ray warning")
+        logging.getLogger("ray.tune.tuner").error("a Tune error")
+        assert console.stream.getvalue() == "a Ray warning\na Tune error\n"
+        for h in logging.getLogger().handlers:
+            h.flush()
+        assert "Experiment state snapshotting" in path.read_text()
+        setup_logging("t", log_dir=tmp_path, stream=io.StringIO(), quiet=True)
+        quiet_ray()  # again, quiet: one filter on the handler, errors only
+        logging.getLogger("ray._private.worker").warning("a second Ray warning")
+        assert "second" not in console.stream.getvalue() and len(console.filters) == 1
+    finally:
+        ray_root.removeHandler(console)
+
+
 def test_setup_logging_refuses_an_unknown_level(tmp_path):
     with pytest.raises(ValueError, match="--log-level 'loud': use one of DEBUG, INFO, WARNING, ERROR"):
         setup_logging("t", level="loud", log_dir=tmp_path)
