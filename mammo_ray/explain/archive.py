@@ -4,8 +4,8 @@
          -> the model in an actor pool (loaded once per actor; GPU when there is one)
          -> write the rows (and, for explain, the maps) as one Parquet part per batch (CPU tasks)
 
-The two jobs differ only in their actor and their write stage: :class:`ScoreActor` +
-:func:`write_score_batch` score (one forward pass, optionally with its mirror image), the
+The two jobs differ only in their actor (``actors.py``) and their write stage (``tasks.py``):
+:class:`ScoreActor` + :func:`write_score_batch` score (one forward pass, optionally with its mirror image), the
 explain job's ``CamActor`` + ``write_batch`` add a CAM and its PNGs. Reading, the pool's
 sizing, retries, the status rows that come back to the driver and the final collection of
 committed parts are the same code here.
@@ -15,25 +15,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
 
 from mammo_ray.config import ArchiveConfig, PreprocessConfig
 from mammo_ray.console import Progress
 from mammo_ray.data.accounting import LOST_REASON
-from mammo_ray.data.arrays import pixels_from_bytes
-from mammo_ray.data.decode import describe_exception
 from mammo_ray.explain.results import ERROR_PARTS, SCORES, dedupe_parts, read_parts
 from mammo_ray.explain.tasks import META_COLUMNS, STATUS_COLUMNS, prepare_batch
-from mammo_ray.models.inference import autocast, load_for_inference, to_model_input
-from mammo_ray.ray_utils import init_ray, node_id, remote_args
+from mammo_ray.ray_utils import init_ray, remote_args
 from mammo_ray.resources import TASK_RETRIES, check_fits, largest_node_memory, preprocess_task_bytes
 
 logger = logging.getLogger(__name__)
@@ -42,63 +36,6 @@ SUMMARY_SCORE_COLUMNS = ["image_id", "source_path", "label", "orig_height", "pro
                          "pointing_hit", "energy_inside", "lesion_area_fraction", "cam_peak_in_breast",
                          "pointing_hit_in_breast", "lesion_area_fraction_in_breast", "warning",
                          "seconds_preprocess", "seconds_cam", "seconds_write"]
-def worker_name(device: torch.device) -> str:
-    """Where an actor runs: node, process, the GPUs Ray gave it (CUDA_VISIBLE_DEVICES holds the
-    same ids) and the device it chose; summary.json's cam_workers counts images per name."""
-    return f"{node_id()[:12]}/{os.getpid()}/gpus={os.environ.get('CUDA_VISIBLE_DEVICES', '')}/{device.type}"
-
-
-def batch_then_images(batch: pd.DataFrame, run: Callable[[np.ndarray], Any], what: str
-                      ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, Any]]]:
-    """Run the model on a batch's ok rows at once; if that fails, image by image, so one image
-    the model cannot take does not fail its batch-mates. Returns (status, reason, [(rows,
-    result)...]) with the failures marked ``error`` and ``<what> failed: <exception>``."""
-    status, reason = batch["status"].to_numpy().copy(), batch["reason"].to_numpy().copy()
-    ok = np.flatnonzero(status == "ok")
-    groups, done = ([ok] if len(ok) else []), []
-    for attempt, group in enumerate(groups):
-        try:
-            done.append((group, run(group)))
-        except Exception as exc:
-            if attempt == 0 and len(group) > 1:
-                logger.warning("%s failed on a batch; retrying its images one by one", what, exc_info=True)
-                groups.extend(np.array([i]) for i in group)
-            else:
-                status[group], reason[group] = "error", f"{what} failed: {describe_exception(exc)}"
-    return status, reason, done
-
-
-class ScoreActor:
-    """Ray Data callable class: loads the checkpoint once, then scores batches; ``tta`` averages
-    each image's probability with its horizontal mirror's."""
-
-    def __init__(self, checkpoint: str, amp: bool = True, tta: bool = False) -> None:
-        self.loaded = load_for_inference(checkpoint)
-        self.amp, self.tta = amp, tta
-        self.worker = worker_name(self.loaded.device)
-
-    def _run(self, batch: pd.DataFrame, idx: np.ndarray) -> np.ndarray:
-        m, rows = self.loaded, batch.iloc[idx]
-        px = pixels_from_bytes(list(rows["pixels"]), rows["height"], rows["width"], rows["dtype"])
-        x = to_model_input(px, m.spec, m.device)
-        with torch.inference_mode(), autocast(m.device, self.amp):
-            p = torch.sigmoid(m.model(x).squeeze(1).float())
-            if self.tta:
-                p = (p + torch.sigmoid(m.model(torch.flip(x, dims=[3])).squeeze(1).float())) / 2
-        return p.cpu().numpy()
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        t0 = time.perf_counter()
-        status, reason, done = batch_then_images(batch, lambda idx: self._run(batch, idx), "scoring")
-        probs = np.full(len(batch), np.nan, np.float32)
-        for group, p in done:
-            probs[group] = p
-        per_image = (time.perf_counter() - t0) / max(int((status == "ok").sum()), 1)
-        return batch.drop(columns=["pixels", "preview", "breast_mask"]).assign(
-            status=status, reason=reason, probability=probs, seconds_cam=np.where(status == "ok", per_image, 0.0),
-            node_id=node_id(), cam_worker=self.worker)
-
-
 # ----------------------------------------------------------------------------- driver side
 def check_pool(workers: int, gpw: float, cpus: int, gpus: float, *, autoscaling: bool) -> None:
     """The actor pool fits the cluster: on a local Ray a pool that cannot be placed (or that

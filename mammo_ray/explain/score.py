@@ -1,7 +1,7 @@
 """The score batch job: a probability for every image of an archive, and breast- and exam-level
 results, without CAMs (``mammo-ray score``).
 
-The archive engine (``archive.py``) with :class:`~mammo_ray.explain.archive.ScoreActor`: the
+The archive engine (``archive.py``) with :class:`~mammo_ray.explain.actors.ScoreActor`: the
 same inputs (folders, DICOM trees, manifests, ``s3://``), decode with the checkpoint's spec,
 actor pool, resume and accounting as explain. Output folder::
 
@@ -29,7 +29,8 @@ from mammo_ray.config import ScoreConfig
 from mammo_ray.data.accounting import check_nothing_lost, tally
 from mammo_ray.data.inputs import discover
 from mammo_ray.data.pipeline import write_errors
-from mammo_ray.explain.archive import (ScoreActor, Stage, collect, done_ids, plan_pool, run_pipeline, stage_seconds,
+from mammo_ray.explain.actors import ScoreActor
+from mammo_ray.explain.archive import (Stage, collect, done_ids, plan_pool, run_pipeline, stage_seconds,
                                        threshold_of)
 from mammo_ray.explain.exams import MetaWriter, fill_meta, finish_exams
 from mammo_ray.explain.results import (ERROR_PARTS, SCORE_IDENTITY_FILE, SCORE_IDENTITY_KEYS, SCORES,
@@ -93,6 +94,7 @@ def run_score(inputs: list[str], checkpoint: str, out: str, opts: ScoreConfig | 
         "nodes": dict(Counter(status["node_id"])) if processed else {},
         "preprocess_nodes": dict(Counter(status["prep_node_id"])) if processed else {},
         "stage_seconds": stage_seconds(rows), "seconds": round(time.perf_counter() - t0, 3),
+        "pass_seconds": {"score_pass": round(job_seconds, 3)},
         "images_per_second": round(processed / job_seconds, 2) if processed and job_seconds > 0 else None,
     }
     mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())

@@ -449,7 +449,7 @@ def test_an_image_the_model_cannot_take_fails_alone(trained_checkpoint, phantom_
     from mammo_ray.config import PreprocessConfig
     from mammo_ray.data.inputs import discover
     from mammo_ray.explain.tasks import prepare_batch
-    from mammo_ray.explain.job import CamActor
+    from mammo_ray.explain.actors import CamActor
     from mammo_ray.models.checkpoint import load_checkpoint
 
     state = load_checkpoint(str(trained_checkpoint))

@@ -145,6 +145,10 @@ def test_cam_for_positive_explains_exactly_the_rows_at_or_above_the_threshold(ra
     # the score run's per-stage profile: each stage's seconds summed over its rows
     assert set(first["stage_seconds"]) == {"decode_preprocess", "model", "write"}
     assert first["stage_seconds"]["decode_preprocess"] > 0 < first["stage_seconds"]["model"]
+    # and each pipeline pass's wall time, inside the job's (explain's score pass had nothing to do)
+    assert 0 < first["pass_seconds"]["score_pass"] < first["seconds"] and len(first["pass_seconds"]) == 1
+    assert 0 < summary["pass_seconds"]["cam_pass"] < summary["seconds"], summary["pass_seconds"]
+    assert set(summary["pass_seconds"]) == {"score_pass", "cam_pass"}
     scores = pd.read_parquet(out / SCORES).set_index("image_id")
     positive = set(probs[probs >= threshold].index)
     assert 0 < len(positive) < len(probs) == first["rows"] == summary["rows"]
@@ -276,7 +280,7 @@ def test_score_actor_tta_averages_each_image_with_its_mirror(trained_checkpoint,
     from mammo_ray.config import PreprocessConfig
     from mammo_ray.data.arrays import pixels_from_bytes
     from mammo_ray.data.inputs import discover
-    from mammo_ray.explain.archive import ScoreActor
+    from mammo_ray.explain.actors import ScoreActor
     from mammo_ray.explain.tasks import prepare_batch
     from mammo_ray.models.checkpoint import load_checkpoint
     from mammo_ray.models.inference import to_model_input
