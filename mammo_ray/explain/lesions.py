@@ -28,12 +28,29 @@ def top_energy_fraction(cam: np.ndarray, top: float = 0.05) -> float:
     """Share of a CAM's total mass held by its ``top`` fraction of pixels (how focused it is:
     about ``top`` for a flat map, near 1 for a single hot spot)."""
     flat = cam.ravel()
+    k = max(1, int(round(top * flat.size)))
+    if flat.dtype == np.uint16:
+        return _top_energy_fraction_u16(flat, k)
     total = float(flat.sum())
     if total <= 0:
         return 0.0
-    k = max(1, int(round(top * flat.size)))
     top_mass = np.partition(flat, flat.size - k)[flat.size - k:].sum(dtype=np.float64)
     return float(min(1.0, top_mass / flat.sum(dtype=np.float64)))  # float32 sums can exceed 1 by an ulp
+
+
+def _top_energy_fraction_u16(flat: np.ndarray, k: int) -> float:
+    """top_energy_fraction of a 16-bit map (the heatmap as written) by counting, not sorting:
+    np.partition of a full-field map (3328x2560) took 0.17 s per image, half the explain write
+    stage's time; a histogram of its 65,536 levels gives the same sum in a tenth of that."""
+    counts = np.bincount(flat, minlength=65536)[::-1].astype(np.int64)  # from the top level down
+    levels = np.arange(65535, -1, -1, dtype=np.int64)
+    total = int((counts * levels).sum())
+    if total <= 0:
+        return 0.0
+    taken = np.cumsum(counts)
+    i = int(np.searchsorted(taken, k))  # the level holding the k-th largest pixel
+    top_mass = int((counts[:i] * levels[:i]).sum()) + (k - (int(taken[i - 1]) if i else 0)) * int(levels[i])
+    return float(min(1.0, top_mass / total))
 
 
 def localization(cam: np.ndarray, *, x: float | None = None, y: float | None = None, r: float | None = None,

@@ -58,14 +58,15 @@ def explain_record(rec: dict, *, out: str, threshold: float, heatmap_max_side: i
             pheat = np.where(on_preview, pheat, 0.0)
     py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
     hp, op = shard_path("heatmaps", rec["image_id"]), shard_path("overlays", rec["image_id"])
-    mio.write_bytes(mio.join(out, hp), encode_png(np.round(heat * 65535).astype(np.uint16)))
+    heat16 = np.round(heat * 65535).astype(np.uint16)  # as written; its top-5% energy is the file's
+    mio.write_bytes(mio.join(out, hp), encode_png(heat16))
     mio.write_bytes(mio.join(out, op), encode_png(overlay_image(preview, pheat, (px * f_prev / f_heat, py * f_prev / f_heat))))
     prob = float(rec["probability"])
     return {
         "image_id": rec["image_id"], "source_path": rec["source_path"], "label": int(rec["label"]),
         "probability": prob, "predicted": int(prob >= threshold), "threshold": float(threshold),
         "cam_peak_x": float(px / f_heat), "cam_peak_y": float(py / f_heat),
-        "cam_peak_value": float(heat[py, px]), "cam_top5_energy": top_energy_fraction(heat, 0.05),
+        "cam_peak_value": float(heat[py, px]), "cam_top5_energy": top_energy_fraction(heat16, 0.05),
         "orig_height": int(rec["orig_height"]), "orig_width": int(rec["orig_width"]), "heatmap_path": hp,
         "overlay_path": op, "cam_peak_in_breast": raw_peak_in_breast, **lesion,
         "warning": "; ".join(x for x in (rec["warning"], lesion_warning) if x), "node_id": rec["node_id"],

@@ -129,6 +129,26 @@ def test_top_energy_fraction():
     assert top_energy_fraction(np.zeros((5, 5), np.float32)) == 0.0
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_energy_fraction_of_a_16_bit_map_counts_what_sorting_gives(seed):
+    """The written heatmap's (uint16) figure, by histogram, equals the sort-based one on the same
+    values, ties at the k-th level included; flat, single-spot and empty maps as above."""
+    from mammo_ray.explain.lesions import top_energy_fraction
+
+    rng = np.random.default_rng(seed)
+    smooth = np.clip(rng.normal(0.3, 0.2, (37, 53)), 0, 1)
+    tied = rng.integers(0, 4, (40, 40)) * 20000  # four levels: the k-th pixel sits inside a tie
+    for values in (np.round(smooth * 65535), tied):
+        u16 = values.astype(np.uint16)
+        assert top_energy_fraction(u16) == pytest.approx(top_energy_fraction(u16.astype(np.float64)), abs=1e-12)
+        assert top_energy_fraction(u16, 0.2) == pytest.approx(top_energy_fraction(u16.astype(np.float64), 0.2),
+                                                              abs=1e-12)
+    assert top_energy_fraction(np.full((20, 20), 65535, np.uint16)) == pytest.approx(0.05)
+    spot = np.zeros((20, 20), np.uint16)
+    spot[3, 4] = 40000
+    assert top_energy_fraction(spot) == 1.0 and top_energy_fraction(np.zeros((5, 5), np.uint16)) == 0.0
+
+
 @pytest.mark.parametrize("backbone,layer", [("simplecnn", "features.3.1"), ("resnet18", "layer4.1.bn2")])
 def test_a_target_layer_followed_by_an_in_place_op(backbone, layer):
     """simplecnn's BN is followed by ReLU(inplace=True), resnet's last bn2 by `out += identity`:
