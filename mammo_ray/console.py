@@ -156,11 +156,11 @@ def quiet_ray(file_handler: logging.Handler | None = None, *, quiet: bool | None
                              if getattr(h, "_mammo_ray", False) and isinstance(h, logging.FileHandler)), None)
     if file_handler is None:  # a library caller, not the CLI: Ray's logging is left as Ray set it
         return
-    for name, floor in RAY_LOGGERS.items():
+    for name in RAY_LOGGERS:
         lg = logging.getLogger(name)
         for h in lg.handlers:
             if not isinstance(h, logging.FileHandler) and not getattr(h, "_mammo_ray", False):
-                h.setLevel(max(floor, logging.ERROR if quiet else floor))
+                # the floor of each record's own logger, not a handler level: see _RayFloor
                 for f in [f for f in h.filters if isinstance(f, _RayFloor)]:
                     h.removeFilter(f)
                 h.addFilter(_RayFloor(quiet))

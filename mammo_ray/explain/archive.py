@@ -5,10 +5,10 @@
          -> write the rows (and, for explain, the maps) as one Parquet part per batch (CPU tasks)
 
 The two jobs differ only in their actor (``actors.py``) and their write stage (``tasks.py``):
-:class:`ScoreActor` + :func:`write_score_batch` score (one forward pass, optionally with its mirror image), the
-explain job's ``CamActor`` + ``write_batch`` add a CAM and its PNGs. Reading, the pool's
-sizing, retries, the status rows that come back to the driver and the final collection of
-committed parts are the same code here.
+:class:`ScoreActor` + :func:`write_score_batch` score (one forward pass, optionally with its
+mirror image), the explain job's ``CamActor`` + ``write_batch`` add a CAM and its PNGs.
+Reading, the pool's sizing, retries, the status rows that come back to the driver and the final
+collection of committed parts are the same code here.
 """
 from __future__ import annotations
 

@@ -197,6 +197,7 @@ def _summary(run: _Run, rows: pd.DataFrame, errors: list[dict], scored: pd.DataF
     cammed = cammed if cammed is not None else pd.DataFrame(columns=STATUS_COLUMNS)
     t = tally(listing.inputs, [r["image_id"] for r in listing.records], rows["image_id"],
               [e["image_id"] for e in errors], listing_errors=len(listing.errors))
+    busy = sum(passes.values())
     summary = {
         "inputs": t.inputs, "rows": t.rows, "errors": t.errors,
         "skipped_while_listing": dict(sorted(listing.skipped.items())), "balanced": t.balanced,
@@ -217,8 +218,7 @@ def _summary(run: _Run, rows: pd.DataFrame, errors: list[dict], scored: pd.DataF
         "seconds": round(seconds, 3),
         # the pipeline passes' wall time; the rest of "seconds" is planning and the tables after
         "pass_seconds": passes,
-        "images_per_second": (round(len(scored) / sum(passes.values()), 2)
-                              if len(scored) and sum(passes.values()) > 0 else None),
+        "images_per_second": round(len(scored) / busy, 2) if len(scored) and busy > 0 else None,
     }
     if opts.annotations:
         summary["annotations"] = run.ann_counts  # matched images, lesions, unmatched and ambiguous rows
