@@ -43,12 +43,13 @@ def chosen_by_val(report: dict[str, Any]) -> str | None:
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
     """One row per checkpoint x set, sorted by backbone then freezing ratio; the checkpoint
-    chosen by val AUC is starred."""
+    chosen by val AUC is starred. The first column is the checkpoint's tag (its scores folder):
+    two sweeps' groups of one backbone and ratio (pretrained and random init) are two rows."""
     chosen = chosen_by_val(report)
     rows = []
     for ck in sorted(report["checkpoints"], key=lambda c: (c["backbone"], float(c["freeze_ratio"]), c["tag"])):
         for name, res in ck["sets"].items():
-            rows.append([ck["backbone"] + (" *" if ck["tag"] == chosen else ""), f"{ck['freeze_ratio']:g}",
+            rows.append([ck["tag"], ck["backbone"] + (" *" if ck["tag"] == chosen else ""), f"{ck['freeze_ratio']:g}",
                          _plain(_val_auc(ck)), name, str(res.get("n", "")),
                          *[_fmt(res, k) for k, _ in TABLE_METRICS]])
     return rows
@@ -72,7 +73,7 @@ def write_report(report: dict[str, Any], out: str) -> None:
     figs = figures(report)
     for name, data in figs.items():
         mio.write_bytes(mio.join(out, "figures", name), data)
-    header = ["backbone", "freezing", "val AUC", "set", "n", *[label for _, label in TABLE_METRICS]]
+    header = ["checkpoint", "backbone", "freezing", "val AUC", "set", "n", *[label for _, label in TABLE_METRICS]]
     rows = table_rows(report)
     md = ["# Evaluation report", "",
           "Values are point estimates with 95% bootstrap confidence intervals "

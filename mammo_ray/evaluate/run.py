@@ -140,9 +140,10 @@ def _set_result(labels: np.ndarray, scores: np.ndarray, groups: list, meta: list
 
 
 def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str, cfg: EvaluateConfig,
-                        prepared: dict[tuple[str, str], str] | None = None) -> dict[str, Any]:
+                        prepared: dict[tuple[str, str], str] | None = None, taken: dict[str, str] | None = None) -> dict[str, Any]:
     """Scores, threshold (on val) and metrics of one checkpoint on test and every external set.
-    ``prepared``: external sets already preprocessed by this run, by (path, spec digest)."""
+    ``prepared``: external sets already preprocessed by this run, by (path, spec digest);
+    ``taken``: the run's earlier checkpoints by tag (the new one is added), kept distinct."""
     loaded = load_for_inference(ckpt)
     state, spec, model, device = loaded.state, loaded.spec, loaded.model, loaded.device
     notes = []
@@ -162,7 +163,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
         folder, how = prepare_external(path, spec, out, name, prepared)
         split = "external" if split_files(folder, "external") else next(s for s in SPLIT_DIRS if split_files(folder, s))
         sources.append((name, folder, split, how))
-    tag = _checkpoint_tag(state, ckpt)
+    tag = _checkpoint_tag(state, ckpt, taken if taken is not None else {})
     for name, folder, split, how in sources:
         if folder != data:
             mismatch = _check_spec(folder, spec, ckpt, cfg.allow_spec_mismatch)
@@ -194,9 +195,28 @@ def external_set_name(path: str) -> str:
     return "external-" + base
 
 
-def _checkpoint_tag(state: dict[str, Any], path: str) -> str:
-    parent = os.path.basename(os.path.dirname(os.path.normpath(path)))
-    return parent if parent and parent not in (".", "") else f"{state['backbone']}-r{state['freeze_ratio']:g}"
+def _checkpoint_tag(state: dict[str, Any], path: str, taken: dict[str, str]) -> str:
+    """The checkpoint's folder name (``efficientnet_lite0-r0.5``), or its backbone and ratio, kept
+    distinct from ``taken`` (tag -> path; the new one is added): the tag names the checkpoint's
+    scores folder and figures, and two sweeps' ``best/<group>/checkpoint.pt`` share the folder
+    name (the second one's scores used to overwrite the first's). A repeated tag is prefixed with
+    the nearest folder where the two paths differ (``sweep-random_efficientnet_lite0-r0.5``), or
+    suffixed with the file's name (``runs_b`` for ``runs/b.pt`` after ``runs/a.pt``), else a number."""
+    norm = os.path.abspath(path)
+    parts = norm.split(os.sep)
+    base = parts[-2] if os.path.dirname(os.path.normpath(path)) else f"{state['backbone']}-r{state['freeze_ratio']:g}"
+    tag = base
+    if tag in taken:
+        other = taken[tag].split(os.sep)
+        if parts[-1] != other[-1]:
+            tag = f"{base}_{os.path.splitext(parts[-1])[0]}"
+        else:
+            tag = next((f"{a}_{base}" for a, b in zip(parts[-3::-1], other[-3::-1]) if a != b), base)
+    n = 2
+    while tag in taken:
+        tag, n = f"{base}-{n}", n + 1
+    taken[tag] = norm
+    return tag
 
 
 def _write_scores(path: str, arrays, scores: np.ndarray, threshold: float) -> None:
@@ -222,7 +242,8 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
                        files=[e for e in externals if not mio.is_dir(e)])
     mio.makedirs(out)
     prepared: dict[tuple[str, str], str] = {}  # each external set preprocessed once per spec
-    results = [evaluate_checkpoint(c, data=data, externals=externals, out=out, cfg=cfg, prepared=prepared)
+    taken: dict[str, str] = {}
+    results = [evaluate_checkpoint(c, data=data, externals=externals, out=out, cfg=cfg, prepared=prepared, taken=taken)
                for c in checkpoints]
     report = {"data": data, "externals": externals, "checkpoints": results}
     mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(report, indent=2, default=_json_default).encode())

@@ -451,8 +451,8 @@ def test_report_table_sorts_by_backbone_and_ratio_and_stars_the_val_choice():
 
     report = {"checkpoints": [ck("b", "vgg19", 0.0, 0.61), ck("c", "resnet50", 0.5, 0.70), ck("a", "resnet50", 0.0, 0.65)]}
     rows = table_rows(report)
-    assert [(r[0], r[1], r[2]) for r in rows] == [("resnet50", "0", "0.650"), ("resnet50 *", "0.5", "0.700"),
-                                                   ("vgg19", "0", "0.610")]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("a", "resnet50", "0", "0.650"), ("c", "resnet50 *", "0.5", "0.700"),
+                                                         ("b", "vgg19", "0", "0.610")]
 
 
 def test_delong_interval_matches_its_definition_and_the_bootstrap():

@@ -206,3 +206,38 @@ def test_breast_and_exam_level_aggregation():
     assert exam["roc_auc"] == 1.0
     breast = res["aggregated"]["breast_mean"]
     assert breast["roc_auc"] == 1.0  # p2-R mean 0.55 above every benign breast mean
+
+
+def test_two_sweeps_groups_of_the_same_name_keep_their_own_scores(ray_local, sweep_dir, train_data_dir, tmp_path):
+    """Two sweeps (pretrained and random init, as benchmarks/realdata.py runs them) each have
+    best/<backbone>-r<ratio>/checkpoint.pt: the second checkpoint's scores and figures must not
+    overwrite the first's."""
+    src = sweep_checkpoints(str(sweep_dir))[0]
+    group = Path(src).parent.name
+    ckpts = []
+    for sweep in ("sweep-imagenet", "sweep-random"):
+        dst = tmp_path / sweep / "best" / group / "checkpoint.pt"
+        dst.parent.mkdir(parents=True)
+        shutil.copy(src, dst)
+        ckpts.append(str(dst))
+    out = tmp_path / "eval"
+    report = run_evaluate(ckpts, data=str(train_data_dir), externals=[], out=str(out), n_boot=0)
+    tags = [ck["tag"] for ck in report["checkpoints"]]
+    assert tags == [group, f"sweep-random_{group}"]
+    for ck in report["checkpoints"]:
+        rows = list(csv.DictReader(open(out / "scores" / ck["tag"] / "test.csv")))
+        assert len(rows) == ck["sets"]["test"]["n"]
+    assert len(list((out / "figures").glob("*.png"))) == 2 * (3 + 1)
+
+
+def test_checkpoint_tags_stay_distinct(tmp_path, monkeypatch):
+    from mammo_ray.evaluate.run import _checkpoint_tag
+
+    monkeypatch.chdir(tmp_path)
+    state = {"backbone": "resnet18", "freeze_ratio": 0.5}
+    taken: dict[str, str] = {}
+    tags = [_checkpoint_tag(state, p, taken) for p in
+            ("x/sweep-a/best/g/checkpoint.pt", "x/sweep-b/best/g/checkpoint.pt", "runs/a.pt", "runs/b.pt",
+             "x/sweep-a/best/g/checkpoint.pt", "one.pt", "two.pt", "y/sweep-b/best/g/checkpoint.pt")]
+    assert tags == ["g", "sweep-b_g", "runs", "runs_b", "g-2", "resnet18-r0.5", "resnet18-r0.5_two", "g-3"]
+    assert sorted(taken) == sorted(tags) and taken["runs_b"] == str(tmp_path / "runs" / "b.pt")
