@@ -45,6 +45,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--std", type=float, default=0.5,
                    help="normalisation std (0.5: efficientnet_lite0's ImageNet weights expect inputs in [-1, 1])")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds: the ratio sweep and its random-init baseline run at the first; both "
+                        "repeat at the chosen ratio for each other seed (one run's test AUC moves by a few "
+                        "hundredths with the seed alone)")
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--smoke-test", action="store_true")
     return p
@@ -94,7 +98,7 @@ def main(args) -> dict:
     work = os.path.join(out, "work")
     base_lr, max_lr = (float(x) for x in args.lr.split(":"))
     if args.smoke_test:
-        args.size, args.epochs, args.freeze_ratios, args.batch_size = 64, 1, [1.0], 16
+        args.size, args.epochs, args.freeze_ratios, args.batch_size, args.seeds = 64, 1, [1.0], 16, [0, 1]
         data_manifest, film_labels, film_dir = smoke_inputs(work)
         annotations, explain_input = film_labels, film_dir
     else:
@@ -116,26 +120,34 @@ def main(args) -> dict:
                           overwrite=True)
     times["preprocess"] = time.perf_counter() - t0
 
-    def sweep(name: str, ratios: list[float], pretrained: str | None) -> dict:
+    def sweep(name: str, ratios: list[float], pretrained: str | None, seed: int) -> dict:
         t = time.perf_counter()
         train = {"optimizer": "adamw", "step_size_epochs": 1.0, "patience": 0}
         if pretrained:
             train["pretrained"] = pretrained
         cfg = SweepConfig(backbones=(args.backbone,), freeze_ratios=tuple(ratios), lr_bounds=((base_lr, max_lr),),
-                          epochs=args.epochs, batch_size=args.batch_size, cpus_per_trial=args.cpus, train=train)
+                          epochs=args.epochs, batch_size=args.batch_size, cpus_per_trial=args.cpus, train=train,
+                          seed=seed)
         result = run_sweep(data, os.path.join(out, name), cfg)
         times[name] = time.perf_counter() - t
         return result
 
-    pretrained = sweep("sweep-imagenet", args.freeze_ratios, "imagenet")
-    best_ratio = float(pretrained["best"]["freeze_ratio"])
-    sweep("sweep-random", [best_ratio], None)
-
-    t = time.perf_counter()
     from mammo_ray.evaluate.run import sweep_checkpoints
 
-    checkpoints = sweep_checkpoints(os.path.join(out, "sweep-imagenet")) + sweep_checkpoints(os.path.join(out, "sweep-random"))
-    report = run_evaluate(checkpoints, data=data, externals=[film_data], out=os.path.join(out, "evaluate"), n_boot=1000)
+    first = args.seeds[0]
+    pretrained = sweep("sweep-imagenet", args.freeze_ratios, "imagenet", first)
+    best_ratio = float(pretrained["best"]["freeze_ratio"])
+    sweep("sweep-random", [best_ratio], None, first)
+    runs = [(ck, "imagenet", first) for ck in sweep_checkpoints(os.path.join(out, "sweep-imagenet"))]
+    runs += [(ck, "random", first) for ck in sweep_checkpoints(os.path.join(out, "sweep-random"))]
+    for seed in args.seeds[1:]:
+        for init, name in (("imagenet", f"sweep-imagenet-s{seed}"), ("random", f"sweep-random-s{seed}")):
+            sweep(name, [best_ratio], "imagenet" if init == "imagenet" else None, seed)
+            runs += [(ck, init, seed) for ck in sweep_checkpoints(os.path.join(out, name))]
+
+    t = time.perf_counter()
+    report = run_evaluate([ck for ck, _, _ in runs], data=data, externals=[film_data],
+                          out=os.path.join(out, "evaluate"), n_boot=1000)
     times["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -145,20 +157,23 @@ def main(args) -> dict:
     times["explain"] = time.perf_counter() - t
 
     rows = []
-    for ck, origin in zip(report["checkpoints"], ["imagenet"] * (len(checkpoints) - 1) + ["random"]):
+    for ck, (_, origin, seed) in zip(report["checkpoints"], runs):
         sets = ck["sets"]
         test = (sets.get("test") or {}).get("metrics") or {}
         ext = next((v.get("metrics") or {} for k, v in sets.items() if k != "test"), {})
         ci = (((sets.get("test") or {}).get("ci") or {}).get("roc_auc")) or {}
-        rows.append({"checkpoint": ck["tag"], "init": origin, "freeze_ratio": ck.get("freeze_ratio"),
+        rows.append({"checkpoint": ck["tag"], "init": origin, "seed": seed, "freeze_ratio": ck.get("freeze_ratio"),
                      "val_auc": (ck.get("train_metrics") or {}).get("val_auc"), "test_auc": test.get("roc_auc"),
                      "test_auc_ci": [ci.get("low"), ci.get("high")], "film_auc": ext.get("roc_auc")})
+    paired = paired_gaps(rows, best_ratio, data, os.path.join(out, "evaluate"))
     result = {
         "benchmark": "realdata", "smoke_test": args.smoke_test, "backbone": args.backbone, "size": args.size,
         "epochs": args.epochs, "lr": [base_lr, max_lr], "std": args.std, "ratios": [0.7, 0.15, 0.15],
         "images": {"rows": pre["rows"], "errors": pre["errors"], "splits": pre["splits"], "film_rows": film["rows"]},
         "best_freeze_ratio": best_ratio, "rows": rows,
-        "pretrained_minus_random_test_auc": _gap(rows, best_ratio),
+        "seeds": args.seeds, "pretrained_minus_random_test_auc": _gap(rows, best_ratio, first),
+        "pretrained_minus_random_paired": paired,
+        "mean_over_seeds": _seed_means(rows, best_ratio),
         "localization": expl.get("localization"), "seconds": {k: round(v, 1) for k, v in times.items()},
         "total_seconds": round(time.perf_counter() - t0, 1), "out": out,
     }
@@ -168,12 +183,54 @@ def main(args) -> dict:
     return result
 
 
-def _gap(rows: list[dict], ratio: float) -> float | None:
-    pre = [r["test_auc"] for r in rows if r["init"] == "imagenet" and r["freeze_ratio"] == ratio]
-    rnd = [r["test_auc"] for r in rows if r["init"] == "random"]
+def _gap(rows: list[dict], ratio: float, seed: int) -> float | None:
+    pre = [r["test_auc"] for r in rows if r["init"] == "imagenet" and r["freeze_ratio"] == ratio and r["seed"] == seed]
+    rnd = [r["test_auc"] for r in rows if r["init"] == "random" and r["seed"] == seed]
     if not pre or not rnd or pre[0] is None or rnd[0] is None:
         return None
     return round(pre[0] - rnd[0], 4)
+
+
+def paired_gaps(rows: list[dict], ratio: float, data: str, evaluate_dir: str) -> list[dict]:
+    """Per seed: pretrained minus random init test AUC at ``ratio``, paired on the same test images
+    (patient bootstrap interval and DeLong p, ``mammo_ray.evaluate.compare``), from the scores
+    evaluate wrote."""
+    import numpy as np
+
+    from mammo_ray.data.parquet import read_split
+    from mammo_ray.evaluate.compare import paired_auc_difference
+
+    keys = {r["image_id"]: r["patient_key"] for r in read_split(data, "test", columns=["image_id", "patient_key"]).to_pylist()}
+
+    def scores(tag: str) -> dict[str, tuple[int, float]]:
+        with open(os.path.join(evaluate_dir, "scores", tag, "test.csv"), newline="") as f:
+            return {r["image_id"]: (int(r["label"]), float(r["probability"])) for r in csv.DictReader(f)}
+
+    out = []
+    for seed in sorted({r["seed"] for r in rows}):
+        pre = [r for r in rows if r["init"] == "imagenet" and r["freeze_ratio"] == ratio and r["seed"] == seed]
+        rnd = [r for r in rows if r["init"] == "random" and r["seed"] == seed]
+        if not pre or not rnd:
+            continue
+        a, b = scores(pre[0]["checkpoint"]), scores(rnd[0]["checkpoint"])
+        ids = sorted(set(a) & set(b))
+        res = paired_auc_difference(np.array([a[i][0] for i in ids]), np.array([a[i][1] for i in ids]),
+                                    np.array([b[i][1] for i in ids]), groups=[keys.get(i) for i in ids], n_boot=1000)
+        out.append({"seed": seed, "pretrained": pre[0]["checkpoint"], "random": rnd[0]["checkpoint"], "n": len(ids),
+                    **(res or {})})
+    return out
+
+
+def _seed_means(rows: list[dict], ratio: float) -> dict:
+    import statistics
+
+    out = {}
+    for init in ("imagenet", "random"):
+        v = [r["test_auc"] for r in rows if r["init"] == init and r["freeze_ratio"] == ratio and r["test_auc"] is not None]
+        if v:
+            out[init] = {"test_auc_mean": round(statistics.fmean(v), 4), "n_seeds": len(v),
+                         "test_auc_sd": round(statistics.stdev(v), 4) if len(v) > 1 else None}
+    return out
 
 
 if __name__ == "__main__":

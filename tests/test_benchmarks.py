@@ -54,7 +54,15 @@ def test_benchmark_smoke_test_prints_json(name, ray_local, tmp_path, monkeypatch
         assert result[key] > 0
     if name == "realdata":  # every stage ran on the pretrained backbone: a row per checkpoint, CAMs scored
         assert result["smoke_test"] and len(result["rows"]) >= 2 and result["localization"]["n"] > 0
-        assert {r["init"] for r in result["rows"]} == {"imagenet", "random"}
+        assert {(r["init"], r["seed"]) for r in result["rows"]} == {(i, s) for i in ("imagenet", "random") for s in (0, 1)}
+        assert len({r["checkpoint"] for r in result["rows"]}) == 4  # four scores folders, none overwritten
+        # per seed, pretrained minus random init paired on the same test images
+        assert [p["seed"] for p in result["pretrained_minus_random_paired"]] == [0, 1]
+        for p, seed in zip(result["pretrained_minus_random_paired"], (0, 1)):
+            rows = {r["init"]: r["test_auc"] for r in result["rows"] if r["seed"] == seed}
+            assert p["delta"] == pytest.approx(rows["imagenet"] - rows["random"], abs=1e-9)
+            assert p["resampled"] == "patients" and p["low"] <= p["delta"] <= p["high"]
+        assert {k: v["n_seeds"] for k, v in result["mean_over_seeds"].items()} == {"imagenet": 2, "random": 2}
     if name == "explain":
         assert result["max_abs_diff_vs_naive_maps"] < 1e-4 and result["job_images_per_s"] > 0
 

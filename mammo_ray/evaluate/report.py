@@ -55,6 +55,25 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+COMPARISON_HEADER = ["chosen", "other", "set", "n", "AUC difference [95% CI]", "resampled", "DeLong p"]
+COMPARISON_NOTE = ("AUC of the checkpoint chosen on val minus each other checkpoint's, on the same images: 95% paired "
+                   "bootstrap interval (both models scored on every replicate's draw) and the paired DeLong test. "
+                   "Overlapping per-model intervals do not mean no difference; these intervals say it.")
+
+
+def comparison_rows(comparisons: list[dict[str, Any]]) -> list[list[str]]:
+    """The paired AUC differences (chosen minus each other checkpoint), one row per pair and set."""
+    rows = []
+    for c in comparisons:
+        if c.get("reason"):
+            rows.append([c["chosen"], c["other"], c["set"], str(c["n"]), f"n/a: {c['reason']}", "", ""])
+            continue
+        ci = "" if c["low"] is None else f" [{c['low']:+.3f}, {c['high']:+.3f}]"
+        rows.append([c["chosen"], c["other"], c["set"], str(c["n"]), f"{c['delta']:+.3f}{ci}", c["resampled"],
+                     f"{c['delong_p']:.3g}"])
+    return rows
+
+
 def figures(report: dict[str, Any]) -> dict[str, bytes]:
     out = {}
     for ck in report["checkpoints"]:
@@ -82,6 +101,10 @@ def write_report(report: dict[str, Any], out: str) -> None:
           "with the best val AUC, the one to report: test never chooses.", "",
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
+    pairs = comparison_rows(report.get("comparisons") or [])
+    if pairs:
+        md += ["", "## Paired comparisons", "", COMPARISON_NOTE, "", "| " + " | ".join(COMPARISON_HEADER) + " |",
+               "|" + "---|" * len(COMPARISON_HEADER)] + ["| " + " | ".join(r) + " |" for r in pairs]
     for ck in report["checkpoints"]:
         t = ck["threshold"]
         md += ["", f"## {ck['tag']}", "",
@@ -123,6 +146,12 @@ def render_html(report: dict[str, Any], header: list[str], rows: list[list[str]]
              "<table id='paper-table'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
     parts.append("</table>")
+    pairs = comparison_rows(report.get("comparisons") or [])
+    if pairs:
+        parts += [f"<h2>Paired comparisons</h2><p>{esc(COMPARISON_NOTE)}</p><table id='comparisons'><tr>"
+                  + "".join(f"<th>{esc(h)}</th>" for h in COMPARISON_HEADER) + "</tr>"]
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in pairs]
+        parts.append("</table>")
     for ck in report["checkpoints"]:
         t = ck["threshold"]
         parts.append(f"<h2>{esc(ck['tag'])}</h2><ul><li>checkpoint <code>{esc(ck['checkpoint'])}</code>, "

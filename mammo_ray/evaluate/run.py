@@ -23,10 +23,11 @@ from mammo_ray.config import EvaluateConfig, PreprocessConfig, to_dict
 from mammo_ray.data.arrays import load_split
 from mammo_ray.data.parquet import SPLIT_DIRS, read_spec, read_split, split_files
 from mammo_ray.data.pipeline import run_preprocess
+from mammo_ray.evaluate.compare import compare_to_chosen
 from mammo_ray.evaluate.inference import score_split
 from mammo_ray.evaluate.metrics import evaluate_set
 from mammo_ray.metrics import aggregate
-from mammo_ray.evaluate.report import write_report
+from mammo_ray.evaluate.report import chosen_by_val, write_report
 from mammo_ray.metrics import choose_threshold
 from mammo_ray.models.inference import load_for_inference, predict
 from mammo_ray.outputs import check_out_location
@@ -176,6 +177,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
         res = _set_result(arrays.labels, scores, arrays.patient_keys, meta, threshold=thr["threshold"],
                           n_boot=cfg.n_boot, seed=cfg.seed)
         res.update({"source": folder, "split": split, "how": how})
+        res["_paired"] = (arrays.image_ids, arrays.labels, scores, arrays.patient_keys)  # popped by run_evaluate
         sets[name] = res
     return {"checkpoint": ckpt, "tag": tag, "backbone": state["backbone"], "freeze_ratio": state["freeze_ratio"],
             "epoch": state["epoch"], "train_metrics": state["metrics"], "spec": state["spec"],
@@ -245,7 +247,11 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
     taken: dict[str, str] = {}
     results = [evaluate_checkpoint(c, data=data, externals=externals, out=out, cfg=cfg, prepared=prepared, taken=taken)
                for c in checkpoints]
-    report = {"data": data, "externals": externals, "checkpoints": results}
+    # the scores stay in memory for the paired comparisons, not in metrics.json
+    scored = [{name: res.pop("_paired") for name, res in r["sets"].items()} for r in results]
+    comparisons = compare_to_chosen(results, scored, chosen_by_val({"checkpoints": results}), n_boot=cfg.n_boot,
+                                    seed=cfg.seed)
+    report = {"data": data, "externals": externals, "checkpoints": results, "comparisons": comparisons}
     mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(report, indent=2, default=_json_default).encode())
     write_report(report, out)
     return report

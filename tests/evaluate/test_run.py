@@ -84,6 +84,20 @@ def test_end_to_end_report(ray_local, sweep_dir, train_data_dir, external_raw, t
     figures = list((out / "figures").glob("*.png"))
     assert len(figures) == 2 * (3 + 2)  # per checkpoint: ROC, PR, reliability + 2 confusion matrices
     assert report["checkpoints"][0]["sets"]["test"]["metrics"]["roc_auc"] is not None
+    # the chosen checkpoint against the other, paired on each set's images, in metrics.json and the report
+    from mammo_ray.evaluate.report import chosen_by_val
+
+    chosen = chosen_by_val(metrics)
+    pairs = {c["set"]: c for c in metrics["comparisons"]}
+    assert set(pairs) == {"test", f"external-{external_raw.name}"}
+    for name, c in pairs.items():
+        by_tag = {ck["tag"]: ck["sets"][name]["metrics"]["roc_auc"] for ck in metrics["checkpoints"]}
+        other = next(t for t in by_tag if t != chosen)
+        assert (c["chosen"], c["other"], c["resampled"]) == (chosen, other, "patients")
+        assert c["delta"] == pytest.approx(by_tag[chosen] - by_tag[other], abs=1e-9)
+        assert c["low"] <= c["delta"] <= c["high"] and 0 <= c["delong_p"] <= 1
+    assert "## Paired comparisons" in (out / "report.md").read_text()
+    assert "id='comparisons'" in (out / "report.html").read_text()
 
 
 def test_report_html_opens_in_headless_chromium(ray_local, sweep_dir, train_data_dir, tmp_path):
@@ -221,13 +235,17 @@ def test_two_sweeps_groups_of_the_same_name_keep_their_own_scores(ray_local, swe
         shutil.copy(src, dst)
         ckpts.append(str(dst))
     out = tmp_path / "eval"
-    report = run_evaluate(ckpts, data=str(train_data_dir), externals=[], out=str(out), n_boot=0)
+    report = run_evaluate(ckpts, data=str(train_data_dir), externals=[], out=str(out), n_boot=50)
     tags = [ck["tag"] for ck in report["checkpoints"]]
     assert tags == [group, f"sweep-random_{group}"]
     for ck in report["checkpoints"]:
         rows = list(csv.DictReader(open(out / "scores" / ck["tag"] / "test.csv")))
         assert len(rows) == ck["sets"]["test"]["n"]
     assert len(list((out / "figures").glob("*.png"))) == 2 * (3 + 1)
+    # the same weights twice: the paired comparison finds no difference at all
+    (pair,) = report["comparisons"]
+    assert pair["set"] == "test" and pair["n"] == report["checkpoints"][0]["sets"]["test"]["n"]
+    assert pair["delta"] == pair["low"] == pair["high"] == 0 and pair["delong_p"] == 1.0
 
 
 def test_checkpoint_tags_stay_distinct(tmp_path, monkeypatch):

@@ -1,0 +1,139 @@
+"""Paired comparison of two checkpoints' AUCs on the same images.
+
+Two models scored on one test set are not independent samples: the same hard cases make both
+look worse. Comparing their separate intervals (do they overlap?) ignores that and is far too
+conservative; radiology papers report the difference with a paired test instead (DeLong et al.
+1988, as in pROC's ``roc.test``). Two are given here, because scikit-learn has neither:
+
+- the paired DeLong test (images independent): the covariance of the two AUCs' structural
+  components gives the variance of their difference;
+- a paired cluster bootstrap: patients resampled, each replicate scoring both models on the
+  same draw, so the interval of the difference keeps the pairing and the patient correlation.
+  The bootstrap is the interval to report when patient keys exist (images of one patient are
+  correlated), as for the single-model intervals.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from scipy.stats import norm, rankdata
+
+from mammo_ray.evaluate.metrics import _CHUNK_ELEMENTS, _group_codes, _replicate_ranking
+from mammo_ray.metrics import _as_arrays
+
+
+def _components(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components (midrank form): per positive, the share of negatives
+    ranked below it; per negative, the share of positives ranked above it (ties count 1/2)."""
+    pos, neg = s[y == 1], s[y == 0]
+    m, n = len(pos), len(neg)
+    both = rankdata(np.r_[pos, neg])
+    return (both[:m] - rankdata(pos)) / n, 1.0 - (both[m:] - rankdata(neg)) / m
+
+
+def delong_paired(labels: Iterable[int], scores_a: Iterable[float], scores_b: Iterable[float]) -> dict[str, float] | None:
+    """AUC(a) - AUC(b) on the same images, its DeLong standard error and two-sided p-value;
+    None with one class or fewer than two images of a class."""
+    y, a = _as_arrays(labels, scores_a)
+    _, b = _as_arrays(labels, scores_b)
+    m, n = int((y == 1).sum()), int((y == 0).sum())
+    if m < 2 or n < 2:
+        return None
+    (a10, a01), (b10, b01) = _components(y, a), _components(y, b)
+    s10, s01 = np.cov(np.vstack([a10, b10])), np.cov(np.vstack([a01, b01]))
+    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    delta = float(a10.mean() - b10.mean())
+    se = math.sqrt(max(float(var), 0.0))
+    p = float(2 * norm.sf(abs(delta) / se)) if se > 0 else (1.0 if delta == 0 else 0.0)
+    return {"auc_a": float(a10.mean()), "auc_b": float(b10.mean()), "delta": delta, "se": se, "p": p}
+
+
+def paired_auc_difference(labels: Iterable[int], scores_a: Iterable[float], scores_b: Iterable[float], *,
+                          groups: Iterable[Any] | None = None, n_boot: int = 1000, alpha: float = 0.05,
+                          seed: int = 0) -> dict[str, Any] | None:
+    """AUC(a) - AUC(b) on the same images with a paired percentile-bootstrap interval (patients
+    resampled when ``groups`` is given, else images) and the paired DeLong test.
+
+    Returns:
+        None with one class; else {"auc_a", "auc_b", "delta", "low", "high", "resampled",
+        "n_boot", "delong_se", "delong_p"}.
+
+    Raises:
+        ValueError: mismatched lengths, invalid labels/scores, n_boot < 1 or alpha outside (0, 1).
+    """
+    a, b = np.asarray(list(scores_a)), np.asarray(list(scores_b))
+    if len(a) != len(b):
+        raise ValueError(f"scores_b has {len(b)} entries but scores_a has {len(a)}: the same images are needed")
+    y, a = _as_arrays(labels, a)
+    _, b = _as_arrays(labels, b)
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot={n_boot!r}: must be an integer >= 1")
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha={alpha!r}: must be in (0, 1)")
+    dl = delong_paired(y, a, b)
+    if dl is None:
+        return None
+    n = len(y)
+    unit, n_units = (np.arange(n), n) if groups is None else _group_codes(groups, n)
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(n_boot)
+    chunk = max(1, min(n_boot, _CHUNK_ELEMENTS // n))
+    yf = y.astype(np.float64)
+    for start in range(0, n_boot, chunk):
+        r = min(chunk, n_boot - start)
+        counts = np.stack([np.bincount(rng.integers(0, n_units, size=n_units), minlength=n_units) for _ in range(r)])
+        w = counts[:, unit].astype(np.float64)
+        n_pos = w @ yf
+        n_neg = w.sum(axis=1) - n_pos
+        auc_a = _replicate_ranking(yf, a, w, n_pos, n_neg, ("roc_auc",))["roc_auc"]
+        auc_b = _replicate_ranking(yf, b, w, n_pos, n_neg, ("roc_auc",))["roc_auc"]
+        deltas[start:start + r] = auc_a - auc_b
+    valid = deltas[~np.isnan(deltas)]
+    low, high = (np.quantile(valid, [alpha / 2.0, 1.0 - alpha / 2.0]) if 2 * len(valid) >= n_boot
+                 else (np.nan, np.nan))
+    return {"auc_a": dl["auc_a"], "auc_b": dl["auc_b"], "delta": dl["delta"],
+            "low": None if np.isnan(low) else float(low), "high": None if np.isnan(high) else float(high),
+            "resampled": "images" if groups is None else "patients", "n_boot": int(n_boot),
+            "delong_se": dl["se"], "delong_p": dl["p"]}
+
+
+def compare_to_chosen(results: list[dict[str, Any]], scored: list[dict[str, tuple]], chosen: str | None, *,
+                      n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Every checkpoint against the one chosen on val, set by set, paired on the images both scored.
+
+    Args:
+        results: evaluate's per-checkpoint results (``tag``, ``sets``).
+        scored: per checkpoint, {set name: (image_ids, labels, scores, patient_keys)}.
+        chosen: the tag chosen on val (``report.chosen_by_val``); None: no comparison.
+
+    Returns:
+        One row per (other checkpoint, set): {"chosen", "other", "set", "n", "delta" (chosen minus
+        other), "low", "high", "resampled", "delong_p", ...}; a row with "reason" where the two
+        share no labelled images of both classes.
+    """
+    if chosen is None or n_boot < 1:
+        return []
+    i = next(k for k, r in enumerate(results) if r["tag"] == chosen)
+    rows = []
+    for k, other in enumerate(results):
+        if k == i:
+            continue
+        for name, (ids, labels, scores, groups) in scored[i].items():
+            if name not in scored[k]:
+                continue
+            o_ids, _, o_scores, _ = scored[k][name]
+            where = {iid: j for j, iid in enumerate(o_ids)}
+            keep = [j for j, iid in enumerate(ids) if iid in where and labels[j] >= 0]
+            row = {"chosen": chosen, "other": other["tag"], "set": name, "n": len(keep)}
+            y = np.asarray(labels)[keep]
+            res = None
+            if len(keep) and len(set(y.tolist())) == 2:
+                g = [groups[j] for j in keep]
+                res = paired_auc_difference(y, np.asarray(scores)[keep], np.asarray(o_scores)[[where[ids[j]] for j in keep]],
+                                            groups=g if any(x is not None for x in g) else None,
+                                            n_boot=n_boot, seed=seed)
+            rows.append({**row, **res} if res else {**row, "reason": "no labelled images of both classes in common"})
+    return rows
