@@ -71,18 +71,15 @@ def _add_preprocess(sub) -> None:
 def _run_preprocess(args) -> int:
     from mammo_ray.data.pipeline import run_preprocess
 
-    size = None
-    if args.size:
-        if len(args.size) > 2:
-            raise ValueError(f"--size {' '.join(map(str, args.size))}: give N or H W")
-        size = tuple(args.size) if len(args.size) == 2 else args.size[0]
+    if args.size and len(args.size) > 2:
+        raise ValueError(f"--size {' '.join(map(str, args.size))}: give N or H W")
+    size = (tuple(args.size) if len(args.size) == 2 else args.size[0]) if args.size else None
     cfg = PreprocessConfig.load(
         args.config, external=args.external, unlabeled=args.unlabeled, size=size,
         equalize=args.equalize, resize_mode=args.resize_mode, orientation=args.orientation,
         dtype=args.dtype, mean=args.mean, std=args.std, other_modality=args.other_modality,
         ratios=tuple(args.ratios) if args.ratios else None, seed=args.seed, batch_size=args.batch_size,
-        patient_key_file=args.patient_key_file,
-    )
+        patient_key_file=args.patient_key_file)
     summary = run_preprocess(args.inputs, args.out, cfg, overwrite=args.overwrite, address=args.address)
     print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "splits")}))
     print(f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']} -> {args.out}")
@@ -259,7 +256,7 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate checkpoints on the test split and external sets, with a report")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", nargs="+", help="checkpoint file(s)")
-    src.add_argument("--sweep", help="a `mammo-ray tune` output: every group's best checkpoint")
+    src.add_argument("--sweep", nargs="+", help="`mammo-ray tune` output(s): every group's best checkpoint")
     p.add_argument("--data", required=True, help="the preprocessed training data (val/ for the threshold, test/)")
     p.add_argument("--external", nargs="*", default=[], help="external sets: preprocessed folders or raw images")
     p.add_argument("--out", required=True)
@@ -275,15 +272,18 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--distributed", choices=DISTRIBUTED_MODES,
                    help=f"score with a Ray Data actor pool (auto: sets of 20,000+ images); default: {d.distributed}")
     p.add_argument("--seed", type=int, help=f"default: {d.seed}")
+    p.add_argument("--ensemble", action="store_true", default=None,
+                   help="also evaluate the mean of the checkpoints' probabilities as one model (e.g. several seeds)")
 
 
 def _run_evaluate(args) -> int:
     from mammo_ray.evaluate.run import run_evaluate, sweep_checkpoints
 
     cfg = EvaluateConfig.load(args.config, **config_overrides(EvaluateConfig, args))
-    checkpoints = sweep_checkpoints(args.sweep) if args.sweep else args.checkpoint
+    checkpoints = [c for s in args.sweep for c in sweep_checkpoints(s)] if args.sweep else args.checkpoint
     run_evaluate(checkpoints, data=args.data, externals=args.external, out=args.out, cfg=cfg)
-    print(open(os.path.join(args.out, "report.md")).read().split("\n## ")[0])
+    sections = open(os.path.join(args.out, "report.md")).read().split("\n## ")  # the table and the paired comparisons
+    print("\n## ".join(x for i, x in enumerate(sections) if i == 0 or x.startswith("Paired comparisons")))
     print(f"report: {os.path.join(args.out, 'report.html')}")
     return 0
 

@@ -323,7 +323,8 @@ class EvaluateConfig:
     """How ``mammo-ray evaluate`` evaluates (YAML keys of the same names). ``threshold_method``:
     how the decision threshold is chosen on val (youden; sensitivity: the highest threshold
     reaching ``target_sensitivity``; fixed: 0.5). ``distributed``: score with a Ray Data actor
-    pool (auto: sets of 20,000 images or more)."""
+    pool (auto: sets of 20,000 images or more). ``ensemble``: also evaluate the mean of the
+    checkpoints' probabilities as one model (e.g. one configuration trained with several seeds)."""
 
     threshold_method: str = "youden"
     target_sensitivity: float = 0.9
@@ -332,6 +333,7 @@ class EvaluateConfig:
     seed: int = 0
     batch_size: int = 64
     distributed: str = "auto"
+    ensemble: bool = False
 
     def __post_init__(self) -> None:
         check_finite(self)

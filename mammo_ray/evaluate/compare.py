@@ -137,3 +137,21 @@ def compare_to_chosen(results: list[dict[str, Any]], scored: list[dict[str, tupl
                                             n_boot=n_boot, seed=seed)
             rows.append({**row, **res} if res else {**row, "reason": "no labelled images of both classes in common"})
     return rows
+
+
+def mean_scores(members: list[tuple], name: str) -> tuple[list[str], np.ndarray, np.ndarray, list]:
+    """The mean probability per image over an ensemble's members, each ``(image_ids, labels,
+    scores, patient_keys)`` of one set; aligned by image id, in the first member's order.
+
+    Raises:
+        ValueError: the members scored different images of the set.
+    """
+    ids, labels, _, groups = members[0]
+    total = np.zeros(len(ids))
+    for k, (m_ids, _, m_scores, _) in enumerate(members):
+        where = {iid: j for j, iid in enumerate(m_ids)}
+        if len(where) != len(ids) or any(i not in where for i in ids):
+            raise ValueError(f"ensemble: member {k + 1} scored other images of {name} than member 1 "
+                             f"({len(m_ids)} vs {len(ids)}); an ensemble needs the same images")
+        total += np.asarray(m_scores, dtype=np.float64)[[where[i] for i in ids]]
+    return list(ids), np.asarray(labels), total / len(members), list(groups)

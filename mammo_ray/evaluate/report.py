@@ -26,6 +26,15 @@ def _fmt(res: dict[str, Any] | None, key: str) -> str:
     return f"{value:.3f}{mark}"
 
 
+def _ratio(ck: dict[str, Any]) -> str:
+    """A checkpoint's freezing ratio; an ensemble of several ratios has none ("mixed")."""
+    return "mixed" if ck.get("freeze_ratio") is None else f"{ck['freeze_ratio']:g}"
+
+
+def _plain_epoch(ck: dict[str, Any]) -> str:
+    return "n/a (an ensemble)" if ck.get("epoch") is None else str(ck["epoch"])
+
+
 def _plain(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -47,9 +56,12 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     two sweeps' groups of one backbone and ratio (pretrained and random init) are two rows."""
     chosen = chosen_by_val(report)
     rows = []
-    for ck in sorted(report["checkpoints"], key=lambda c: (c["backbone"], float(c["freeze_ratio"]), c["tag"])):
+    def order(c: dict[str, Any]) -> tuple:
+        return c["backbone"], -1.0 if c["freeze_ratio"] is None else float(c["freeze_ratio"]), c["tag"]
+
+    for ck in sorted(report["checkpoints"], key=order):
         for name, res in ck["sets"].items():
-            rows.append([ck["tag"], ck["backbone"] + (" *" if ck["tag"] == chosen else ""), f"{ck['freeze_ratio']:g}",
+            rows.append([ck["tag"], ck["backbone"] + (" *" if ck["tag"] == chosen else ""), _ratio(ck),
                          _plain(_val_auc(ck)), name, str(res.get("n", "")),
                          *[_fmt(res, k) for k, _ in TABLE_METRICS]])
     return rows
@@ -108,7 +120,7 @@ def write_report(report: dict[str, Any], out: str) -> None:
     for ck in report["checkpoints"]:
         t = ck["threshold"]
         md += ["", f"## {ck['tag']}", "",
-               f"- checkpoint: `{ck['checkpoint']}` ({ck['backbone']}, freezing ratio {ck['freeze_ratio']:g}, epoch {ck['epoch']})",
+               f"- checkpoint: `{ck['checkpoint']}` ({ck['backbone']}, freezing ratio {_ratio(ck)}, epoch {_plain_epoch(ck)})",
                f"- threshold: {t['threshold']:.4f} ({t['method']}, chosen on val, n={t['n_val']})"
                + (f"; {t['reason']}" if t.get("reason") else ""),
                f"- preprocessing spec (from the checkpoint): `{ck['spec']}`"]
@@ -155,7 +167,7 @@ def render_html(report: dict[str, Any], header: list[str], rows: list[list[str]]
     for ck in report["checkpoints"]:
         t = ck["threshold"]
         parts.append(f"<h2>{esc(ck['tag'])}</h2><ul><li>checkpoint <code>{esc(ck['checkpoint'])}</code>, "
-                     f"{esc(ck['backbone'])}, freezing ratio {ck['freeze_ratio']:g}, epoch {ck['epoch']}</li>"
+                     f"{esc(ck['backbone'])}, freezing ratio {_ratio(ck)}, epoch {_plain_epoch(ck)}</li>"
                      f"<li>threshold {t['threshold']:.4f} ({esc(t['method'])}, chosen on val)</li>"
                      f"<li>spec <code>{esc(str(ck['spec']))}</code></li>")
         for name, res in ck["sets"].items():

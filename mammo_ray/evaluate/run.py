@@ -14,16 +14,18 @@ import json
 import logging
 import os
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from mammo_ray import io as mio
 from mammo_ray.config import EvaluateConfig, PreprocessConfig, to_dict
 from mammo_ray.data.arrays import load_split
 from mammo_ray.data.parquet import SPLIT_DIRS, read_spec, read_split, split_files
 from mammo_ray.data.pipeline import run_preprocess
-from mammo_ray.evaluate.compare import compare_to_chosen
+from mammo_ray.evaluate.compare import compare_to_chosen, mean_scores
 from mammo_ray.evaluate.inference import score_split
 from mammo_ray.evaluate.metrics import evaluate_set
 from mammo_ray.metrics import aggregate
@@ -179,6 +181,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
         res.update({"source": folder, "split": split, "how": how})
         res["_paired"] = (arrays.image_ids, arrays.labels, scores, arrays.patient_keys)  # popped by run_evaluate
         sets[name] = res
+    sets["_val"] = {"_paired": (val.image_ids, val.labels, val_scores, val.patient_keys)}  # popped by run_evaluate
     return {"checkpoint": ckpt, "tag": tag, "backbone": state["backbone"], "freeze_ratio": state["freeze_ratio"],
             "epoch": state["epoch"], "train_metrics": state["metrics"], "spec": state["spec"],
             "threshold": {**thr, "chosen_on": "val", "n_val": int(len(val))}, "sets": sets, "notes": notes}
@@ -221,6 +224,36 @@ def _checkpoint_tag(state: dict[str, Any], path: str, taken: dict[str, str]) -> 
     return tag
 
 
+def ensemble_result(results: list[dict[str, Any]], scored: list[dict[str, tuple]], vals: list[tuple], *, out: str,
+                    cfg: EvaluateConfig, taken: dict[str, str]) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """The mean of the checkpoints' probabilities evaluated as one model (``--ensemble``): its
+    threshold chosen on val from the mean val scores, its val AUC from them (so it can be the
+    checkpoint chosen on val), every set scored and written as a checkpoint's are."""
+    v_ids, v_labels, v_scores, _ = mean_scores(vals, "val")
+    thr = choose_threshold(v_labels, v_scores, method=cfg.threshold_method, target_sensitivity=cfg.target_sensitivity)
+    tag = next(t for t in ("ensemble", *(f"ensemble-{n}" for n in range(2, 99))) if t not in taken)
+    taken[tag] = ""
+    sets, ens_scored = {}, {}
+    for name, _ in scored[0].items():
+        ids, labels, scores, groups = mean_scores([sc[name] for sc in scored], name)
+        ens_scored[name] = (ids, labels, scores, groups)
+        arrays = SimpleNamespace(image_ids=ids, labels=labels)
+        _write_scores(mio.join(out, "scores", tag, f"{name}.csv"), arrays, scores, thr["threshold"])
+        res = _set_result(labels, scores, groups, [{} for _ in ids], threshold=thr["threshold"], n_boot=cfg.n_boot,
+                          seed=cfg.seed)
+        res.update({"source": "mean of the members' scores", "split": results[0]["sets"][name]["split"],
+                    "how": "mean of the checkpoints' probabilities"})
+        sets[name] = res
+    ratios = {float(r["freeze_ratio"]) for r in results}
+    val_auc = float(roc_auc_score(v_labels, v_scores)) if len(set(v_labels.tolist())) == 2 else None
+    return ({"checkpoint": f"mean of {len(results)} checkpoints", "tag": tag, "members": [r["tag"] for r in results],
+             "backbone": "+".join(sorted({r["backbone"] for r in results})),
+             "freeze_ratio": ratios.pop() if len(ratios) == 1 else None, "epoch": None,
+             "train_metrics": {"val_auc": val_auc}, "spec": results[0]["spec"],
+             "threshold": {**thr, "chosen_on": "val", "n_val": int(len(v_ids))}, "sets": sets,
+             "notes": [f"ensemble: the mean probability of {', '.join(r['tag'] for r in results)}"]}, ens_scored)
+
+
 def _write_scores(path: str, arrays, scores: np.ndarray, threshold: float) -> None:
     buf = _io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -237,6 +270,8 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
     cfg = replace(cfg, **overrides) if cfg is not None else EvaluateConfig.load(None, **overrides)
     if not checkpoints:
         raise ValueError("no checkpoint to evaluate: give --checkpoint PATH... or --sweep DIR")
+    if cfg.ensemble and len(checkpoints) < 2:
+        raise ValueError(f"--ensemble needs 2 or more checkpoints; got {len(checkpoints)}")
     for e in externals:
         if not mio.exists(e):
             raise ValueError(f"--external {e} does not exist")
@@ -247,8 +282,12 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
     taken: dict[str, str] = {}
     results = [evaluate_checkpoint(c, data=data, externals=externals, out=out, cfg=cfg, prepared=prepared, taken=taken)
                for c in checkpoints]
-    # the scores stay in memory for the paired comparisons, not in metrics.json
+    # the scores stay in memory for the ensemble and the paired comparisons, not in metrics.json
+    vals = [r["sets"].pop("_val")["_paired"] for r in results]
     scored = [{name: res.pop("_paired") for name, res in r["sets"].items()} for r in results]
+    if cfg.ensemble:
+        ens, ens_scored = ensemble_result(results, scored, vals, out=out, cfg=cfg, taken=taken)
+        results, scored = [*results, ens], [*scored, ens_scored]
     comparisons = compare_to_chosen(results, scored, chosen_by_val({"checkpoints": results}), n_boot=cfg.n_boot,
                                     seed=cfg.seed)
     report = {"data": data, "externals": externals, "checkpoints": results, "comparisons": comparisons}

@@ -259,3 +259,49 @@ def test_checkpoint_tags_stay_distinct(tmp_path, monkeypatch):
              "x/sweep-a/best/g/checkpoint.pt", "one.pt", "two.pt", "y/sweep-b/best/g/checkpoint.pt")]
     assert tags == ["g", "sweep-b_g", "runs", "runs_b", "g-2", "resnet18-r0.5", "resnet18-r0.5_two", "g-3"]
     assert sorted(taken) == sorted(tags) and taken["runs_b"] == str(tmp_path / "runs" / "b.pt")
+
+
+def test_ensemble_of_two_sweeps_from_the_command_line(ray_local, sweep_dir, train_data_dir, external_raw, tmp_path,
+                                                      capsys):
+    """`--sweep A B --ensemble`: both sweeps' groups, plus the mean of their probabilities
+    evaluated as one model (its own val threshold and val AUC, scores, figures, comparisons)."""
+    other = tmp_path / "sweep-b"
+    shutil.copytree(sweep_dir, other)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--sweep", str(sweep_dir), str(other), "--data", str(train_data_dir), "--external",
+                 str(external_raw), "--out", str(out), "--ensemble", "--n-boot", "50"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    cks = {ck["tag"]: ck for ck in metrics["checkpoints"]}
+    assert len(cks) == 5 and cks["ensemble"]["members"] == [t for t in cks if t != "ensemble"]
+    ens = cks["ensemble"]
+    assert ens["freeze_ratio"] is None and ens["threshold"]["chosen_on"] == "val"
+    assert 0 <= ens["train_metrics"]["val_auc"] <= 1
+    for name in ("test", f"external-{external_raw.name}"):
+        def probs(tag):
+            with open(out / "scores" / tag / f"{name}.csv") as f:
+                return {r["image_id"]: float(r["probability"]) for r in csv.DictReader(f)}
+
+        members = [probs(t) for t in ens["members"]]
+        mean = probs("ensemble")
+        assert set(mean) == set(members[0]) and len(mean) == ens["sets"][name]["n"]
+        for iid, p in mean.items():
+            assert p == pytest.approx(sum(m[iid] for m in members) / len(members), abs=2e-6)
+    assert len(metrics["comparisons"]) == 4 * 2  # the chosen one against the 4 others, on 2 sets
+    report = (out / "report.md").read_text()
+    assert "| ensemble |" in report and "mixed" in report  # the members have ratios 0 and 0.5
+    printed = capsys.readouterr().out
+    assert "| ensemble |" in printed and "## Paired comparisons" in printed and "## ensemble" not in printed
+
+
+def test_ensemble_needs_two_checkpoints_of_the_same_images(ray_local, sweep_dir, train_data_dir, tmp_path):
+    ck = sweep_checkpoints(str(sweep_dir))[0]
+    with pytest.raises(ValueError, match="--ensemble needs 2 or more checkpoints; got 1"):
+        run_evaluate([ck], data=str(train_data_dir), externals=[], out=str(tmp_path / "e"), n_boot=0, ensemble=True)
+    from mammo_ray.evaluate.compare import mean_scores
+
+    a = (["x", "y"], np.array([0, 1]), np.array([0.2, 0.8]), [None, None])
+    b = (["y", "z"], np.array([1, 0]), np.array([0.6, 0.1]), [None, None])
+    with pytest.raises(ValueError, match="member 2 scored other images of test than member 1"):
+        mean_scores([a, b], "test")
+    ids, labels, mean, _ = mean_scores([a, (["y", "x"], np.array([1, 0]), np.array([0.6, 0.4]), [None, None])], "test")
+    assert ids == ["x", "y"] and mean.tolist() == pytest.approx([0.3, 0.7])
