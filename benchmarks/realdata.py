@@ -4,6 +4,7 @@ init at the best ratio; the best checkpoints evaluated with patient-level bootst
 test split and on a film set from another site; Grad-CAM on the film set's annotated lesions.
 
     python benchmarks/realdata.py [--size 224] [--epochs 5] [--out /tmp/realdata]
+    python benchmarks/realdata.py --epochs 3 --freeze-ratios 0.5 --seeds 0 1 2   # 3 pairs, 20 min
     python benchmarks/realdata.py --smoke-test          # seconds, on phantoms (CI)
 
 Data (never copied into the repository): ``../shared/data/breast-cancer-detection-640``
@@ -15,6 +16,9 @@ Choices, and why:
   is about +-0.13 wide, too wide to tell freezing ratios apart; 15% (about 500) halves it.
 - 224 px and a few epochs: what 2 CPUs finish in about an hour (a GPU run would use more of
   both; see the README).
+- ``--seeds``: the training seed alone moves one network's test AUC by up to 0.05, so one
+  pretrained/random pair cannot settle a 0.05 difference. Each seed's pair is compared on the
+  same test images (paired patient bootstrap and DeLong, ``mammo_ray.evaluate.compare``).
 Prints one JSON object (also written to ``OUT/realdata.json``).
 """
 from __future__ import annotations
