@@ -47,6 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--lr", default="1e-4:1e-3", help="cyclic-LR bounds BASE:MAX")
     p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--resize-mode", default="pad", choices=("pad", "stretch"),
+                   help="the cropped breast padded to a square (aspect kept) or stretched to fill it")
     p.add_argument("--std", type=float, default=0.5,
                    help="normalisation std (0.5: efficientnet_lite0's ImageNet weights expect inputs in [-1, 1])")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -116,12 +118,13 @@ def main(args) -> dict:
     t0 = time.perf_counter()
     times: dict[str, float] = {}
 
-    cfg = PreprocessConfig.load(size=args.size, ratios=(0.7, 0.15, 0.15), seed=0, std=args.std)
+    cfg = PreprocessConfig.load(size=args.size, ratios=(0.7, 0.15, 0.15), seed=0, std=args.std,
+                                resize_mode=args.resize_mode)
     data = os.path.join(out, "data")
     pre = run_preprocess([data_manifest], data, cfg, overwrite=True)
     film_data = os.path.join(out, "film-data")
-    film = run_preprocess([film_labels], film_data, PreprocessConfig.load(size=args.size, external=True, std=args.std),
-                          overwrite=True)
+    film_cfg = PreprocessConfig.load(size=args.size, external=True, std=args.std, resize_mode=args.resize_mode)
+    film = run_preprocess([film_labels], film_data, film_cfg, overwrite=True)
     times["preprocess"] = time.perf_counter() - t0
 
     def sweep(name: str, ratios: list[float], pretrained: str | None, seed: int) -> dict:
@@ -172,7 +175,8 @@ def main(args) -> dict:
     paired = paired_gaps(rows, best_ratio, data, os.path.join(out, "evaluate"))
     result = {
         "benchmark": "realdata", "smoke_test": args.smoke_test, "backbone": args.backbone, "size": args.size,
-        "epochs": args.epochs, "lr": [base_lr, max_lr], "std": args.std, "ratios": [0.7, 0.15, 0.15],
+        "epochs": args.epochs, "lr": [base_lr, max_lr], "std": args.std,
+        "resize_mode": args.resize_mode, "ratios": [0.7, 0.15, 0.15],
         "images": {"rows": pre["rows"], "errors": pre["errors"], "splits": pre["splits"], "film_rows": film["rows"]},
         "best_freeze_ratio": best_ratio, "rows": rows,
         "seeds": args.seeds, "pretrained_minus_random_test_auc": _gap(rows, best_ratio, first),
