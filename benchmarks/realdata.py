@@ -222,8 +222,10 @@ def paired_gaps(rows: list[dict], ratio: float, data: str, evaluate_dir: str) ->
             continue
         a, b = scores(pre[0]["checkpoint"]), scores(rnd[0]["checkpoint"])
         ids = sorted(set(a) & set(b))
+        groups = [keys.get(i) for i in ids]
         res = paired_auc_difference(np.array([a[i][0] for i in ids]), np.array([a[i][1] for i in ids]),
-                                    np.array([b[i][1] for i in ids]), groups=[keys.get(i) for i in ids], n_boot=1000)
+                                    np.array([b[i][1] for i in ids]), n_boot=1000,
+                                    groups=groups if any(g is not None for g in groups) else None)
         out.append({"seed": seed, "pretrained": pre[0]["checkpoint"], "random": rnd[0]["checkpoint"], "n": len(ids),
                     **(res or {})})
     return out

@@ -5,8 +5,8 @@ look worse. Comparing their separate intervals (do they overlap?) ignores that a
 conservative; radiology papers report the difference with a paired test instead (DeLong et al.
 1988, as in pROC's ``roc.test``). Two are given here, because scikit-learn has neither:
 
-- the paired DeLong test (images independent): the covariance of the two AUCs' structural
-  components gives the variance of their difference;
+- the paired DeLong test: the covariance of the two AUCs' structural components gives the
+  variance of their difference; with patient keys, clustered by patient (Obuchowski 1997);
 - a paired cluster bootstrap: patients resampled, each replicate scoring both models on the
   same draw, so the interval of the difference keeps the pairing and the patient correlation.
   The bootstrap is the interval to report when patient keys exist (images of one patient are
@@ -34,21 +34,41 @@ def _components(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (both[:m] - rankdata(pos)) / n, 1.0 - (both[m:] - rankdata(neg)) / m
 
 
-def delong_paired(labels: Iterable[int], scores_a: Iterable[float], scores_b: Iterable[float]) -> dict[str, float] | None:
+def delong_paired(labels: Iterable[int], scores_a: Iterable[float], scores_b: Iterable[float], *,
+                  groups: Iterable[Any] | None = None) -> dict[str, float] | None:
     """AUC(a) - AUC(b) on the same images, its DeLong standard error and two-sided p-value;
-    None with one class or fewer than two images of a class."""
+    None with fewer than two images of a class.
+
+    With ``groups`` (patient keys) the variance is the clustered one of Obuchowski (1997,
+    Biometrics 53:567): each patient's structural components are summed, so several images of
+    one patient count as one correlated unit (treating them as independent shrinks the standard
+    error by up to the square root of the images per patient).
+    """
     y, a = _as_arrays(labels, scores_a)
     _, b = _as_arrays(labels, scores_b)
     m, n = int((y == 1).sum()), int((y == 0).sum())
     if m < 2 or n < 2:
         return None
     (a10, a01), (b10, b01) = _components(y, a), _components(y, b)
-    s10, s01 = np.cov(np.vstack([a10, b10])), np.cov(np.vstack([a01, b01]))
-    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
-    delta = float(a10.mean() - b10.mean())
+    d10, d01 = a10 - b10, a01 - b01  # the difference's components (DeLong's statistic is linear in them)
+    delta = float(d10.mean())
+    if groups is None:
+        var = np.var(d10, ddof=1) / m + np.var(d01, ddof=1) / n
+    else:
+        codes, k = _group_codes(groups, len(y))
+        m_i, n_i = np.bincount(codes[y == 1], minlength=k), np.bincount(codes[y == 0], minlength=k)
+        k10, k01 = int((m_i > 0).sum()), int((n_i > 0).sum())  # patients with positives / negatives
+        if k10 < 2 or k01 < 2:
+            return None
+        # per patient: summed components minus their expectation (its images of the class x delta)
+        c10 = np.bincount(codes[y == 1], weights=d10, minlength=k) - m_i * delta
+        c01 = np.bincount(codes[y == 0], weights=d01, minlength=k) - n_i * delta
+        var = (k10 / (k10 - 1) * (c10 @ c10) / m ** 2 + k01 / (k01 - 1) * (c01 @ c01) / n ** 2
+               + 2 * k / (k - 1) * (c10 @ c01) / (m * n))
     se = math.sqrt(max(float(var), 0.0))
     p = float(2 * norm.sf(abs(delta) / se)) if se > 0 else (1.0 if delta == 0 else 0.0)
-    return {"auc_a": float(a10.mean()), "auc_b": float(b10.mean()), "delta": delta, "se": se, "p": p}
+    return {"auc_a": float(a10.mean()), "auc_b": float(b10.mean()), "delta": delta, "se": se, "p": p,
+            "clustered": groups is not None}
 
 
 def paired_auc_difference(labels: Iterable[int], scores_a: Iterable[float], scores_b: Iterable[float], *,
@@ -73,10 +93,12 @@ def paired_auc_difference(labels: Iterable[int], scores_a: Iterable[float], scor
         raise ValueError(f"n_boot={n_boot!r}: must be an integer >= 1")
     if not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha={alpha!r}: must be in (0, 1)")
-    dl = delong_paired(y, a, b)
+    n = len(y)
+    if groups is not None:
+        groups = list(groups)
+    dl = delong_paired(y, a, b, groups=groups)
     if dl is None:
         return None
-    n = len(y)
     unit, n_units = (np.arange(n), n) if groups is None else _group_codes(groups, n)
     rng = np.random.default_rng(seed)
     deltas = np.empty(n_boot)
@@ -97,7 +119,7 @@ def paired_auc_difference(labels: Iterable[int], scores_a: Iterable[float], scor
     return {"auc_a": dl["auc_a"], "auc_b": dl["auc_b"], "delta": dl["delta"],
             "low": None if np.isnan(low) else float(low), "high": None if np.isnan(high) else float(high),
             "resampled": "images" if groups is None else "patients", "n_boot": int(n_boot),
-            "delong_se": dl["se"], "delong_p": dl["p"]}
+            "delong_se": dl["se"], "delong_p": dl["p"], "delong_clustered": dl["clustered"]}
 
 
 def compare_to_chosen(results: list[dict[str, Any]], scored: list[dict[str, tuple]], chosen: str | None, *,
@@ -135,7 +157,7 @@ def compare_to_chosen(results: list[dict[str, Any]], scored: list[dict[str, tupl
                 res = paired_auc_difference(y, np.asarray(scores)[keep], np.asarray(o_scores)[[where[ids[j]] for j in keep]],
                                             groups=g if any(x is not None for x in g) else None,
                                             n_boot=n_boot, seed=seed)
-            rows.append({**row, **res} if res else {**row, "reason": "no labelled images of both classes in common"})
+            rows.append({**row, **res} if res else {**row, "reason": "fewer than 2 labelled images of a class in common"})
     return rows
 
 

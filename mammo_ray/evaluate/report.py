@@ -69,7 +69,8 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
 
 COMPARISON_HEADER = ["chosen", "other", "set", "n", "AUC difference [95% CI]", "resampled", "DeLong p"]
 COMPARISON_NOTE = ("AUC of the checkpoint chosen on val minus each other checkpoint's, on the same images: 95% paired "
-                   "bootstrap interval (both models scored on every replicate's draw) and the paired DeLong test. "
+                   "bootstrap interval (both models scored on every replicate's draw) and the paired DeLong test "
+                   "(clustered by patient when patient ids exist, Obuchowski 1997). "
                    "Overlapping per-model intervals do not mean no difference; these intervals say it.")
 
 
@@ -84,6 +85,14 @@ def comparison_rows(comparisons: list[dict[str, Any]]) -> list[list[str]]:
         rows.append([c["chosen"], c["other"], c["set"], str(c["n"]), f"{c['delta']:+.3f}{ci}", c["resampled"],
                      f"{c['delong_p']:.3g}"])
     return rows
+
+
+def figure_names(ck: dict[str, Any]) -> list[str]:
+    """A checkpoint's figure files (by exact name: tag ``g-2`` must not claim tag ``g``'s)."""
+    tag, scored = ck["tag"], [n for n, r in ck["sets"].items() if r.get("metrics") is not None]
+    if not scored:
+        return []
+    return [f"{tag}-roc.png", f"{tag}-pr.png", f"{tag}-reliability.png", *(f"{tag}-{n}-confusion.png" for n in scored)]
 
 
 def figures(report: dict[str, Any]) -> dict[str, bytes]:
@@ -139,9 +148,8 @@ def write_report(report: dict[str, Any], out: str) -> None:
                           f"sensitivity {_plain(m.get('recall'))}, specificity {_plain(m.get('specificity'))}")
         for note in ck.get("notes", []):
             md.append(f"- note: {note}")
-        for name in figs:
-            if name.startswith(ck["tag"] + "-"):
-                md.append(f"![{name}](figures/{name})")
+        for name in figure_names(ck):
+            md.append(f"![{name}](figures/{name})")
     mio.write_bytes(mio.join(out, "report.md"), ("\n".join(md) + "\n").encode())
     mio.write_bytes(mio.join(out, "report.html"), render_html(report, header, rows, figs).encode())
 
@@ -175,10 +183,9 @@ def render_html(report: dict[str, Any], header: list[str], rows: list[list[str]]
                          + (f" &mdash; metrics skipped: {esc(str(res.get('reason')))}" if res.get("metrics") is None else "")
                          + "</li>")
         parts.append("</ul><div>")
-        for name, data in figs.items():
-            if name.startswith(ck["tag"] + "-"):
-                b64 = base64.b64encode(data).decode()
-                parts.append(f"<img alt='{esc(name)}' src='data:image/png;base64,{b64}'>")
+        for name in figure_names(ck):
+            b64 = base64.b64encode(figs[name]).decode()
+            parts.append(f"<img alt='{esc(name)}' src='data:image/png;base64,{b64}'>")
         parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)

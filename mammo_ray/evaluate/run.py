@@ -209,7 +209,8 @@ def _checkpoint_tag(state: dict[str, Any], path: str, taken: dict[str, str]) -> 
     suffixed with the file's name (``runs_b`` for ``runs/b.pt`` after ``runs/a.pt``), else a number."""
     norm = os.path.abspath(path)
     parts = norm.split(os.sep)
-    base = parts[-2] if os.path.dirname(os.path.normpath(path)) else f"{state['backbone']}-r{state['freeze_ratio']:g}"
+    has_dir = os.path.dirname(os.path.normpath(path)) and parts[-2]  # not cwd, not the root
+    base = parts[-2] if has_dir else f"{state['backbone']}-r{state['freeze_ratio']:g}"
     tag = base
     if tag in taken:
         other = taken[tag].split(os.sep)
@@ -249,7 +250,9 @@ def ensemble_result(results: list[dict[str, Any]], scored: list[dict[str, tuple]
     return ({"checkpoint": f"mean of {len(results)} checkpoints", "tag": tag, "members": [r["tag"] for r in results],
              "backbone": "+".join(sorted({r["backbone"] for r in results})),
              "freeze_ratio": ratios.pop() if len(ratios) == 1 else None, "epoch": None,
-             "train_metrics": {"val_auc": val_auc}, "spec": results[0]["spec"],
+             "train_metrics": {"val_auc": val_auc},
+             "spec": results[0]["spec"] if all(r["spec"] == results[0]["spec"] for r in results) else
+             "the members' own (they differ)",
              "threshold": {**thr, "chosen_on": "val", "n_val": int(len(v_ids))}, "sets": sets,
              "notes": [f"ensemble: the mean probability of {', '.join(r['tag'] for r in results)}"]}, ens_scored)
 

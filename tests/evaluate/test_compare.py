@@ -98,3 +98,34 @@ def test_compare_to_chosen_pairs_images_by_id_and_skips_unlabelled():
     direct = paired_auc_difference(y[20:], a[20:], b[20:], n_boot=300, seed=0)
     assert rows[0]["delta"] == pytest.approx(direct["delta"])
     assert compare_to_chosen(results, scored, None, n_boot=300, seed=0) == []
+
+
+def test_clustered_delong_counts_a_patients_images_once():
+    """Obuchowski's clustered variance: one image per patient gives DeLong's exactly; every case
+    imaged 4 times gives the standard error of the cases imaged once (independent images would
+    halve it)."""
+    y, a, b = _two_models(200, seed=6, gap=0.3)
+    plain = delong_paired(y, a, b)
+    single = delong_paired(y, a, b, groups=list(range(200)))
+    assert single["se"] == pytest.approx(plain["se"], rel=1e-12) and single["clustered"] and not plain["clustered"]
+    y4, a4, b4 = (np.repeat(v, 4) for v in (y, a, b))
+    clustered = delong_paired(y4, a4, b4, groups=np.repeat(np.arange(200), 4).tolist())
+    assert clustered["delta"] == pytest.approx(plain["delta"])
+    assert clustered["se"] == pytest.approx(plain["se"], rel=1e-9)
+    assert delong_paired(y4, a4, b4)["se"] == pytest.approx(plain["se"] / 2, rel=0.05)
+
+
+def test_clustered_delong_agrees_with_the_patient_bootstrap():
+    """Patients with images of both classes (the cross term): the clustered standard error is
+    close to the spread of the paired patient bootstrap."""
+    rng = np.random.default_rng(7)
+    patients = 250
+    groups = np.repeat(np.arange(patients), 4)
+    y = np.tile([1, 0, 0, 0], patients)
+    y[rng.random(len(y)) < 0.15] = 1
+    patient_effect = np.repeat(rng.normal(size=patients), 4)  # images of a patient move together
+    a = 1 / (1 + np.exp(-(patient_effect + 1.2 * y + rng.normal(scale=0.8, size=len(y)))))
+    b = 1 / (1 + np.exp(-(patient_effect + 0.9 * y + rng.normal(scale=0.8, size=len(y)))))
+    res = paired_auc_difference(y, a, b, groups=groups.tolist(), n_boot=2000, seed=3)
+    assert res["delong_clustered"]
+    assert (res["high"] - res["low"]) / (2 * 1.96) == pytest.approx(res["delong_se"], rel=0.2)

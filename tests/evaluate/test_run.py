@@ -95,7 +95,7 @@ def test_end_to_end_report(ray_local, sweep_dir, train_data_dir, external_raw, t
         other = next(t for t in by_tag if t != chosen)
         assert (c["chosen"], c["other"], c["resampled"]) == (chosen, other, "patients")
         assert c["delta"] == pytest.approx(by_tag[chosen] - by_tag[other], abs=1e-9)
-        assert c["low"] <= c["delta"] <= c["high"] and 0 <= c["delong_p"] <= 1
+        assert c["low"] is not None and c["low"] <= c["high"] and 0 <= c["delong_p"] <= 1 and c["delong_clustered"]
     assert "## Paired comparisons" in (out / "report.md").read_text()
     assert "id='comparisons'" in (out / "report.html").read_text()
 
@@ -259,6 +259,7 @@ def test_checkpoint_tags_stay_distinct(tmp_path, monkeypatch):
              "x/sweep-a/best/g/checkpoint.pt", "one.pt", "two.pt", "y/sweep-b/best/g/checkpoint.pt")]
     assert tags == ["g", "sweep-b_g", "runs", "runs_b", "g-2", "resnet18-r0.5", "resnet18-r0.5_two", "g-3"]
     assert sorted(taken) == sorted(tags) and taken["runs_b"] == str(tmp_path / "runs" / "b.pt")
+    assert _checkpoint_tag(state, "/checkpoint.pt", {}) == "resnet18-r0.5"  # at the root: no folder name
 
 
 def test_ensemble_of_two_sweeps_from_the_command_line(ray_local, sweep_dir, train_data_dir, external_raw, tmp_path,
