@@ -206,6 +206,24 @@ def remove_node_when(cluster, ready, pick, removed: list, timeout: float = 240):
     return thread
 
 
+def own_processes(*needles: str) -> list[int]:
+    """PIDs of this test process's descendants whose command line holds every needle: the Rays
+    the tests start (local, or a ``Cluster``'s nodes) are all children of it. Never scan the whole
+    machine for Ray workers to kill: another session's Ray (a parallel run, a user's job) has
+    workers of the same names, and a killed one of theirs fails both."""
+    import psutil
+
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline() or [])
+        except psutil.Error:
+            continue
+        if all(n in cmd for n in needles):
+            pids.append(p.pid)
+    return pids
+
+
 def node_of_pid(workers, pid: int):
     """The Cluster worker node whose raylet started process ``pid`` (a Ray worker process)."""
     import psutil

@@ -17,6 +17,7 @@ from tests.conftest import (
     copies_archive,
     listening_beyond_loopback,
     node_of_pid,
+    own_processes,
     remove_node_when,
 )
 
@@ -52,8 +53,6 @@ def test_worker_removed_mid_preprocess_loses_nothing(ray_cluster, phantom_dir, t
 def test_worker_removed_mid_explain_loses_nothing(ray_cluster, phantom_dir, trained_checkpoint, tmp_path):
     """The node holding the CAM actor goes away: the actor restarts on the other worker, lost
     blocks are recomputed, and every input ends with exactly one row or one error."""
-    import psutil
-
     cluster, workers = ray_cluster
     archive = copies_archive(phantom_dir, tmp_path / "archive", 160)
     out = tmp_path / "out"
@@ -62,12 +61,10 @@ def test_worker_removed_mid_explain_loses_nothing(ray_cluster, phantom_dir, trai
 
     def actor_node():
         # the actor's process title ends in ".submit" while it works on a batch
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if "CamActor" in cmd and "MapWorker" in cmd and ".submit" in cmd:
-                busy_since.append(time.monotonic())
-                if time.monotonic() - busy_since[0] > 2.0:  # a few batches in
-                    return node_of_pid(workers, p.info["pid"])
+        for pid in own_processes("CamActor", "MapWorker", ".submit"):  # this session's Cluster only
+            busy_since.append(time.monotonic())
+            if time.monotonic() - busy_since[0] > 2.0:  # a few batches in
+                return node_of_pid(workers, pid)
         return None
 
     removed: list = []

@@ -170,10 +170,10 @@ def test_killed_driver_then_resume_gives_one_row_per_input(job, ray_cluster, s3_
 
 
 def _cam_actor_pids() -> set[int]:
-    import psutil
+    """This session's CAM actors (never another Ray's on the same machine)."""
+    from tests.conftest import own_processes
 
-    return {p.pid for p in psutil.process_iter(["cmdline"])
-            if "CamActor" in " ".join(p.info["cmdline"] or []) and "MapWorker" in " ".join(p.info["cmdline"] or [])}
+    return set(own_processes("CamActor", "MapWorker"))
 
 
 @pytest.mark.slow
