@@ -35,40 +35,47 @@ def _components(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def delong_paired(labels: Iterable[int], scores_a: Iterable[float], scores_b: Iterable[float], *,
-                  groups: Iterable[Any] | None = None) -> dict[str, float] | None:
-    """AUC(a) - AUC(b) on the same images, its DeLong standard error and two-sided p-value;
-    None with fewer than two images of a class.
+                  groups: Iterable[Any] | None = None) -> dict[str, Any] | None:
+    """AUC(a) - AUC(b) on the same images, its DeLong standard error and two-sided p-value.
 
     With ``groups`` (patient keys) the variance is the clustered one of Obuchowski (1997,
     Biometrics 53:567): each patient's structural components are summed, so several images of
     one patient count as one correlated unit (treating them as independent shrinks the standard
     error by up to the square root of the images per patient).
+
+    Returns:
+        None with one class; else {"auc_a", "auc_b", "delta", "se", "p", "clustered"}, where
+        "se" and "p" are None when the variance cannot be estimated (fewer than two images, or
+        with ``groups`` two patients, holding each class).
     """
     y, a = _as_arrays(labels, scores_a)
     _, b = _as_arrays(labels, scores_b)
     m, n = int((y == 1).sum()), int((y == 0).sum())
-    if m < 2 or n < 2:
+    if not m or not n:
         return None
     (a10, a01), (b10, b01) = _components(y, a), _components(y, b)
     d10, d01 = a10 - b10, a01 - b01  # the difference's components (DeLong's statistic is linear in them)
     delta = float(d10.mean())
+    out = {"auc_a": float(a10.mean()), "auc_b": float(b10.mean()), "delta": delta, "se": None, "p": None,
+           "clustered": groups is not None}
     if groups is None:
+        if m < 2 or n < 2:
+            return out
         var = np.var(d10, ddof=1) / m + np.var(d01, ddof=1) / n
     else:
         codes, k = _group_codes(groups, len(y))
         m_i, n_i = np.bincount(codes[y == 1], minlength=k), np.bincount(codes[y == 0], minlength=k)
         k10, k01 = int((m_i > 0).sum()), int((n_i > 0).sum())  # patients with positives / negatives
         if k10 < 2 or k01 < 2:
-            return None
+            return out
         # per patient: summed components minus their expectation (its images of the class x delta)
         c10 = np.bincount(codes[y == 1], weights=d10, minlength=k) - m_i * delta
         c01 = np.bincount(codes[y == 0], weights=d01, minlength=k) - n_i * delta
         var = (k10 / (k10 - 1) * (c10 @ c10) / m ** 2 + k01 / (k01 - 1) * (c01 @ c01) / n ** 2
                + 2 * k / (k - 1) * (c10 @ c01) / (m * n))
     se = math.sqrt(max(float(var), 0.0))
-    p = float(2 * norm.sf(abs(delta) / se)) if se > 0 else (1.0 if delta == 0 else 0.0)
-    return {"auc_a": float(a10.mean()), "auc_b": float(b10.mean()), "delta": delta, "se": se, "p": p,
-            "clustered": groups is not None}
+    out["se"], out["p"] = se, float(2 * norm.sf(abs(delta) / se)) if se > 0 else (1.0 if delta == 0 else 0.0)
+    return out
 
 
 def paired_auc_difference(labels: Iterable[int], scores_a: Iterable[float], scores_b: Iterable[float], *,
@@ -79,7 +86,9 @@ def paired_auc_difference(labels: Iterable[int], scores_a: Iterable[float], scor
 
     Returns:
         None with one class; else {"auc_a", "auc_b", "delta", "low", "high", "resampled",
-        "n_boot", "delong_se", "delong_p"}.
+        "n_boot", "delong_se", "delong_p", "delong_clustered"} ("delong_se"/"delong_p" None when a
+        class has fewer than two images, or with ``groups`` two patients, to estimate the variance
+        from; "low"/"high" None when fewer than half the replicates hold both classes).
 
     Raises:
         ValueError: mismatched lengths, invalid labels/scores, n_boot < 1 or alpha outside (0, 1).
@@ -157,7 +166,7 @@ def compare_to_chosen(results: list[dict[str, Any]], scored: list[dict[str, tupl
                 res = paired_auc_difference(y, np.asarray(scores)[keep], np.asarray(o_scores)[[where[ids[j]] for j in keep]],
                                             groups=g if any(x is not None for x in g) else None,
                                             n_boot=n_boot, seed=seed)
-            rows.append({**row, **res} if res else {**row, "reason": "fewer than 2 labelled images of a class in common"})
+            rows.append({**row, **res} if res else {**row, "reason": "no labelled images of both classes in common"})
     return rows
 
 

@@ -83,7 +83,7 @@ def comparison_rows(comparisons: list[dict[str, Any]]) -> list[list[str]]:
             continue
         ci = "" if c["low"] is None else f" [{c['low']:+.3f}, {c['high']:+.3f}]"
         rows.append([c["chosen"], c["other"], c["set"], str(c["n"]), f"{c['delta']:+.3f}{ci}", c["resampled"],
-                     f"{c['delong_p']:.3g}"])
+                     "n/a" if c["delong_p"] is None else f"{c['delong_p']:.3g}"])
     return rows
 
 

@@ -129,3 +129,22 @@ def test_clustered_delong_agrees_with_the_patient_bootstrap():
     res = paired_auc_difference(y, a, b, groups=groups.tolist(), n_boot=2000, seed=3)
     assert res["delong_clustered"]
     assert (res["high"] - res["low"]) / (2 * 1.96) == pytest.approx(res["delong_se"], rel=0.2)
+
+
+def test_a_difference_without_enough_patients_for_its_variance():
+    """One patient holds every positive image: the difference is defined, its DeLong variance is
+    not (clustered by patient), and the image-level one is."""
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 0])
+    a = np.array([0.9, 0.8, 0.7, 0.1, 0.2, 0.75, 0.3, 0.4])
+    b = np.array([0.6, 0.5, 0.7, 0.1, 0.8, 0.2, 0.3, 0.4])
+    groups = ["p1", "p1", "p1", "p2", "p3", "p4", "p5", "p6"]
+    res = paired_auc_difference(y, a, b, groups=groups, n_boot=200)
+    assert res["delta"] == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b))
+    assert res["delong_se"] is None and res["delong_p"] is None and res["delong_clustered"]
+    assert delong_paired(y, a, b)["se"] > 0
+    one = delong_paired(np.array([1, 0, 0]), np.array([0.9, 0.1, 0.2]), np.array([0.5, 0.6, 0.1]))
+    assert one["delta"] == pytest.approx(1.0 - 0.5) and one["se"] is None
+    from mammo_ray.evaluate.report import comparison_rows
+
+    row = comparison_rows([{"chosen": "a", "other": "b", "set": "test", "n": 8, **res}])[0]
+    assert row[-1] == "n/a"
