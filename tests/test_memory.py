@@ -1,4 +1,5 @@
 """PeakMemory's per-process figures: what a "memory is flat in the input size" check reads."""
+import gc
 import os
 import time
 
@@ -14,8 +15,10 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), r
 def test_anonymous_bytes_count_what_this_process_allocates():
     import mmap
 
-    # A fresh anonymous mapping, every page written: np.ones could reuse heap an earlier test
-    # freed to a caching allocator (CI read +0 MB after 600 tests), a new mapping cannot.
+    # CI read +0 MB from np.ones after 600 tests: the allocation can trigger the garbage
+    # collector, which frees an earlier test's arrays in between, or reuse freed heap. So the
+    # garbage goes first, and the block is a fresh anonymous mapping with every page written.
+    gc.collect()
     before = anonymous_bytes(os.getpid())
     block = mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     np.frombuffer(block, dtype=np.uint8)[::4096] = 1
