@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm, rankdata
 
-from mammo_ray.evaluate.metrics import _CHUNK_ELEMENTS, _group_codes, _replicate_ranking
+from mammo_ray.evaluate.metrics import _group_codes, _replicate_ranking, check_bootstrap, replicate_weights
 from mammo_ray.metrics import _as_arrays
 
 
@@ -98,30 +98,20 @@ def paired_auc_difference(labels: Iterable[int], scores_a: Iterable[float], scor
         raise ValueError(f"scores_b has {len(b)} entries but scores_a has {len(a)}: the same images are needed")
     y, a = _as_arrays(labels, a)
     _, b = _as_arrays(labels, b)
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot={n_boot!r}: must be an integer >= 1")
-    if not 0.0 < float(alpha) < 1.0:
-        raise ValueError(f"alpha={alpha!r}: must be in (0, 1)")
-    n = len(y)
+    check_bootstrap(n_boot, alpha)
     if groups is not None:
         groups = list(groups)
     dl = delong_paired(y, a, b, groups=groups)
     if dl is None:
         return None
-    unit, n_units = (np.arange(n), n) if groups is None else _group_codes(groups, n)
-    rng = np.random.default_rng(seed)
     deltas = np.empty(n_boot)
-    chunk = max(1, min(n_boot, _CHUNK_ELEMENTS // n))
     yf = y.astype(np.float64)
-    for start in range(0, n_boot, chunk):
-        r = min(chunk, n_boot - start)
-        counts = np.stack([np.bincount(rng.integers(0, n_units, size=n_units), minlength=n_units) for _ in range(r)])
-        w = counts[:, unit].astype(np.float64)
+    for start, w in replicate_weights(groups, len(y), n_boot, seed):
         n_pos = w @ yf
         n_neg = w.sum(axis=1) - n_pos
         auc_a = _replicate_ranking(yf, a, w, n_pos, n_neg, ("roc_auc",))["roc_auc"]
         auc_b = _replicate_ranking(yf, b, w, n_pos, n_neg, ("roc_auc",))["roc_auc"]
-        deltas[start:start + r] = auc_a - auc_b
+        deltas[start:start + len(w)] = auc_a - auc_b
     valid = deltas[~np.isnan(deltas)]
     low, high = (np.quantile(valid, [alpha / 2.0, 1.0 - alpha / 2.0]) if 2 * len(valid) >= n_boot
                  else (np.nan, np.nan))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -128,6 +128,28 @@ def _check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
     return metrics
 
 
+def check_bootstrap(n_boot: int, alpha: float) -> None:
+    """Raises ValueError unless n_boot is an integer >= 1 and alpha is in (0, 1)."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot={n_boot!r}: must be an integer >= 1")
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha={alpha!r}: must be in (0, 1)")
+
+
+def replicate_weights(groups: Iterable[Any] | None, n: int, n_boot: int, seed: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The bootstrap's replicates as chunks of per-image weights: (first replicate, (r, n) float
+    counts). With ``groups`` (patient keys; None entries are their own group) groups are drawn
+    with replacement and give all their images their count (cluster bootstrap), else images.
+    One draw per replicate, so the draws do not depend on the chunk size."""
+    unit, n_units = (np.arange(n), n) if groups is None else _group_codes(groups, n)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_boot, _CHUNK_ELEMENTS // max(n, 1)))
+    for start in range(0, n_boot, chunk):
+        r = min(chunk, n_boot - start)
+        counts = np.stack([np.bincount(rng.integers(0, n_units, size=n_units), minlength=n_units) for _ in range(r)])
+        yield start, counts[:, unit].astype(np.float64)
+
+
 def bootstrap_ci(labels: Iterable[int], scores: Iterable[float], *, threshold: float,
                  groups: Iterable[Any] | None = None, n_boot: int = 1000, alpha: float = 0.05,
                  seed: int = 0, metrics: Iterable[str] = METRIC_NAMES) -> dict[str, Any]:
@@ -152,27 +174,12 @@ def bootstrap_ci(labels: Iterable[int], scores: Iterable[float], *, threshold: f
     y, s = _as_arrays(labels, scores)
     t = _check_threshold(threshold)
     metrics = _check_metrics(metrics)
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot={n_boot!r}: must be an integer >= 1")
-    if not 0.0 < float(alpha) < 1.0:
-        raise ValueError(f"alpha={alpha!r}: must be in (0, 1)")
-    n = len(y)
-    if groups is None:
-        unit, n_units, resampled = np.arange(n), n, "images"
-    else:
-        (unit, n_units), resampled = _group_codes(groups, n), "patients"
-    rng = np.random.default_rng(seed)
+    check_bootstrap(n_boot, alpha)
     values = {m: np.empty(n_boot) for m in metrics}
-    chunk = max(1, min(n_boot, _CHUNK_ELEMENTS // n))
-    for start in range(0, n_boot, chunk):
-        r = min(chunk, n_boot - start)
-        # One draw per replicate (the draws do not depend on the chunk size); a unit drawn k
-        # times gives all its images weight k.
-        counts = np.stack([np.bincount(rng.integers(0, n_units, size=n_units), minlength=n_units)
-                           for _ in range(r)])
-        vals = _replicate_metrics(y, s, counts[:, unit].astype(np.float64), threshold=t, metrics=metrics)
+    for start, w in replicate_weights(groups, len(y), n_boot, seed):
+        vals = _replicate_metrics(y, s, w, threshold=t, metrics=metrics)
         for m in metrics:
-            values[m][start:start + r] = vals[m]
+            values[m][start:start + len(w)] = vals[m]
     out: dict[str, Any] = {}
     for m in metrics:
         v = values[m][~np.isnan(values[m])]
@@ -184,7 +191,7 @@ def bootstrap_ci(labels: Iterable[int], scores: Iterable[float], *, threshold: f
         else:
             low, high = np.quantile(v, [alpha / 2.0, 1.0 - alpha / 2.0])
             out[m] = {"low": float(low), "high": float(high), "n_valid": len(v), "reason": None}
-    out["_resampled"] = resampled
+    out["_resampled"] = "images" if groups is None else "patients"
     out["_n_boot"] = int(n_boot)
     return out
 

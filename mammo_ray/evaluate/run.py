@@ -181,8 +181,8 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
         res.update({"source": folder, "split": split, "how": how})
         res["_paired"] = (arrays.image_ids, arrays.labels, scores, arrays.patient_keys)  # popped by run_evaluate
         sets[name] = res
-    sets["_val"] = {"_paired": (val.image_ids, val.labels, val_scores, val.patient_keys)}  # popped by run_evaluate
-    return {"checkpoint": ckpt, "tag": tag, "backbone": state["backbone"], "freeze_ratio": state["freeze_ratio"],
+    return {"_val": (val.image_ids, val.labels, val_scores, val.patient_keys),  # popped by run_evaluate
+            "checkpoint": ckpt, "tag": tag, "backbone": state["backbone"], "freeze_ratio": state["freeze_ratio"],
             "epoch": state["epoch"], "train_metrics": state["metrics"], "spec": state["spec"],
             "threshold": {**thr, "chosen_on": "val", "n_val": int(len(val))}, "sets": sets, "notes": notes}
 
@@ -218,10 +218,15 @@ def _checkpoint_tag(state: dict[str, Any], path: str, taken: dict[str, str]) -> 
             tag = f"{base}_{os.path.splitext(parts[-1])[0]}"
         else:
             tag = next((f"{a}_{base}" for a, b in zip(parts[-3::-1], other[-3::-1]) if a != b), base)
+    return _claim(tag, base, norm, taken)
+
+
+def _claim(tag: str, base: str, path: str, taken: dict[str, str]) -> str:
+    """``tag``, or ``base-2``, ``base-3``... when it is taken; recorded in ``taken`` with ``path``."""
     n = 2
     while tag in taken:
         tag, n = f"{base}-{n}", n + 1
-    taken[tag] = norm
+    taken[tag] = path
     return tag
 
 
@@ -232,8 +237,7 @@ def ensemble_result(results: list[dict[str, Any]], scored: list[dict[str, tuple]
     checkpoint chosen on val), every set scored and written as a checkpoint's are."""
     v_ids, v_labels, v_scores, _ = mean_scores(vals, "val")
     thr = choose_threshold(v_labels, v_scores, method=cfg.threshold_method, target_sensitivity=cfg.target_sensitivity)
-    tag = next(t for t in ("ensemble", *(f"ensemble-{n}" for n in range(2, 99))) if t not in taken)
-    taken[tag] = ""
+    tag = _claim("ensemble", "ensemble", "", taken)
     sets, ens_scored = {}, {}
     for name, _ in scored[0].items():
         ids, labels, scores, groups = mean_scores([sc[name] for sc in scored], name)
@@ -286,7 +290,7 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
     results = [evaluate_checkpoint(c, data=data, externals=externals, out=out, cfg=cfg, prepared=prepared, taken=taken)
                for c in checkpoints]
     # the scores stay in memory for the ensemble and the paired comparisons, not in metrics.json
-    vals = [r["sets"].pop("_val")["_paired"] for r in results]
+    vals = [r.pop("_val") for r in results]
     scored = [{name: res.pop("_paired") for name, res in r["sets"].items()} for r in results]
     if cfg.ensemble:
         ens, ens_scored = ensemble_result(results, scored, vals, out=out, cfg=cfg, taken=taken)
