@@ -55,6 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="training seeds: the ratio sweep and its random-init baseline run at the first; both "
                         "repeat at the chosen ratio for each other seed (one run's test AUC moves by a few "
                         "hundredths with the seed alone)")
+    p.add_argument("--random-seeds", type=int, nargs="*", default=None,
+                   help="seeds of the random-init baseline (default: every --seeds; none: no baseline, e.g. when "
+                        "a run only asks what a resolution or schedule does to the pretrained network)")
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--smoke-test", action="store_true")
     return p
@@ -142,13 +145,17 @@ def main(args) -> dict:
     from mammo_ray.evaluate.run import sweep_checkpoints
 
     first = args.seeds[0]
+    random_seeds = set(args.seeds if args.random_seeds is None else args.random_seeds)
     pretrained = sweep("sweep-imagenet", args.freeze_ratios, "imagenet", first)
     best_ratio = float(pretrained["best"]["freeze_ratio"])
-    sweep("sweep-random", [best_ratio], None, first)
     runs = [(ck, "imagenet", first) for ck in sweep_checkpoints(os.path.join(out, "sweep-imagenet"))]
-    runs += [(ck, "random", first) for ck in sweep_checkpoints(os.path.join(out, "sweep-random"))]
+    if first in random_seeds:
+        sweep("sweep-random", [best_ratio], None, first)
+        runs += [(ck, "random", first) for ck in sweep_checkpoints(os.path.join(out, "sweep-random"))]
     for seed in args.seeds[1:]:
         for init, name in (("imagenet", f"sweep-imagenet-s{seed}"), ("random", f"sweep-random-s{seed}")):
+            if init == "random" and seed not in random_seeds:
+                continue
             sweep(name, [best_ratio], "imagenet" if init == "imagenet" else None, seed)
             runs += [(ck, init, seed) for ck in sweep_checkpoints(os.path.join(out, name))]
 

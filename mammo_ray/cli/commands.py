@@ -12,30 +12,10 @@ import shutil
 import sys
 from dataclasses import replace
 
-from mammo_ray.config import (
-    CAM_METHODS,
-    CLR_MODES,
-    DISTRIBUTED_MODES,
-    EQUALIZE_MODES,
-    IMBALANCE,
-    MAX_SIDE,
-    OPTIMIZERS,
-    ORIENTATIONS,
-    OTHER_MODALITY,
-    OUTPUT_DTYPES,
-    PRETRAINED,
-    RESIZE_MODES,
-    SCHEDULERS,
-    THRESHOLD_METHODS,
-    CAM_FOR_FORMS,
-    EvaluateConfig,
-    ExplainConfig,
-    PreprocessConfig,
-    ScoreConfig,
-    SweepConfig,
-    TrainConfig,
-    backbone_names,
-)
+from mammo_ray.config import (CAM_FOR_FORMS, CAM_METHODS, CLR_MODES, DISTRIBUTED_MODES, EQUALIZE_MODES, IMBALANCE,
+                              MAX_SIDE, OPTIMIZERS, ORIENTATIONS, OTHER_MODALITY, OUTPUT_DTYPES, PRETRAINED,
+                              RESIZE_MODES, SCHEDULERS, THRESHOLD_METHODS, TTA_MODES, EvaluateConfig, ExplainConfig,
+                              PreprocessConfig, ScoreConfig, SweepConfig, TrainConfig, backbone_names)
 from mammo_ray.console import set_console_level
 from mammo_ray.outputs import check_out_location
 from mammo_ray.cli.options import Renamed, config_overrides, finite_float, lr_pair
@@ -274,6 +254,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, help=f"default: {d.seed}")
     p.add_argument("--ensemble", action="store_true", default=None,
                    help="also evaluate the mean of the checkpoints' probabilities as one model (e.g. several seeds)")
+    p.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation: the mean over flipped views (vflip: as "
+                   f"training flips; hflip; flips: both, and both together); default: {d.tta}")
 
 
 def _run_evaluate(args) -> int:

@@ -12,7 +12,7 @@ from mammo_ray.config.base import (EXTERNAL, LABELS, MAX_BATCH, MAX_SIDE, SPLITS
 from mammo_ray.config.data import (EQUALIZE_MODES, INVERSION_MODES, ORIENTATIONS, OTHER_MODALITY, OUTPUT_DTYPES,
                                    RESIZE_MODES, PreprocessConfig, PreprocessSpec)
 from mammo_ray.config.stages import (BUILTIN_BACKBONES, CAM_FOR_FORMS, CAM_METHODS, CLR_MODES, DEVICES, DISTRIBUTED_MODES, IMBALANCE,
-                                     OPTIMIZERS, PRETRAINED, SCHEDULERS, THRESHOLD_METHODS, ArchiveConfig,
+                                     OPTIMIZERS, PRETRAINED, SCHEDULERS, THRESHOLD_METHODS, TTA_MODES, ArchiveConfig,
                                      EvaluateConfig, ExplainConfig, ScoreConfig, SweepConfig, TrainConfig,
                                      add_backbone_name, backbone_names, parse_cam_for)
 
@@ -21,6 +21,6 @@ __all__ = [
     "from_mapping", "load_yaml", "to_dict", "EQUALIZE_MODES", "INVERSION_MODES", "ORIENTATIONS", "OTHER_MODALITY",
     "OUTPUT_DTYPES", "RESIZE_MODES", "PreprocessConfig", "PreprocessSpec", "BUILTIN_BACKBONES", "CAM_FOR_FORMS", "CAM_METHODS",
     "CLR_MODES", "DEVICES", "DISTRIBUTED_MODES", "IMBALANCE", "OPTIMIZERS", "PRETRAINED", "SCHEDULERS",
-    "THRESHOLD_METHODS", "ArchiveConfig", "EvaluateConfig", "ScoreConfig", "parse_cam_for", "ExplainConfig", "SweepConfig", "TrainConfig", "add_backbone_name",
+    "THRESHOLD_METHODS", "TTA_MODES", "ArchiveConfig", "EvaluateConfig", "ScoreConfig", "parse_cam_for", "ExplainConfig", "SweepConfig", "TrainConfig", "add_backbone_name",
     "backbone_names",
 ]

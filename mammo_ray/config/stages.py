@@ -316,6 +316,7 @@ class ExplainConfig(ArchiveConfig):
 
 THRESHOLD_METHODS = ("youden", "sensitivity", "fixed")
 DISTRIBUTED_MODES = ("auto", "always", "never")
+TTA_MODES = ("none", "vflip", "hflip", "flips")  # the keys of models.inference.TTA_VIEWS (no torch here)
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,9 @@ class EvaluateConfig:
     how the decision threshold is chosen on val (youden; sensitivity: the highest threshold
     reaching ``target_sensitivity``; fixed: 0.5). ``distributed``: score with a Ray Data actor
     pool (auto: sets of 20,000 images or more). ``ensemble``: also evaluate the mean of the
-    checkpoints' probabilities as one model (e.g. one configuration trained with several seeds)."""
+    checkpoints' probabilities as one model (e.g. one configuration trained with several seeds).
+    ``tta``: score every image also flipped and average (vflip: vertically, as training
+    augments; hflip; flips: both and both together), for the val threshold and every set."""
 
     threshold_method: str = "youden"
     target_sensitivity: float = 0.9
@@ -334,11 +337,13 @@ class EvaluateConfig:
     batch_size: int = 64
     distributed: str = "auto"
     ensemble: bool = False
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         check_finite(self)
         _check_choice("threshold_method", self.threshold_method, THRESHOLD_METHODS)
         _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)
+        _check_choice("tta", self.tta, TTA_MODES)
         if not 0.0 < self.target_sensitivity <= 1.0:
             raise ValueError(f"target_sensitivity={self.target_sensitivity!r}: use a number in (0, 1]")
         if isinstance(self.n_boot, bool) or not isinstance(self.n_boot, int) or not 0 <= self.n_boot <= 1_000_000:

@@ -21,9 +21,9 @@ DISTRIBUTED_MIN_ROWS = 20_000
 class ScoreActor:
     """Ray Data callable class: loads a checkpoint once, scores batches of Parquet rows."""
 
-    def __init__(self, checkpoint: str, batch_size: int = 64) -> None:
+    def __init__(self, checkpoint: str, batch_size: int = 64, tta: str = "none") -> None:
         self.loaded = load_for_inference(checkpoint)
-        self.batch_size = batch_size
+        self.batch_size, self.tta = batch_size, tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
@@ -31,12 +31,12 @@ class ScoreActor:
         arrays = SplitArrays(pixels=pixels, labels=np.zeros(n, np.int64), image_ids=list(batch["image_id"]),
                              patient_keys=[None] * n, split="")
         m = self.loaded
-        scores = predict(m.model, arrays, spec=m.spec, device=m.device, batch_size=self.batch_size)
+        scores = predict(m.model, arrays, spec=m.spec, device=m.device, batch_size=self.batch_size, tta=self.tta)
         return {"image_id": np.asarray(batch["image_id"]), "probability": scores.astype(np.float32)}
 
 
 def score_distributed(checkpoint: str, folder: str, split: str, *, batch_size: int = 64,
-                      actors: int | None = None) -> dict[str, float]:
+                      actors: int | None = None, tta: str = "none") -> dict[str, float]:
     """image_id -> probability for every row of a split, scored by a Ray Data actor pool."""
     import ray  # deferred: in-process scoring (sets under 20,000 images) needs no Ray
 
@@ -50,7 +50,7 @@ def score_distributed(checkpoint: str, folder: str, split: str, *, batch_size: i
     # starve the reads that feed them (a deadlock on small clusters)
     n_actors = actors or (gpus if gpus else max(1, int(resources.get("CPU", 1)) - 1))
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image_id", "pixels", "height", "width", "dtype"])
-    ds = ds.map_batches(ScoreActor, fn_constructor_kwargs={"checkpoint": checkpoint, "batch_size": batch_size},
+    ds = ds.map_batches(ScoreActor, fn_constructor_kwargs={"checkpoint": checkpoint, "batch_size": batch_size, "tta": tta},
                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=1 if gpus else 0,
                         num_cpus=0 if gpus else 1, batch_format="numpy")
     out: dict[str, float] = {}
@@ -60,17 +60,18 @@ def score_distributed(checkpoint: str, folder: str, split: str, *, batch_size: i
 
 
 def score_split(model: Any, arrays, *, spec, device, checkpoint: str, folder: str, split: str,
-                distributed: str = "auto", batch_size: int = 64) -> np.ndarray:
+                distributed: str = "auto", batch_size: int = 64, tta: str = "none") -> np.ndarray:
     """Scores in ``arrays`` order; Ray Data when ``distributed`` is ``always`` or the split is
-    large (``auto``: at least DISTRIBUTED_MIN_ROWS rows), else batched in this process."""
+    large (``auto``: at least DISTRIBUTED_MIN_ROWS rows), else batched in this process. ``tta``:
+    ``models.inference.TTA_VIEWS``."""
 
     if distributed not in ("auto", "always", "never"):
         raise ValueError(f"distributed={distributed!r}: use one of auto, always, never")
     use_ray = distributed == "always" or (distributed == "auto" and len(arrays) >= DISTRIBUTED_MIN_ROWS)
     if not use_ray:
-        return predict(model, arrays, spec=spec, device=device, batch_size=batch_size)
+        return predict(model, arrays, spec=spec, device=device, batch_size=batch_size, tta=tta)
     logger.info("scoring %d rows of %s/%s with a Ray Data actor pool", len(arrays), folder, split)
-    scores = score_distributed(checkpoint, folder, split, batch_size=batch_size)
+    scores = score_distributed(checkpoint, folder, split, batch_size=batch_size, tta=tta)
     missing = [i for i in arrays.image_ids if i not in scores]
     if missing:
         raise RuntimeError(f"{len(missing)} rows of {folder}/{split} came back without a score")

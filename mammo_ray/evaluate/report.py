@@ -109,6 +109,12 @@ def figures(report: dict[str, Any]) -> dict[str, bytes]:
     return out
 
 
+def _tta_note(report: dict[str, Any], quote: str) -> str:
+    tta = report.get("tta", "none")
+    return "" if tta == "none" else (f" Test-time augmentation {quote}{tta}{quote}: every image's probability "
+                                     "(val included) is the mean over its flipped views.")
+
+
 def write_report(report: dict[str, Any], out: str) -> None:
     figs = figures(report)
     for name, data in figs.items():
@@ -119,7 +125,7 @@ def write_report(report: dict[str, Any], out: str) -> None:
           "Values are point estimates with 95% bootstrap confidence intervals "
           "(patients resampled when patient ids exist). The decision threshold of each checkpoint "
           "was chosen on the validation split and applied unchanged to every set. * marks the checkpoint "
-          "with the best val AUC, the one to report: test never chooses.", "",
+          "with the best val AUC, the one to report: test never chooses." + _tta_note(report, "`"), "",
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     pairs = comparison_rows(report.get("comparisons") or [])
@@ -162,7 +168,8 @@ def render_html(report: dict[str, Any], header: list[str], rows: list[list[str]]
              "img{max-width:480px;margin:6px}</style></head><body>",
              "<h1>Evaluation report</h1>",
              "<p>95% bootstrap confidence intervals (patients resampled when patient ids exist); "
-             "thresholds chosen on validation, never on test; * marks the checkpoint with the best val AUC.</p>",
+             "thresholds chosen on validation, never on test; * marks the checkpoint with the best val AUC."
+             + html.escape(_tta_note(report, "")) + "</p>",
              "<table id='paper-table'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
     parts.append("</table>")

@@ -156,7 +156,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
     if not split_files(data, "val") or not split_files(data, "test"):
         raise ValueError(f"--data {data}: needs val/ (to choose the threshold) and test/ splits")
     val, _ = _split_arrays(data, "val")
-    val_scores = predict(model, val, spec=spec, device=device, batch_size=cfg.batch_size)
+    val_scores = predict(model, val, spec=spec, device=device, batch_size=cfg.batch_size, tta=cfg.tta)
     thr = choose_threshold(val.labels, val_scores, method=cfg.threshold_method,
                            target_sensitivity=cfg.target_sensitivity)
     sets: dict[str, dict[str, Any]] = {}
@@ -174,7 +174,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
                 notes.append(mismatch)
         arrays, meta = _split_arrays(folder, split)
         scores = score_split(model, arrays, spec=spec, device=device, checkpoint=ckpt, folder=folder, split=split,
-                             distributed=cfg.distributed, batch_size=cfg.batch_size)
+                             distributed=cfg.distributed, batch_size=cfg.batch_size, tta=cfg.tta)
         _write_scores(mio.join(out, "scores", tag, f"{name}.csv"), arrays, scores, thr["threshold"])
         res = _set_result(arrays.labels, scores, arrays.patient_keys, meta, threshold=thr["threshold"],
                           n_boot=cfg.n_boot, seed=cfg.seed)
@@ -297,7 +297,7 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
         results, scored = [*results, ens], [*scored, ens_scored]
     comparisons = compare_to_chosen(results, scored, chosen_by_val({"checkpoints": results}), n_boot=cfg.n_boot,
                                     seed=cfg.seed)
-    report = {"data": data, "externals": externals, "checkpoints": results, "comparisons": comparisons}
+    report = {"data": data, "externals": externals, "tta": cfg.tta, "checkpoints": results, "comparisons": comparisons}
     mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(report, indent=2, default=_json_default).encode())
     write_report(report, out)
     return report

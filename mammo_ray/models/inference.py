@@ -100,10 +100,20 @@ def load_for_inference(checkpoint: str | dict[str, Any], device: str = "auto") -
     return LoadedModel(state=state, spec=checkpoint_spec(state), model=model, device=dev)
 
 
+# Test-time augmentation: the views averaged, as the image axes each view flips ((B, 1, H, W):
+# -2 is vertical, -1 horizontal). Training flips vertically by default (``augment_params``),
+# so ``vflip`` shows the model nothing it was not trained on; a horizontal flip puts the chest
+# wall on the right, which only a model trained with ``hflip`` has seen.
+TTA_VIEWS = {"none": ((),), "vflip": ((), (-2,)), "hflip": ((), (-1,)), "flips": ((), (-2,), (-1,), (-2, -1))}
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec, device: torch.device,
-            batch_size: int = 64, channels_last: bool = True, amp: bool = True) -> np.ndarray:
-    """Malignancy probabilities for every row, in order (model in eval mode)."""
+            batch_size: int = 64, channels_last: bool = True, amp: bool = True, tta: str = "none") -> np.ndarray:
+    """Malignancy probabilities for every row, in order (model in eval mode). ``tta``: the mean
+    of the probabilities over the views of ``TTA_VIEWS[tta]``."""
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"tta={tta!r}: use one of {', '.join(TTA_VIEWS)}")
     was_training = model.training
     model.eval()
     out = []
@@ -111,7 +121,8 @@ def predict(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec
         for i in range(0, len(arrays), batch_size):
             x = to_model_input(arrays.pixels[i:i + batch_size], spec, device, channels_last=channels_last)
             with autocast(device, amp):
-                out.append(torch.sigmoid(model(x).squeeze(1).float()).cpu().numpy())
+                views = [torch.sigmoid(model(x.flip(dims) if dims else x).squeeze(1).float()) for dims in TTA_VIEWS[tta]]
+            out.append(torch.stack(views).mean(0).cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -184,6 +184,38 @@ def test_distributed_scoring_matches_in_process(ray_local, sweep_dir, train_data
     remote = score_split(model, arrays, distributed="always", **kw)
     assert remote.shape == local.shape == (len(arrays),)
     np.testing.assert_allclose(remote, local, atol=1e-5)
+    # test-time augmentation reaches the actors too
+    local_tta = score_split(model, arrays, distributed="never", tta="vflip", **kw)
+    assert not np.allclose(local_tta, local, atol=1e-4)
+    np.testing.assert_allclose(score_split(model, arrays, distributed="always", tta="vflip", **kw), local_tta, atol=1e-5)
+
+
+def test_tta_from_the_command_line(ray_local, sweep_dir, train_data_dir, tmp_path, capsys):
+    """`--tta vflip`: val (the threshold) and test are both scored as the mean over the image and
+    its vertical flip, and the report says so."""
+    import torch
+
+    from mammo_ray.data.arrays import load_split
+    from mammo_ray.metrics import choose_threshold
+    from mammo_ray.models.inference import load_for_inference, predict
+
+    ckpt = sweep_checkpoints(str(sweep_dir))[0]
+    out = tmp_path / "e"
+    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(train_data_dir), "--out", str(out), "--n-boot", "20",
+                 "--tta", "vflip"]) == 0
+    m = load_for_inference(ckpt, device="cpu")
+    kw = dict(spec=m.spec, device=torch.device("cpu"), tta="vflip")
+    test, val = load_split(str(train_data_dir), "test"), load_split(str(train_data_dir), "val")
+    want = dict(zip(test.image_ids, predict(m.model, test, **kw)))
+    with open(out / "scores" / Path(ckpt).parent.name / "test.csv") as f:
+        got = {r["image_id"]: float(r["probability"]) for r in csv.DictReader(f)}
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[i] for i in want], list(want.values()), atol=2e-6)
+    metrics = json.loads((out / "metrics.json").read_text())
+    thr = choose_threshold(val.labels, predict(m.model, val, **kw), method="youden")["threshold"]
+    assert metrics["tta"] == "vflip" and metrics["checkpoints"][0]["threshold"]["threshold"] == pytest.approx(thr, abs=1e-6)
+    assert "Test-time augmentation `vflip`" in (out / "report.md").read_text()
+    assert "Test-time augmentation vflip" in (out / "report.html").read_text()
 
 
 def test_external_set_preprocessed_once_per_spec(monkeypatch, tmp_path):
