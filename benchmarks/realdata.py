@@ -5,6 +5,7 @@ test split and on a film set from another site; Grad-CAM on the film set's annot
 
     python benchmarks/realdata.py [--size 224] [--epochs 5] [--out /tmp/realdata]
     python benchmarks/realdata.py --epochs 3 --freeze-ratios 0.5 --seeds 0 1 2   # 3 pairs, 20 min
+    python benchmarks/realdata.py --size 320 --resize-mode stretch --seeds 0 1 2 --random-seeds 0  # 1 baseline
     python benchmarks/realdata.py --smoke-test          # seconds, on phantoms (CI)
 
 Data (never copied into the repository): ``../shared/data/breast-cancer-detection-640``
@@ -117,6 +118,7 @@ def main(args) -> dict:
         data_manifest = args.data
         film_labels = film_manifest(args.film, os.path.join(work, "film-manifest"))
         annotations, explain_input = os.path.join(args.film, "lesions.csv"), args.film
+    plan = trial_plan(args.seeds, args.random_seeds)  # refuses a stray --random-seeds before any work
     init_ray(num_cpus=args.cpus)
     t0 = time.perf_counter()
     times: dict[str, float] = {}
@@ -144,20 +146,13 @@ def main(args) -> dict:
 
     from mammo_ray.evaluate.run import sweep_checkpoints
 
-    first = args.seeds[0]
-    random_seeds = set(args.seeds if args.random_seeds is None else args.random_seeds)
-    pretrained = sweep("sweep-imagenet", args.freeze_ratios, "imagenet", first)
-    best_ratio = float(pretrained["best"]["freeze_ratio"])
-    runs = [(ck, "imagenet", first) for ck in sweep_checkpoints(os.path.join(out, "sweep-imagenet"))]
-    if first in random_seeds:
-        sweep("sweep-random", [best_ratio], None, first)
-        runs += [(ck, "random", first) for ck in sweep_checkpoints(os.path.join(out, "sweep-random"))]
-    for seed in args.seeds[1:]:
-        for init, name in (("imagenet", f"sweep-imagenet-s{seed}"), ("random", f"sweep-random-s{seed}")):
-            if init == "random" and seed not in random_seeds:
-                continue
-            sweep(name, [best_ratio], "imagenet" if init == "imagenet" else None, seed)
-            runs += [(ck, init, seed) for ck in sweep_checkpoints(os.path.join(out, name))]
+    first, best_ratio, runs = args.seeds[0], None, []
+    for name, init, seed in plan:
+        ratios = args.freeze_ratios if best_ratio is None else [best_ratio]  # the first sweep chooses the ratio
+        result = sweep(name, ratios, "imagenet" if init == "imagenet" else None, seed)
+        if best_ratio is None:
+            best_ratio = float(result["best"]["freeze_ratio"])
+        runs += [(ck, init, seed) for ck in sweep_checkpoints(os.path.join(out, name))]
 
     t = time.perf_counter()
     report = run_evaluate([ck for ck, _, _ in runs], data=data, externals=[film_data],
@@ -196,6 +191,24 @@ def main(args) -> dict:
         json.dump(result, f, indent=2, default=str)
     print(json.dumps(result, indent=2, default=str))
     return result
+
+
+def trial_plan(seeds: list[int], random_seeds: list[int] | None = None) -> list[tuple[str, str, int]]:
+    """(sweep folder, init, seed) in run order: the pretrained ratio sweep at the first seed, then
+    for each seed its pretrained network at the chosen ratio (the first seed's is the sweep's)
+    and its random-init pair, where ``random_seeds`` (default: every seed) holds the seed."""
+    random_seeds = list(seeds) if random_seeds is None else list(random_seeds)
+    stray = [s for s in random_seeds if s not in seeds]
+    if stray:
+        raise SystemExit(f"realdata: --random-seeds {' '.join(map(str, stray))}: not among --seeds "
+                         f"{' '.join(map(str, seeds))} (a baseline pairs with a pretrained run of its seed)")
+    plan = []
+    for k, seed in enumerate(seeds):
+        suffix = "" if k == 0 else f"-s{seed}"
+        plan.append((f"sweep-imagenet{suffix}", "imagenet", seed))
+        if seed in random_seeds:
+            plan.append((f"sweep-random{suffix}", "random", seed))
+    return plan
 
 
 def _gap(rows: list[dict], ratio: float, seed: int) -> float | None:

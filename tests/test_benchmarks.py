@@ -107,3 +107,17 @@ def test_gpu_script_dry_run_checks_every_step():
     assert "do not parse" in gpu.check(bad)
     tune = next(s for s in gpu.steps("/tmp/x") if s["name"] == "tune")
     assert "--gpus-per-trial" in tune["argv"] and tune["argv"][tune["argv"].index("--gpus-per-trial") + 1] == "0.25"
+
+
+def test_realdata_trial_plan_pairs_each_baseline_with_its_seed():
+    """The ratio sweep first; a random-init baseline only for the seeds asked (run 7 ran three
+    pretrained seeds and one baseline); a baseline without its pretrained seed is refused."""
+    plan = _bench("realdata").trial_plan
+    assert plan([0]) == [("sweep-imagenet", "imagenet", 0), ("sweep-random", "random", 0)]
+    assert plan([0, 1, 2], [0]) == [("sweep-imagenet", "imagenet", 0), ("sweep-random", "random", 0),
+                                    ("sweep-imagenet-s1", "imagenet", 1), ("sweep-imagenet-s2", "imagenet", 2)]
+    assert plan([3, 4], [4]) == [("sweep-imagenet", "imagenet", 3), ("sweep-imagenet-s4", "imagenet", 4),
+                                 ("sweep-random-s4", "random", 4)]
+    assert [p[1] for p in plan([0, 1], [])] == ["imagenet", "imagenet"]
+    with pytest.raises(SystemExit, match=r"--random-seeds 5: not among --seeds 0 1 "):
+        plan([0, 1], [1, 5])
