@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,7 +44,8 @@ def test_benchmark_smoke_test_prints_json(name, ray_local, tmp_path, monkeypatch
     threads = torch.get_num_threads()
     try:
         bench = _bench(name)
-        returned = bench.main(bench.get_args_parser().parse_args(["--smoke-test"]))
+        extra = ["--tta", "vflip"] if name == "realdata" else []  # evaluate's option passed through
+        returned = bench.main(bench.get_args_parser().parse_args(["--smoke-test", *extra]))
     finally:
         torch.set_num_threads(threads)  # benchmarks pin the thread count of the model they time
     result = _printed_json(capsys)
@@ -64,6 +66,8 @@ def test_benchmark_smoke_test_prints_json(name, ray_local, tmp_path, monkeypatch
             assert p["delta"] == pytest.approx(rows["imagenet"] - rows["random"], abs=1e-3)
             assert p["resampled"] == "patients" and p["n"] > 0  # phantoms' few test patients: the interval may be None
         assert {k: v["n_seeds"] for k, v in result["mean_over_seeds"].items()} == {"imagenet": 2, "random": 2}
+        assert result["tta"] == "vflip"
+        assert json.loads((Path(result["out"]) / "evaluate" / "metrics.json").read_text())["tta"] == "vflip"
     if name == "explain":
         assert result["max_abs_diff_vs_naive_maps"] < 1e-4 and result["job_images_per_s"] > 0
 
