@@ -283,6 +283,11 @@ def _archive_args(p, d) -> None:
     p.add_argument("--patient-key-file",
                    help="secret key file of the patient/exam pseudonyms in breasts/exams.parquet (default: "
                         "$MAMMO_RAY_PATIENT_KEY, else ~/.config/mammo-ray/patient.key)")
+    # a bare --tta (before modes) averaged with the horizontal mirror: it still does
+    p.add_argument("--tta", nargs="?", const="hflip", choices=TTA_MODES,
+                   help="test-time augmentation, as evaluate's: the mean over the image and its flipped views "
+                        f"(vflip: as training flips; bare --tta: hflip); default: {d.tta}")
+    p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="no test-time augmentation")
     p.add_argument("--resume", action="store_true", help="continue a killed or partial run in --out")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
 
@@ -292,8 +297,6 @@ def _add_score(sub) -> None:
     p = sub.add_parser("score", help="score an image archive (no CAMs): scores, breast and exam tables")
     _archive_args(p, d)
     p.add_argument("--config", help="YAML file of ScoreConfig keys (flags override it)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"average each image's probability with its horizontal mirror's; default: {d.tta}")
 
 
 def _run_score(args) -> int:

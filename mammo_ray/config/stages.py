@@ -239,6 +239,18 @@ def parse_cam_for(text: str) -> tuple[str, int | None]:
     raise ValueError(f"cam_for={text!r}: use one of {', '.join(CAM_FOR_FORMS)} (N >= 1)")
 
 
+TTA_MODES = ("none", "vflip", "hflip", "flips")  # the keys of models.inference.TTA_VIEWS (no torch here)
+
+
+def tta_mode(value: Any) -> Any:
+    """A test-time augmentation mode; the score job's earlier boolean ``tta`` (true: the mean
+    with the horizontal mirror) maps onto ``hflip`` / ``none``, so old configs and score.yaml
+    files mean what they meant."""
+    if isinstance(value, bool) or value is None:
+        return "hflip" if value else "none"
+    return value
+
+
 @dataclass(frozen=True)
 class ArchiveConfig:
     """What the archive jobs (score and explain) share. ``workers``: size of the model's actor
@@ -246,7 +258,9 @@ class ArchiveConfig:
     a core). ``threshold``: the probability at or above which an image is called malignant
     (default: the checkpoint's val threshold); ``amp``: bf16/fp16 autocast on CUDA;
     ``patient_key_file``: the secret of the patient and exam pseudonyms in the breast and exam
-    tables (see ``mammo_ray.privacy``)."""
+    tables (see ``mammo_ray.privacy``); ``tta``: each image's probability is the mean over it and
+    its flipped views (``TTA_MODES``, as ``mammo-ray evaluate --tta``; ``true`` in an older
+    config: ``hflip``)."""
 
     batch_size: int = 32
     gpus_per_worker: float | None = None
@@ -255,8 +269,11 @@ class ArchiveConfig:
     prep_batch_size: int = 8
     amp: bool = True
     patient_key_file: str | None = None
+    tta: str = "none"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tta", tta_mode(self.tta))
+        _check_choice("tta", self.tta, TTA_MODES)
         check_finite(self)
         for name, top in (("batch_size", MAX_BATCH), ("prep_batch_size", MAX_BATCH)):
             if not 1 <= int(getattr(self, name)) <= top:
@@ -277,10 +294,7 @@ class ArchiveConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig(ArchiveConfig):
-    """How ``mammo-ray score`` scores an archive (YAML keys of the same names): the shared keys,
-    and ``tta``: average each image's probability with its horizontal mirror's."""
-
-    tta: bool = False
+    """How ``mammo-ray score`` scores an archive (YAML keys of the same names): the shared keys."""
 
 
 @dataclass(frozen=True)
@@ -316,7 +330,6 @@ class ExplainConfig(ArchiveConfig):
 
 THRESHOLD_METHODS = ("youden", "sensitivity", "fixed")
 DISTRIBUTED_MODES = ("auto", "always", "never")
-TTA_MODES = ("none", "vflip", "hflip", "flips")  # the keys of models.inference.TTA_VIEWS (no torch here)
 
 
 @dataclass(frozen=True)

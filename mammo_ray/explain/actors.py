@@ -21,7 +21,8 @@ import torch
 from mammo_ray.data.arrays import pixels_from_bytes
 from mammo_ray.data.decode import describe_exception
 from mammo_ray.explain.cam import score_and_cam
-from mammo_ray.models.inference import autocast, load_for_inference, to_model_input
+from mammo_ray.models.inference import (autocast, check_tta, load_for_inference, to_model_input,
+                                        view_probabilities)
 from mammo_ray.ray_utils import node_id
 
 logger = logging.getLogger(__name__)
@@ -54,12 +55,13 @@ def batch_then_images(batch: pd.DataFrame, run: Callable[[np.ndarray], Any], wha
 
 
 class ScoreActor:
-    """Ray Data callable class: loads the checkpoint once, then scores batches; ``tta`` averages
-    each image's probability with its horizontal mirror's."""
+    """Ray Data callable class: loads the checkpoint once, then scores batches; ``tta``: each
+    probability is the mean over the image and its flipped views (``TTA_VIEWS``)."""
 
-    def __init__(self, checkpoint: str, amp: bool = True, tta: bool = False) -> None:
+    def __init__(self, checkpoint: str, amp: bool = True, tta: str = "none") -> None:
+        self.views = check_tta(tta)
         self.loaded = load_for_inference(checkpoint)
-        self.amp, self.tta = amp, tta
+        self.amp = amp
         self.worker = worker_name(self.loaded.device)
 
     def _run(self, batch: pd.DataFrame, idx: np.ndarray) -> np.ndarray:
@@ -67,10 +69,7 @@ class ScoreActor:
         px = pixels_from_bytes(list(rows["pixels"]), rows["height"], rows["width"], rows["dtype"])
         x = to_model_input(px, m.spec, m.device)
         with torch.inference_mode(), autocast(m.device, self.amp):
-            p = torch.sigmoid(m.model(x).squeeze(1).float())
-            if self.tta:
-                p = (p + torch.sigmoid(m.model(torch.flip(x, dims=[3])).squeeze(1).float())) / 2
-        return p.cpu().numpy()
+            return view_probabilities(m.model, x, self.views).cpu().numpy()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         t0 = time.perf_counter()
@@ -85,9 +84,14 @@ class ScoreActor:
 
 
 class CamActor:
-    """Ray Data callable class: loads the checkpoint once, then scores and CAMs batches."""
+    """Ray Data callable class: loads the checkpoint once, then scores and CAMs batches. With
+    ``tta`` the probability is the mean over the image and its flipped views, as the score job
+    computes it; the CAM explains the image as given (a flipped view's map would explain
+    another picture)."""
 
-    def __init__(self, checkpoint: str, method: str, target_layer: str | None, amp: bool = True) -> None:
+    def __init__(self, checkpoint: str, method: str, target_layer: str | None, amp: bool = True,
+                 tta: str = "none") -> None:
+        self.flipped = check_tta(tta)[1:]  # the views besides the image itself, whose pass gives the CAM
         self.loaded = load_for_inference(checkpoint)
         self.method, self.target_layer, self.amp = method, target_layer, amp
         self.worker = worker_name(self.loaded.device)
@@ -95,8 +99,14 @@ class CamActor:
     def _run(self, batch: pd.DataFrame, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         m, rows = self.loaded, batch.iloc[idx]
         px = pixels_from_bytes(list(rows["pixels"]), rows["height"], rows["width"], rows["dtype"])
-        return score_and_cam(m.model, m.backbone, to_model_input(px, m.spec, m.device), method=self.method,
-                             target_layer=self.target_layer, amp=self.amp)
+        x = to_model_input(px, m.spec, m.device)
+        p, maps = score_and_cam(m.model, m.backbone, x, method=self.method, target_layer=self.target_layer,
+                                amp=self.amp)
+        if self.flipped:
+            with torch.inference_mode(), autocast(m.device, self.amp):
+                others = view_probabilities(m.model, x, self.flipped).cpu().numpy()
+            p = (p + others * len(self.flipped)) / (1 + len(self.flipped))
+        return p, maps
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         t0 = time.perf_counter()

@@ -60,9 +60,16 @@ def threshold_of(opts: ArchiveConfig, state: dict) -> tuple[float, str]:
     stored = (state.get("metrics") or {}).get("val_threshold")
     if opts.threshold is not None:
         return opts.threshold, "--threshold"
-    if stored is not None:
-        return float(stored), "checkpoint val_threshold (Youden on val)"
-    return 0.5, "0.5 (the checkpoint has no val threshold)"
+    if stored is None:
+        return 0.5, "0.5 (the checkpoint has no val threshold)"
+    if opts.tta != "none":
+        # TTA moves the scores: training chose this threshold on plain scores. evaluate --tta
+        # chooses one on val's TTA scores (metrics.json), which --threshold takes.
+        logger.warning("--tta %s with the checkpoint's val threshold %.4f, chosen on scores without TTA: pass "
+                       "--threshold with the one `mammo-ray evaluate --tta %s` chose (metrics.json)", opts.tta,
+                       float(stored), opts.tta)
+        return float(stored), "checkpoint val_threshold (Youden on val, scores without TTA)"
+    return float(stored), "checkpoint val_threshold (Youden on val)"
 
 
 @dataclass

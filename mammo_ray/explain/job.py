@@ -117,7 +117,8 @@ def _plan(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfig, res
 def _cam_stage(run: _Run, checkpoint: str, out: str, opts: ExplainConfig, inputs: list[str], *,
                into: tuple[str, str] = (SCORES, ERROR_PARTS)) -> Stage:
     return Stage(actor=CamActor, actor_kwargs={"checkpoint": checkpoint, "method": opts.method,
-                                               "target_layer": run.layer, "amp": opts.amp},
+                                               "target_layer": run.layer, "amp": opts.amp,
+                                               "tta": opts.tta},
                  write=write_batch, write_kwargs={"out": out, "threshold": run.threshold,
                                                   "preview_size": opts.preview_size,
                                                   "heatmap_max_side": opts.heatmap_max_side,
@@ -176,7 +177,7 @@ def _passes(run: _Run, inputs: list[str], checkpoint: str, out: str, opts: Expla
         status = run_pipeline(run.todo, run.pool, opts, _cam_stage(run, checkpoint, out, opts, inputs),
                               on_batch=meta.write) if run.todo else None
         return status, status, {"cam_pass": round(time.perf_counter() - t0, 3)}
-    score = Stage(actor=ScoreActor, actor_kwargs={"checkpoint": checkpoint, "amp": opts.amp},
+    score = Stage(actor=ScoreActor, actor_kwargs={"checkpoint": checkpoint, "amp": opts.amp, "tta": opts.tta},
                   write=write_score_batch, write_kwargs={"out": out, "threshold": run.threshold},
                   env_paths=[*inputs, out, checkpoint], name="explain: scores")
     scored = run_pipeline(run.todo, run.pool, opts, score, on_batch=meta.write) if run.todo else None
@@ -204,7 +205,8 @@ def _summary(run: _Run, rows: pd.DataFrame, errors: list[dict], scored: pd.DataF
         "processed_this_run": len(scored), "resumed": run.resumed, "duplicate_rows_removed": deduplicated,
         "skipped_as_done": len(listing.records) - len(run.todo),
         "checkpoint": checkpoint, "backbone": run.state["backbone"], "method": opts.method, "target_layer": run.layer,
-        "threshold": run.threshold, "threshold_source": run.threshold_source, "cam_for": opts.cam_for,
+        "threshold": run.threshold, "threshold_source": run.threshold_source, "tta": opts.tta,
+        "cam_for": opts.cam_for,
         "scores_from": opts.scores_from,
         "cams": int(rows["overlay_path"].notna().sum()), "cams_this_run": len(cammed),
         "cam_failed": int(rows["warning"].fillna("").str.contains(NO_CAM, regex=False).sum()),

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from mammo_ray import io as mio
-from mammo_ray.config import ExplainConfig
+from mammo_ray.config import ExplainConfig, tta_mode
 from mammo_ray.data.parquet import write_table
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ META = "_meta"
 IDENTITY_FILE = "explain.yaml"
 SCORE_IDENTITY_FILE = "score.yaml"
 IDENTITY_KEYS = ("checkpoint_sha256", "backbone", "method", "target_layer", "threshold", "preview_size",
-                 "heatmap_max_side", "inputs", "annotations_sha256", "amp", "cam_within_breast", "cam_for")
+                 "heatmap_max_side", "inputs", "annotations_sha256", "amp", "cam_within_breast", "cam_for", "tta")
 SCORE_IDENTITY_KEYS = ("checkpoint_sha256", "backbone", "threshold", "inputs", "amp", "tta")
 SCORE_COLUMNS = ("image_id", "source_path", "label", "probability", "predicted", "threshold",
                  "cam_peak_x", "cam_peak_y", "cam_peak_value", "cam_top5_energy", "orig_height", "orig_width",
@@ -130,15 +130,21 @@ def identity(checkpoint: str, checkpoint_sha256: str, state: dict, opts: Explain
             "inputs": list(inputs), "annotations": opts.annotations,
             "annotations_sha256": hashlib.sha256(mio.read_bytes(opts.annotations)).hexdigest() if opts.annotations else None,
             "amp": bool(opts.amp), "cam_within_breast": bool(opts.cam_within_breast), "cam_for": opts.cam_for,
-            "scores_from": opts.scores_from, "spec": state["spec"]}
+            "tta": opts.tta, "scores_from": opts.scores_from, "spec": state["spec"]}
 
 
 def score_identity(checkpoint: str, checkpoint_sha256: str, state: dict, opts, threshold: float,
                    inputs: list[str]) -> dict[str, Any]:
     """What produced a score folder's results (``score.yaml``); ``--resume`` needs the same."""
     return {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256, "backbone": state["backbone"],
-            "threshold": float(threshold), "inputs": list(inputs), "amp": bool(opts.amp), "tta": bool(opts.tta),
+            "threshold": float(threshold), "inputs": list(inputs), "amp": bool(opts.amp), "tta": opts.tta,
             "spec": state["spec"]}
+
+
+def _with_tta_mode(made: dict[str, Any]) -> dict[str, Any]:
+    """An identity file as today's runs write it: one from before ``tta`` took a mode holds a
+    boolean (score) or nothing (explain), which meant ``hflip`` / ``none``."""
+    return {**made, "tta": tta_mode(made.get("tta"))}
 
 
 def check_output(out: str, identity: dict, resume: bool, *, file: str = IDENTITY_FILE,
@@ -153,7 +159,7 @@ def check_output(out: str, identity: dict, resume: bool, *, file: str = IDENTITY
         if stray:
             raise OutputInUseError(f"--out {out} holds results without {file} ({', '.join(stray)}): use another folder")
         return False
-    previous = yaml.safe_load(mio.read_bytes(path)) or {}
+    previous = _with_tta_mode(yaml.safe_load(mio.read_bytes(path)) or {})
     differ = [k for k in keys if previous.get(k) != identity.get(k)]
     if not resume:
         what = ("another checkpoint's results (sha256 " + str(previous.get("checkpoint_sha256", "?"))[:12] + ")"
@@ -173,12 +179,12 @@ def import_scores(source: str, out: str, explain_identity: dict, *, dry_run: boo
     if not mio.exists(path):
         raise ValueError(f"--scores-from {source}: no {SCORE_IDENTITY_FILE} there; give the --out folder of a "
                          "finished mammo-ray score run")
-    made = yaml.safe_load(mio.read_bytes(path)) or {}
+    made = _with_tta_mode(yaml.safe_load(mio.read_bytes(path)) or {})
     theirs, ours = str(made.get("checkpoint_sha256")), explain_identity["checkpoint_sha256"]
     if theirs != ours:
         raise ValueError(f"--scores-from {source} was scored with another checkpoint (sha256 {theirs[:12]}), this "
                          f"explain run uses sha256 {ours[:12]}: score again with this checkpoint")
-    for key, what in (("threshold", "--threshold"), ("inputs", "inputs")):
+    for key, what in (("threshold", "--threshold"), ("inputs", "inputs"), ("tta", "--tta")):
         if made.get(key) != explain_identity[key]:
             raise ValueError(f"--scores-from {source}: its {what} ({made.get(key)!r}) differ from this run's "
                              f"({explain_identity[key]!r}): give the same, or score again")

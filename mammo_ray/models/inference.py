@@ -107,13 +107,26 @@ def load_for_inference(checkpoint: str | dict[str, Any], device: str = "auto") -
 TTA_VIEWS = {"none": ((),), "vflip": ((), (-2,)), "hflip": ((), (-1,)), "flips": ((), (-2,), (-1,), (-2, -1))}
 
 
+def check_tta(tta: str) -> tuple[tuple[int, ...], ...]:
+    """The views of a TTA mode, or a ValueError listing the modes."""
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"tta={tta!r}: use one of {', '.join(TTA_VIEWS)}")
+    return TTA_VIEWS[tta]
+
+
+def view_probabilities(model: torch.nn.Module, x: torch.Tensor, views: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """The mean malignancy probability of a normalized batch over ``views`` (each a tuple of
+    axes to flip, ``()`` the image itself): (B,) float32. The caller sets no_grad and autocast."""
+    return torch.stack([torch.sigmoid(model(x.flip(dims) if dims else x).squeeze(1).float())
+                        for dims in views]).mean(0)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec, device: torch.device,
             batch_size: int = 64, channels_last: bool = True, amp: bool = True, tta: str = "none") -> np.ndarray:
     """Malignancy probabilities for every row, in order (model in eval mode). ``tta``: the mean
     of the probabilities over the views of ``TTA_VIEWS[tta]``."""
-    if tta not in TTA_VIEWS:
-        raise ValueError(f"tta={tta!r}: use one of {', '.join(TTA_VIEWS)}")
+    check_tta(tta)
     was_training = model.training
     model.eval()
     out = []
@@ -121,8 +134,7 @@ def predict(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec
         for i in range(0, len(arrays), batch_size):
             x = to_model_input(arrays.pixels[i:i + batch_size], spec, device, channels_last=channels_last)
             with autocast(device, amp):
-                views = [torch.sigmoid(model(x.flip(dims) if dims else x).squeeze(1).float()) for dims in TTA_VIEWS[tta]]
-            out.append(torch.stack(views).mean(0).cpu().numpy())
+                out.append(view_probabilities(model, x, TTA_VIEWS[tta]).cpu().numpy())
     finally:
         model.train(was_training)
     return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -271,34 +271,125 @@ def test_merge_keeps_the_scoring_pass_score_and_is_idempotent(tmp_path):
     pd.testing.assert_frame_equal(first, again)
 
 
-def test_score_actor_tta_averages_each_image_with_its_mirror(trained_checkpoint, phantom_dir):
-    """ScoreActor in this process (no Ray): with tta, each probability is the mean of the plain
-    pass and the horizontally flipped one; a row the model cannot take fails alone."""
+def _actor_batch(trained_checkpoint, phantom_dir, n=4):
+    from mammo_ray.config import PreprocessConfig
+    from mammo_ray.data.inputs import discover
+    from mammo_ray.explain.tasks import prepare_batch
+    from mammo_ray.models.checkpoint import load_checkpoint
+
+    state = load_checkpoint(str(trained_checkpoint))
+    return prepare_batch(pd.DataFrame(discover([str(phantom_dir)]).records[:n]),
+                         cfg=PreprocessConfig(spec=state["spec"], external=True), preview_size=0)
+
+
+def _flipped_probabilities(loaded, batch, dims):
+    """The plain model's probabilities of the batch's pixel arrays flipped by hand (numpy)."""
     import numpy as np
     import torch
 
-    from mammo_ray.config import PreprocessConfig
     from mammo_ray.data.arrays import pixels_from_bytes
-    from mammo_ray.data.inputs import discover
-    from mammo_ray.explain.actors import ScoreActor
-    from mammo_ray.explain.tasks import prepare_batch
-    from mammo_ray.models.checkpoint import load_checkpoint
     from mammo_ray.models.inference import to_model_input
 
-    state = load_checkpoint(str(trained_checkpoint))
-    batch = prepare_batch(pd.DataFrame(discover([str(phantom_dir)]).records[:4]),
-                          cfg=PreprocessConfig(spec=state["spec"], external=True), preview_size=0)
-    assert (batch["preview"] == b"").all()  # the score job decodes no preview
-    plain, tta = ScoreActor(str(trained_checkpoint)), ScoreActor(str(trained_checkpoint), tta=True)
-    p0, p1 = plain(batch)["probability"].to_numpy(), tta(batch)["probability"].to_numpy()
-    m = plain.loaded
-    x = to_model_input(pixels_from_bytes(list(batch["pixels"]), batch["height"], batch["width"], batch["dtype"]),
-                       m.spec, m.device)
+    px = pixels_from_bytes(list(batch["pixels"]), batch["height"], batch["width"], batch["dtype"])
+    px = np.ascontiguousarray(np.flip(px, axis=dims)) if dims else px
     with torch.inference_mode():
-        flipped = torch.sigmoid(m.model(torch.flip(x, dims=[3])).squeeze(1)).numpy()
-    np.testing.assert_allclose(p1, (p0 + flipped) / 2, rtol=1e-5, atol=1e-6)
-    assert np.abs(p1 - p0).max() > 1e-6
+        return torch.sigmoid(loaded.model(to_model_input(px, loaded.spec, loaded.device)).squeeze(1)).numpy()
+
+
+@pytest.mark.parametrize("tta, axes", [("hflip", [(2,)]), ("vflip", [(1,)]), ("flips", [(1,), (2,), (1, 2)])])
+def test_score_actor_tta_averages_each_image_with_its_flipped_views(trained_checkpoint, phantom_dir, tta, axes):
+    """ScoreActor in this process (no Ray): with tta, each probability is the mean of the plain
+    pass and the flipped views' (flipped here in numpy, (B, H, W): axis 1 vertical, 2
+    horizontal); a row the model cannot take fails alone."""
+    import numpy as np
+
+    from mammo_ray.explain.actors import ScoreActor
+
+    batch = _actor_batch(trained_checkpoint, phantom_dir)
+    assert (batch["preview"] == b"").all()  # the score job decodes no preview
+    plain, tta_actor = ScoreActor(str(trained_checkpoint)), ScoreActor(str(trained_checkpoint), tta=tta)
+    p0, p1 = plain(batch)["probability"].to_numpy(), tta_actor(batch)["probability"].to_numpy()
+    views = [_flipped_probabilities(plain.loaded, batch, dims) for dims in axes]
+    assert all(np.abs(v - p0).max() > 1e-4 for v in views)  # the flips change the scores: the check can fail
+    np.testing.assert_allclose(p1, np.mean([p0, *views], axis=0), rtol=1e-5, atol=1e-6)
     bad = batch.copy()
     bad.loc[1, "pixels"] = bad.loc[1, "pixels"][:-10]
     out = plain(bad)
     assert list(out["status"]) == ["ok", "error", "ok", "ok"] and out.loc[1, "reason"].startswith("scoring failed")
+
+
+def test_cam_actor_tta_scores_as_the_score_actor_and_maps_the_image_as_given(trained_checkpoint, phantom_dir):
+    """explain --tta: the CAM actor's probability is the score actor's TTA mean; its maps are
+    the plain run's (the CAM explains the image as given, not a flipped view)."""
+    import numpy as np
+
+    from mammo_ray.explain.actors import CamActor, ScoreActor
+
+    batch = _actor_batch(trained_checkpoint, phantom_dir)
+    kw = {"checkpoint": str(trained_checkpoint), "method": "gradcam", "target_layer": None}
+    plain, vflip = CamActor(**kw), CamActor(**kw, tta="vflip")
+    a, b = plain(batch), vflip(batch)
+    scored = ScoreActor(str(trained_checkpoint), tta="vflip")(batch)["probability"].to_numpy()
+    np.testing.assert_allclose(b["probability"].to_numpy(), scored, rtol=1e-4, atol=1e-5)
+    assert np.abs(a["probability"].to_numpy() - scored).max() > 1e-4
+    assert list(a["cam"]) == list(b["cam"]) and (a["cam_height"] > 0).all()
+    with pytest.raises(ValueError, match="tta='mirror': use one of none, vflip, hflip, flips"):
+        CamActor(**kw, tta="mirror")
+
+
+def test_tta_modes_in_the_archive_configs_and_flags(capsys):
+    """The archive jobs take evaluate's modes; the earlier boolean (YAML true/false, a bare
+    --tta) keeps its meaning, hflip; anything else is refused in one line listing the modes."""
+    from mammo_ray.cli import get_args_parser
+
+    assert ScoreConfig(tta=True).tta == "hflip" and ScoreConfig(tta=False).tta == "none"
+    assert ExplainConfig(tta="flips").tta == "flips" and ExplainConfig().tta == "none"
+    with pytest.raises(ValueError, match=r"tta='mirror': use one of none, vflip, hflip, flips"):
+        ExplainConfig(tta="mirror")
+    parser = get_args_parser()
+    base = ["a", "--checkpoint", "c.pt", "--out", "o"]
+    for cmd in ("score", "explain"):
+        assert parser.parse_args([cmd, *base, "--tta", "vflip"]).tta == "vflip"
+        assert parser.parse_args([cmd, *base, "--tta"]).tta == "hflip"
+        assert parser.parse_args([cmd, *base, "--no-tta"]).tta == "none"
+        assert parser.parse_args([cmd, *base]).tta is None  # the config's (or the default) then
+    with pytest.raises(SystemExit) as exit_:
+        main(["explain", *base, "--tta", "mirror"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid choice: 'mirror'" in err[0] and "vflip" in err[0], err
+
+
+def test_tta_reaches_the_jobs_and_a_resume_or_import_with_another_mode_is_refused(ray_local, trained_checkpoint,
+                                                                                   phantom_dir, tmp_path):
+    """score and explain --tta vflip give each image the same probability; the identity files
+    record the mode; an older score.yaml's boolean reads as its mode; --resume and --scores-from
+    with another mode are refused naming tta."""
+    import numpy as np
+    import yaml
+
+    small = tmp_path / "small"
+    small.mkdir()
+    for p in sorted(phantom_dir.rglob("*.png"))[:4]:
+        shutil.copy(p, small / p.name)
+    score_out, cams_out = tmp_path / "score", tmp_path / "cams"
+    s = run_score([str(small)], str(trained_checkpoint), str(score_out), ScoreConfig(tta="vflip"))
+    e = run_explain([str(small)], str(trained_checkpoint), str(cams_out), ExplainConfig(tta="vflip"))
+    assert s["tta"] == e["tta"] == "vflip" and "without TTA" in e["threshold_source"]
+    assert yaml.safe_load((cams_out / "explain.yaml").read_text())["tta"] == "vflip"
+    a = pd.read_parquet(score_out / SCORES).set_index("image_id")["probability"]
+    b = pd.read_parquet(cams_out / SCORES).set_index("image_id")["probability"]
+    np.testing.assert_allclose(a.sort_index().to_numpy(), b.loc[a.sort_index().index].to_numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="--resume needs the same run, but tta differ"):
+        run_score([str(small)], str(trained_checkpoint), str(score_out), ScoreConfig(tta="hflip"), resume=True)
+    with pytest.raises(ValueError, match=r"its --tta \('vflip'\) differ from this run's \('none'\)"):
+        run_explain([str(small)], str(trained_checkpoint), str(tmp_path / "x"),
+                    ExplainConfig(cam_for="top:1", scores_from=str(score_out)))
+    assert not (tmp_path / "x").exists()
+    # a score.yaml written before tta took a mode: `tta: true` was the horizontal mirror
+    ident = yaml.safe_load((score_out / "score.yaml").read_text())
+    (score_out / "score.yaml").write_text(yaml.safe_dump({**ident, "tta": True}, sort_keys=False))
+    with pytest.raises(ValueError, match="tta differ"):
+        run_score([str(small)], str(trained_checkpoint), str(score_out), ScoreConfig(tta="vflip"), resume=True)
+    assert run_score([str(small)], str(trained_checkpoint), str(score_out), ScoreConfig(tta="hflip"),
+                     resume=True)["skipped_as_done"] == 4
