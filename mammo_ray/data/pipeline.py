@@ -52,11 +52,13 @@ class OutputExistsError(ValueError):
 
 
 # ----------------------------------------------------------------------------- worker side
-def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = False) -> tuple[dict | None, dict]:
+def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = False,
+                   refine_mask: bool = False) -> tuple[dict | None, dict]:
     """Read, decode and transform one input. Returns (Parquet row or None, status row).
 
     ``keep_source``: the row also carries the decoded source image as ``source_pixels`` (an
-    array, not a Parquet column) for overlays drawn at the source geometry.
+    array, not a Parquet column) for overlays drawn at the source geometry. ``refine_mask``:
+    the row's ``breast_mask`` edge is redrawn at full resolution (``preprocess_image``).
     """
     status = {"image_id": rec["image_id"], "path": rec["path"], "split": rec["split"],
               "label": int(rec["label"]), "status": "error", "reason": "", "warning": "", "inverted": False,
@@ -83,7 +85,7 @@ def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = Fals
         status["reason"] = f"modality {dec.modality or 'missing'} is not MG (other_modality=refuse)"
         return None, status
     try:
-        pixels, geom = preprocess_image(dec.pixels, cfg.spec)
+        pixels, geom = preprocess_image(dec.pixels, cfg.spec, refine_mask=refine_mask)
     except Exception as exc:
         logger.warning("preprocessing failed on %s", rec["path"], exc_info=True)
         status["reason"] = f"preprocessing failed: {describe_exception(exc)}"

@@ -50,7 +50,9 @@ def prepare_batch(batch: pd.DataFrame, *, cfg: PreprocessConfig, preview_size: i
         rec = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
         rec.setdefault("split", "external")
         t0 = time.perf_counter()
-        row, status = process_record(rec, cfg, keep_source=preview_size > 0)
+        # a preview means the CAM stage, which judges maps against the breast mask: its edge
+        # is drawn at full resolution there (the score stage uses no mask)
+        row, status = process_record(rec, cfg, keep_source=preview_size > 0, refine_mask=preview_size > 0)
         out = {"image_id": rec["image_id"], "source_path": rec["path"], "label": int(rec["label"]),
                "status": status["status"], "reason": status["reason"], "warning": status["warning"] or "",
                "pixels": b"", "height": 0, "width": 0, "dtype": "", "preview": b"", "preview_height": 0,
