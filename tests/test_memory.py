@@ -54,3 +54,42 @@ def test_driver_memory_does_not_grow_when_a_worker_sharing_its_pages_exits(ray_l
     del array
     assert uss_growth > 64 * 2**20, "the worker's exit no longer moves its pages: this test shows nothing"
     assert anon_growth < 8 * 2**20 and mem.driver_peak < anon + 8 * 2**20, (anon_growth, mem.driver_peak - anon)
+
+
+def test_only_this_sessions_workers_are_counted(ray_local):
+    """Another Ray's worker on the machine (here a process whose command line names Ray's
+    default_worker.py, holding 2 GB, as the earlier filter matched them) is not this job's:
+    PeakMemory samples this session's actor (96 MB) and not the stranger, whose size would
+    have been the worker peak."""
+    import subprocess
+    import sys
+
+    from mammo_ray.memory import session_workers
+
+    ray = ray_local
+    stranger = subprocess.Popen([sys.executable, "-c", "import sys, numpy as np; a = np.ones(2048 * 2**20 // 8); "
+                                 "print('ready', flush=True); sys.stdin.read()", "default_worker.py"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert stranger.stdout.readline().strip() == "ready"
+        assert anonymous_bytes(stranger.pid) > 2000 * 2**20
+
+        @ray.remote(num_cpus=0)
+        class Holder:
+            def __init__(self):
+                self.a = np.ones(96 * 2**20 // 8)
+
+            def pid(self):
+                return os.getpid()
+
+        holder = Holder.remote()
+        pid = ray.get(holder.pid.remote())
+        assert pid in {p.pid for p in session_workers(psutil)} and stranger.pid not in {p.pid for p in session_workers(psutil)}
+        with PeakMemory(metric="anon") as mem:
+            time.sleep(1)
+        assert pid in mem.worker_pids and stranger.pid not in mem.worker_pids
+        assert 90 * 2**20 < mem.worker_peak < 2000 * 2**20, mem.worker_peak / 2**20
+        ray.kill(holder)
+    finally:
+        stranger.kill()
+        stranger.wait()
