@@ -13,7 +13,7 @@ import io as _io
 import json
 import logging
 import os
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -142,11 +142,23 @@ def _set_result(labels: np.ndarray, scores: np.ndarray, groups: list, meta: list
     return res
 
 
+@dataclass
+class Scored:
+    """A checkpoint's (or an ensemble's) scores, kept in memory for the ensemble and the paired
+    comparisons; metrics.json holds the metrics, the scores CSVs the probabilities."""
+
+    val: tuple  # (image_ids, labels, scores, patient_keys) of val
+    sets: dict[str, tuple] = field(default_factory=dict)  # set name -> the same for that set
+    meta: dict[str, list[dict]] = field(default_factory=dict)  # set name -> each image's laterality and view
+
+
 def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str, cfg: EvaluateConfig,
-                        prepared: dict[tuple[str, str], str] | None = None, taken: dict[str, str] | None = None) -> dict[str, Any]:
+                        prepared: dict[tuple[str, str], str] | None = None, taken: dict[str, str] | None = None
+                        ) -> tuple[dict[str, Any], Scored]:
     """Scores, threshold (on val) and metrics of one checkpoint on test and every external set.
     ``prepared``: external sets already preprocessed by this run, by (path, spec digest);
-    ``taken``: the run's earlier checkpoints by tag (the new one is added), kept distinct."""
+    ``taken``: the run's earlier checkpoints by tag (the new one is added), kept distinct.
+    Returns (the checkpoint's metrics.json entry, its scores)."""
     loaded = load_for_inference(ckpt)
     state, spec, model, device = loaded.state, loaded.spec, loaded.model, loaded.device
     notes = []
@@ -167,6 +179,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
         split = "external" if split_files(folder, "external") else next(s for s in SPLIT_DIRS if split_files(folder, s))
         sources.append((name, folder, split, how))
     tag = _checkpoint_tag(state, ckpt, taken if taken is not None else {})
+    scored = Scored(val=(val.image_ids, val.labels, val_scores, val.patient_keys))
     for name, folder, split, how in sources:
         if folder != data:
             mismatch = _check_spec(folder, spec, ckpt, cfg.allow_spec_mismatch)
@@ -179,12 +192,11 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
         res = _set_result(arrays.labels, scores, arrays.patient_keys, meta, threshold=thr["threshold"],
                           n_boot=cfg.n_boot, seed=cfg.seed)
         res.update({"source": folder, "split": split, "how": how})
-        res["_paired"] = (arrays.image_ids, arrays.labels, scores, arrays.patient_keys)  # popped by run_evaluate
+        scored.sets[name], scored.meta[name] = (arrays.image_ids, arrays.labels, scores, arrays.patient_keys), meta
         sets[name] = res
-    return {"_val": (val.image_ids, val.labels, val_scores, val.patient_keys),  # popped by run_evaluate
-            "checkpoint": ckpt, "tag": tag, "backbone": state["backbone"], "freeze_ratio": state["freeze_ratio"],
+    return {"checkpoint": ckpt, "tag": tag, "backbone": state["backbone"], "freeze_ratio": state["freeze_ratio"],
             "epoch": state["epoch"], "train_metrics": state["metrics"], "spec": state["spec"],
-            "threshold": {**thr, "chosen_on": "val", "n_val": int(len(val))}, "sets": sets, "notes": notes}
+            "threshold": {**thr, "chosen_on": "val", "n_val": int(len(val))}, "sets": sets, "notes": notes}, scored
 
 
 def external_set_name(path: str) -> str:
@@ -230,21 +242,23 @@ def _claim(tag: str, base: str, path: str, taken: dict[str, str]) -> str:
     return tag
 
 
-def ensemble_result(results: list[dict[str, Any]], scored: list[dict[str, tuple]], vals: list[tuple], *, out: str,
-                    cfg: EvaluateConfig, taken: dict[str, str]) -> tuple[dict[str, Any], dict[str, tuple]]:
+def ensemble_result(results: list[dict[str, Any]], scored: list[Scored], *, out: str, cfg: EvaluateConfig,
+                    taken: dict[str, str]) -> tuple[dict[str, Any], Scored]:
     """The mean of the checkpoints' probabilities evaluated as one model (``--ensemble``): its
     threshold chosen on val from the mean val scores, its val AUC from them (so it can be the
-    checkpoint chosen on val), every set scored and written as a checkpoint's are."""
-    v_ids, v_labels, v_scores, _ = mean_scores(vals, "val")
+    checkpoint chosen on val), every set scored, written and aggregated (breast, exam) as a
+    checkpoint's are."""
+    v_ids, v_labels, v_scores, v_groups = mean_scores([sc.val for sc in scored], "val")
     thr = choose_threshold(v_labels, v_scores, method=cfg.threshold_method, target_sensitivity=cfg.target_sensitivity)
     tag = _claim("ensemble", "ensemble", "", taken)
-    sets, ens_scored = {}, {}
-    for name, _ in scored[0].items():
-        ids, labels, scores, groups = mean_scores([sc[name] for sc in scored], name)
-        ens_scored[name] = (ids, labels, scores, groups)
+    sets, ens = {}, Scored(val=(v_ids, v_labels, v_scores, v_groups))
+    for name in scored[0].sets:
+        ids, labels, scores, groups = mean_scores([sc.sets[name] for sc in scored], name)
+        # in the first member's image order (mean_scores keeps it), so its laterality and view fit
+        ens.sets[name], ens.meta[name] = (ids, labels, scores, groups), scored[0].meta[name]
         arrays = SimpleNamespace(image_ids=ids, labels=labels)
         _write_scores(mio.join(out, "scores", tag, f"{name}.csv"), arrays, scores, thr["threshold"])
-        res = _set_result(labels, scores, groups, [{} for _ in ids], threshold=thr["threshold"], n_boot=cfg.n_boot,
+        res = _set_result(labels, scores, groups, ens.meta[name], threshold=thr["threshold"], n_boot=cfg.n_boot,
                           seed=cfg.seed)
         res.update({"source": "mean of the members' scores", "split": results[0]["sets"][name]["split"],
                     "how": "mean of the checkpoints' probabilities"})
@@ -258,7 +272,7 @@ def ensemble_result(results: list[dict[str, Any]], scored: list[dict[str, tuple]
              "spec": results[0]["spec"] if all(r["spec"] == results[0]["spec"] for r in results) else
              "the members' own (they differ)",
              "threshold": {**thr, "chosen_on": "val", "n_val": int(len(v_ids))}, "sets": sets,
-             "notes": [f"ensemble: the mean probability of {', '.join(r['tag'] for r in results)}"]}, ens_scored)
+             "notes": [f"ensemble: the mean probability of {', '.join(r['tag'] for r in results)}"]}, ens)
 
 
 def _write_scores(path: str, arrays, scores: np.ndarray, threshold: float) -> None:
@@ -287,16 +301,14 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
     mio.makedirs(out)
     prepared: dict[tuple[str, str], str] = {}  # each external set preprocessed once per spec
     taken: dict[str, str] = {}
-    results = [evaluate_checkpoint(c, data=data, externals=externals, out=out, cfg=cfg, prepared=prepared, taken=taken)
-               for c in checkpoints]
-    # the scores stay in memory for the ensemble and the paired comparisons, not in metrics.json
-    vals = [r.pop("_val") for r in results]
-    scored = [{name: res.pop("_paired") for name, res in r["sets"].items()} for r in results]
+    evaluated = [evaluate_checkpoint(c, data=data, externals=externals, out=out, cfg=cfg, prepared=prepared,
+                                     taken=taken) for c in checkpoints]
+    results, scored = [r for r, _ in evaluated], [sc for _, sc in evaluated]
     if cfg.ensemble:
-        ens, ens_scored = ensemble_result(results, scored, vals, out=out, cfg=cfg, taken=taken)
+        ens, ens_scored = ensemble_result(results, scored, out=out, cfg=cfg, taken=taken)
         results, scored = [*results, ens], [*scored, ens_scored]
-    comparisons = compare_to_chosen(results, scored, chosen_by_val({"checkpoints": results}), n_boot=cfg.n_boot,
-                                    seed=cfg.seed)
+    comparisons = compare_to_chosen(results, [sc.sets for sc in scored], chosen_by_val({"checkpoints": results}),
+                                    n_boot=cfg.n_boot, seed=cfg.seed)
     report = {"data": data, "externals": externals, "tta": cfg.tta, "checkpoints": results, "comparisons": comparisons}
     mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(report, indent=2, default=_json_default).encode())
     write_report(report, out)

@@ -11,9 +11,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from mammo_ray.cli import main
 from mammo_ray.config import PreprocessConfig, SweepConfig
+from mammo_ray.data.parquet import read_split
 from mammo_ray.data.pipeline import run_preprocess
 from mammo_ray.data.synth import write_phantoms
 from mammo_ray.evaluate.run import run_evaluate, sweep_checkpoints
@@ -294,6 +296,11 @@ def test_checkpoint_tags_stay_distinct(tmp_path, monkeypatch):
     assert _checkpoint_tag(state, "/checkpoint.pt", {}) == "resnet18-r0.5"  # at the root: no folder name
 
 
+def probs_of(out: Path, tag: str, name: str) -> dict[str, float]:
+    with open(out / "scores" / tag / f"{name}.csv") as f:
+        return {r["image_id"]: float(r["probability"]) for r in csv.DictReader(f)}
+
+
 def test_ensemble_of_two_sweeps_from_the_command_line(ray_local, sweep_dir, train_data_dir, external_raw, tmp_path,
                                                       capsys):
     """`--sweep A B --ensemble`: both sweeps' groups, plus the mean of their probabilities
@@ -320,6 +327,14 @@ def test_ensemble_of_two_sweeps_from_the_command_line(ray_local, sweep_dir, trai
         for iid, p in mean.items():
             assert p == pytest.approx(sum(m[iid] for m in members) / len(members), abs=2e-6)
     assert len(metrics["comparisons"]) == 4 * 2  # the chosen one against the 4 others, on 2 sets
+    # breast and exam results for the ensemble too, from the mean probabilities
+    agg = ens["sets"]["test"]["aggregated"]
+    assert set(agg) == set(cks[ens["members"][0]]["sets"]["test"]["aggregated"]) == {
+        "breast_max", "breast_mean", "exam_max", "exam_mean"}
+    rows = read_split(str(train_data_dir), "test", columns=["image_id", "patient_key", "label"]).to_pandas()
+    rows["p"] = rows["image_id"].map(probs_of(out, "ensemble", "test"))
+    exams = rows.dropna(subset=["patient_key"]).groupby("patient_key").agg(label=("label", "max"), p=("p", "max"))
+    assert agg["exam_max"]["roc_auc"] == pytest.approx(roc_auc_score(exams["label"], exams["p"]), abs=1e-3)
     report = (out / "report.md").read_text()
     assert "| ensemble |" in report and "mixed" in report  # the members have ratios 0 and 0.5
     printed = capsys.readouterr().out
