@@ -1,6 +1,6 @@
 """Every GPU figure in one go, for the few minutes a GPU is lent (`benchmarks/gpu.sh`).
 
-    bash benchmarks/gpu.sh                 # on the GPU machine, after the README's set-up command
+    bash benchmarks/gpu.sh                 # on the GPU machine, after `make venv`
     bash benchmarks/gpu.sh --dry-run       # anywhere: every step's command exists and parses (CI)
 
 Steps (each a command of this repository, run in order, under 8 minutes on one GPU):
@@ -11,7 +11,7 @@ Steps (each a command of this repository, run in order, under 8 minutes on one G
   tune         a real 4-trial sweep at 0.25 GPU per trial (`mammo-ray tune`) on phantoms, with
                GPU utilisation sampled by nvidia-smi every second
 Writes one JSON file (--out, default gpu-results.json) and prints a summary table whose rows go
-into the README's GPU section as they are. (Scoring's steady state joins when `mammo-ray score`
+into docs/benchmarks.md's GPU section as they are. (Scoring's steady state joins when `mammo-ray score`
 lands: the archive-scale issue.)
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def check(step: dict) -> str | None:
         parser, args = _parser_of(script), argv[2:]
     else:
         if not shutil.which(argv[0]) and not os.path.exists(argv[0]):
-            return f"{argv[0]} not found (install with the README's set-up command)"
+            return f"{argv[0]} not found (install with `make venv`)"
         from mammo_ray.cli import get_args_parser
 
         parser, args = get_args_parser(), argv[1:]

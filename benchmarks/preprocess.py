@@ -3,7 +3,7 @@ on full-size 16-bit synthetic DICOM mammograms; and peak memory at N and 4N imag
 
     python benchmarks/preprocess.py [--n 24] [--height 3328 --width 2560] [--cpus 2]
 
-Prints one JSON object. Targets (README): ray_vs_loop >= 1.6 on 2 CPUs (2.0 is the limit),
+Prints one JSON object. Targets (docs/benchmarks.md): ray_vs_loop >= 1.6 on 2 CPUs (2.0 is the limit),
 memory flat in N (peak_mb at 4N within ~10% of N).
 """
 from __future__ import annotations

@@ -8,15 +8,16 @@ test split and on a film set from another site; Grad-CAM on the film set's annot
     python benchmarks/realdata.py --size 320 --resize-mode stretch --seeds 0 1 2 --random-seeds 0  # 1 baseline
     python benchmarks/realdata.py --smoke-test          # seconds, on phantoms (CI)
 
-Data (never copied into the repository): ``../shared/data/breast-cancer-detection-640``
-(3,383 digital JPEGs, 19 patients in both classes, so the split is grouped by patient) and
-``../shared/data/mini-mias-part1`` (film, benign against malignant, with lesion positions).
+Data (never copied into the repository; docs/benchmarks.md says where to get both): ``--data``,
+the digital set's ``labels.csv`` (3,383 JPEGs, 19 patients in both classes, so the split is
+grouped by patient), and ``--film``, the mini-MIAS folder (film, benign against malignant, with
+lesion positions). Both default to the copies in ``../shared/data`` when present.
 
 Choices, and why:
 - ratios 70:15:15, not the paper's 80:15:5: 5% is about 170 test images here, whose AUC CI
   is about +-0.13 wide, too wide to tell freezing ratios apart; 15% (about 500) halves it.
 - 224 px and a few epochs: what 2 CPUs finish in about an hour (a GPU run would use more of
-  both; see the README).
+  both; see docs/results.md).
 - ``--seeds``: the training seed alone moves one network's test AUC by up to 0.05, so one
   pretrained/random pair cannot settle a 0.05 difference. Each seed's pair is compared on the
   same test images (paired patient bootstrap and DeLong, ``mammo_ray.evaluate.compare``).
@@ -117,7 +118,8 @@ def main(args) -> dict:
     else:
         for need in (args.data, args.film):
             if not os.path.exists(need):
-                raise SystemExit(f"realdata: {need} not found (the shared real data sets; see ../shared/data/README.md)")
+                raise SystemExit(f"realdata: {need} not found (the real data sets: docs/benchmarks.md says where "
+                                 "to get them; pass their paths as --data and --film)")
         data_manifest = args.data
         film_labels = film_manifest(args.film, os.path.join(work, "film-manifest"))
         annotations, explain_input = os.path.join(args.film, "lesions.csv"), args.film

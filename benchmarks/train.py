@@ -4,7 +4,7 @@ PyTorch loop on the same model and batch.
 
     python benchmarks/train.py [--size 224] [--batch-size 16] [--steps 4]
 
-Prints one JSON object. Targets (README): freeze 0.5 >= 1.6x the images/s of freeze 0;
+Prints one JSON object. Targets (docs/benchmarks.md): freeze 0.5 >= 1.6x the images/s of freeze 0;
 loop_vs_bare >= 0.9.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ the same configs on the same CPUs, and per-trial training images/s against a bar
 
 Each trial uses every CPU (``cpus_per_trial`` = CPUs), so trials run one after another
 exactly like the sequential baseline and the difference is Tune's overhead (scheduling,
-shipping the data, per-epoch checkpoints). Prints one JSON object. Targets (README):
+shipping the data, per-epoch checkpoints). Prints one JSON object. Targets (docs/benchmarks.md):
 overhead under 10% once trials last over a minute; trial_vs_bare >= 0.9.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Every benchmark runs (``--smoke-test``: tiny sizes) and prints its JSON object with the
-ratios the README quotes; the figures themselves are not asserted (shared, noisy machines)."""
+ratios docs/benchmarks.md quotes; the figures themselves are not asserted (shared, noisy machines)."""
 from __future__ import annotations
 
 import json

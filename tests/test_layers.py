@@ -65,7 +65,7 @@ def test_cpu_task_modules_import_no_torch():
 
 
 def test_help_wall_time_against_bare_python():
-    """`mammo-ray --help` against `python -c pass` in the same run (the README's figure)."""
+    """`mammo-ray --help` against `python -c pass` in the same run (the figure in docs/benchmarks.md)."""
     def best(cmd: list[str]) -> float:
         times = []
         for _ in range(3):

@@ -26,7 +26,7 @@ def loaded(train_data_dir):
 @pytest.mark.slow
 def test_small_model_learns_phantoms_in_a_small_budget(loaded, tmp_path):
     """12 epochs of simplecnn on 210 phantoms at 96 px: about 9 s on an idle 2-core CPU
-    (the time is reported, not asserted: shared machines are noisy; see README)."""
+    (the time is reported, not asserted: shared machines are noisy; the figure is in docs/benchmarks.md)."""
     spec, train, val = loaded
     cfg = TrainConfig(backbone="simplecnn", epochs=12, batch_size=32, optimizer="adamw", base_lr=1e-4, max_lr=3e-3,
                       step_size_epochs=2, patience=0, seed=0)
