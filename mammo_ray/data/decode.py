@@ -10,20 +10,21 @@ from __future__ import annotations
 import io
 import logging
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-from mammo_ray.data.colour import PALETTE, RGB_LIKE, luma, palette_to_rgb, stored_bits
-from mammo_ray.data.faults import describe_fault, quiet_decoders, redact, shown_modality
+from mammo_ray.data.decoded import MG_MODALITY, DecodeError, Decoded, check_size, rescale_uint16
+from mammo_ray.data.dicom import decode_dicom, dicom_meta, read_dicom_header
+from mammo_ray.data.faults import redact
+
+__all__ = ["FORMATS", "MG_MODALITY", "DecodeError", "Decoded", "check_size", "decode_bytes", "decode_dicom",
+           "decode_raster", "describe_exception", "dicom_meta", "png_significant_bits", "read_dicom_header",
+           "sniff_format", "window_stored_bits"]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("dicom", "png", "jpeg", "pnm", "tiff")
-MG_MODALITY = "MG"
 
 
 def describe_exception(exc: BaseException, *, limit: int = 160, data: bytes | None = None) -> str:
@@ -39,28 +40,6 @@ def describe_exception(exc: BaseException, *, limit: int = 160, data: bytes | No
     text = redact(first, data)
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class DecodeError(ValueError):
-    """A source that cannot become an image; the message is the ``errors.csv`` reason."""
-
-
-@dataclass
-class Decoded:
-    """A decoded source image and what its header said."""
-
-    pixels: np.ndarray
-    source_format: str
-    modality: str | None = None
-    patient_id: str | None = None
-    study_uid: str | None = None
-    laterality: str | None = None
-    view: str | None = None
-    photometric: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    #: significant bits of the source's values before they were stretched to the output dtype
-    #: (8, 16, or e.g. 12 for 12-bit detector values stored in a 16-bit PNG/TIFF)
-    stored_bits: int | None = None
 
 
 def sniff_format(data: bytes) -> str:
@@ -88,16 +67,6 @@ def sniff_format(data: bytes) -> str:
     kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in data[:64]) else "binary data"
     raise DecodeError(f"unrecognized file header ({len(data)} bytes, starts like {kind}): "
                       "not one of DICOM, PNG, JPEG, PGM/PNM, TIFF")
-
-
-def check_size(height: int, width: int, *, min_side: int, max_pixels: int) -> None:
-    """Raise DecodeError for images too small to be a mammogram or too large to decode safely."""
-    if min(height, width) < min_side:
-        raise DecodeError(f"image {height}x{width} is smaller than min_side={min_side}")
-    if height * width > max_pixels:
-        raise DecodeError(
-            f"image {height}x{width} has {height * width} pixels, above max_pixels={max_pixels}"
-        )
 
 
 def decode_bytes(data: bytes, *, min_side: int = 32, max_pixels: int = 100_000_000) -> Decoded:
@@ -182,7 +151,7 @@ def _to_depth(arr: np.ndarray, warnings: list[str]) -> np.ndarray:
         if bad:  # a rescale over NaN/inf would turn the whole image into one constant
             raise DecodeError(f"{bad} non-finite pixel(s) (NaN or inf) in a {arr.dtype} image")
     warnings.append(f"{arr.dtype} pixels rescaled to uint16")
-    return _rescale_uint16(arr.astype(np.float64))
+    return rescale_uint16(arr.astype(np.float64))
 
 
 def decode_raster(data: bytes, fmt: str, *, min_side: int, max_pixels: int) -> Decoded:
@@ -236,192 +205,3 @@ def window_stored_bits(arr: np.ndarray, declared: int | None = None) -> tuple[np
         return arr, 16
     scale = 65535.0 / ((1 << bits) - 1)
     return np.round(arr.astype(np.float32) * np.float32(scale)).astype(np.uint16), bits
-
-
-# ----------------------------------------------------------------------------- DICOM
-#: photometric interpretations a reason or warning may name (the element is free text)
-PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2", PALETTE, *RGB_LIKE)
-
-
-@contextmanager
-def dicom_step(what: str, data: bytes | None = None) -> Iterator[None]:
-    """Run pydicom on a file's content: what it raises is a fault of the file, not a bug.
-
-    The block's exceptions become one ``DecodeError`` ``"<what>: <element keyword>: <kind of
-    fault>"`` (``faults.describe_fault``), raised ``from None`` so that no traceback or chained
-    message carrying a header value travels with it; pydicom's warnings and log lines, which
-    quote values, are silenced for the block.
-
-    Args:
-        what: the stage, for the reason ("cannot decode DICOM pixel data (RLE Lossless)").
-        data: the file's bytes: words of a codec's message found in them are removed.
-    """
-    try:
-        with quiet_decoders():
-            yield
-    except DecodeError:
-        raise
-    except Exception as exc:  # any pydicom/codec exception here is about the file's content
-        raise DecodeError(f"{what}: {describe_fault(exc, data)}") from None
-
-
-def _rescale_uint16(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(np.min(x)), float(np.max(x))
-    if hi <= lo:
-        return np.zeros(x.shape, np.uint16)
-    return np.round((x - lo) * (65535.0 / (hi - lo))).astype(np.uint16)
-
-
-def _apply_luts_uint16(arr: np.ndarray, ds) -> np.ndarray:
-    """Modality LUT, then VOI LUT / windowing, then stretch to the full uint16 range.
-
-    Both LUTs are functions of the stored value alone, so for integer pixels they are
-    evaluated once per possible stored value (at most 65,536) and applied by indexing:
-    about 5x faster than running pydicom's float64 windowing over a 12-Mpixel mammogram,
-    and exact. Other dtypes go through pydicom directly.
-
-    Raises:
-        DecodeError: a LUT or window the header describes is unusable (named by keyword).
-    """
-    has_voi = "VOILUTSequence" in ds or "WindowCenter" in ds
-    if arr.dtype.kind in "ui" and arr.dtype.itemsize <= 2:
-        lo = int(arr.min())
-        index = (arr.astype(np.int32) - lo) if lo != 0 or arr.dtype.kind == "i" else arr
-        counts = np.bincount(index.ravel(), minlength=1)
-        values = np.arange(lo, lo + counts.size).astype(arr.dtype)
-        lut = _checked_luts(values, ds, has_voi)
-        present = lut[counts > 0]
-        vmin, vmax = float(present.min()), float(present.max())
-        if vmax <= vmin:
-            return np.zeros(arr.shape, np.uint16)
-        lut16 = np.round((np.clip(lut, vmin, vmax) - vmin) * (65535.0 / (vmax - vmin))).astype(np.uint16)
-        return lut16[index]
-    return _rescale_uint16(_checked_luts(arr, ds, has_voi))
-
-
-def _checked_luts(values: np.ndarray, ds, has_voi: bool) -> np.ndarray:
-    """pydicom's modality then VOI LUT over ``values``, as float64, refused when not finite."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    with dicom_step("modality LUT unusable"):
-        x = apply_modality_lut(values, ds)
-    if has_voi:
-        with dicom_step("VOI LUT/window unusable"):
-            x = apply_voi_lut(x, ds, index=0)
-    x = np.asarray(x, dtype=np.float64)
-    if not np.isfinite(x).all():  # e.g. a NaN RescaleSlope: every pixel would become one value
-        raise DecodeError("LUT unusable: RescaleSlope, RescaleIntercept, WindowCenter, WindowWidth or a LUT "
-                          "gives non-finite values: invalid value")
-    return x
-
-
-def _header_text(ds, *keywords: str) -> str | None:
-    for kw in keywords:
-        try:
-            value = ds.get(kw)
-        except Exception:  # a value pydicom cannot convert: the field is unknown, not the image
-            continue
-        if value not in (None, ""):
-            return str(value).strip() or None
-    return None
-
-
-def _header_int(ds, keyword: str, default: int | None = None) -> int:
-    """An integer element, or DecodeError naming its keyword (never its value)."""
-    try:
-        value = ds.get(keyword)
-        if value in (None, "") and default is not None:
-            return default
-        return int(value)
-    except (TypeError, ValueError, AttributeError, OverflowError):
-        missing = "missing" if keyword not in ds else "not an integer"
-        raise DecodeError(f"DICOM pixel data with an unusable {keyword}: {missing}") from None
-
-
-def _syntax_name(uid: str) -> str:
-    """A transfer syntax's dictionary name; an unknown UID is never repeated (it is file bytes)."""
-    from pydicom.uid import UID_dictionary
-
-    return UID_dictionary[uid][0] if uid in UID_dictionary else "a transfer syntax pydicom does not know"
-
-
-def read_dicom_header(data: bytes):
-    """Parse a DICOM header without pixel data (cheap; used to group by patient before decoding)."""
-    import pydicom
-
-    with dicom_step("unreadable DICOM header"):
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-
-
-def dicom_meta(ds) -> dict[str, str | None]:
-    """Header fields the pipeline uses (never the label: labels are not guessed from DICOM)."""
-    with quiet_decoders():  # converting a value may warn, quoting it
-        return {
-            "modality": _header_text(ds, "Modality"),
-            "patient_id": _header_text(ds, "PatientID"),
-            "study_uid": _header_text(ds, "StudyInstanceUID"),
-            "laterality": _header_text(ds, "ImageLaterality", "Laterality"),
-            "view": _header_text(ds, "ViewPosition"),
-        }
-
-
-def decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> Decoded:
-    """Decode a DICOM image through pydicom.
-
-    Modality LUT (rescale) then VOI LUT or windowing are applied as the header says, the
-    result is stretched to the full ``uint16`` range and MONOCHROME1 (white = low
-    attenuation) is inverted so that dense tissue is bright in every output. Colour files
-    (RGB, YBR, PALETTE COLOR) become grayscale scaled by their stored range (``colour``).
-    Compressed transfer syntaxes decode through pydicom's handlers (RLE with numpy alone;
-    JPEG and JPEG 2000 through pylibjpeg).
-
-    Raises:
-        DecodeError: one line naming the element (keyword) and the kind of fault; never a
-            header value or the file's bytes.
-    """
-    import pydicom
-
-    with dicom_step("unreadable DICOM"):
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise DecodeError("DICOM has no pixel data (PixelData element missing)")
-    meta = dicom_meta(ds)
-    with quiet_decoders():
-        rows, cols = _header_int(ds, "Rows"), _header_int(ds, "Columns")
-        frames = _header_int(ds, "NumberOfFrames", 1) or 1
-    check_size(rows, cols, min_side=min_side, max_pixels=max_pixels)
-    if frames > 1:
-        raise DecodeError(f"multi-frame DICOM ({frames} frames): tomosynthesis volumes are not supported")
-    if "TransferSyntaxUID" not in ds.file_meta:
-        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian if not ds.is_implicit_VR else pydicom.uid.ImplicitVRLittleEndian
-    with dicom_step(f"cannot decode DICOM pixel data ({_syntax_name(ds.file_meta.TransferSyntaxUID)})", data):
-        arr = ds.pixel_array
-    photometric = _header_text(ds, "PhotometricInterpretation") or "MONOCHROME2"
-    warnings: list[str] = []
-    if arr.ndim == 3 or photometric == PALETTE:
-        out, bits = _colour_to_gray(arr, ds, photometric, warnings)
-    else:
-        out = _apply_luts_uint16(arr, ds)
-        if photometric == "MONOCHROME1":
-            out = np.subtract(65535, out, dtype=np.uint16)
-        with quiet_decoders():
-            bits = _header_int(ds, "BitsStored", 0) or _header_int(ds, "BitsAllocated", 16)
-    if meta["modality"] != MG_MODALITY:
-        warnings.append(f"modality {shown_modality(meta['modality'])} is not MG")
-    return Decoded(out, "dicom", photometric=photometric, warnings=warnings, stored_bits=bits, **meta)
-
-
-def _colour_to_gray(arr: np.ndarray, ds, photometric: str, warnings: list[str]) -> tuple[np.ndarray, int]:
-    """RGB/YBR samples (or PALETTE COLOR indices, through the colour table) to grayscale,
-    scaled by the stored range. Returns (pixels, stored bits)."""
-    if photometric == PALETTE and arr.ndim == 2:
-        with dicom_step("PALETTE COLOR table unusable"):
-            arr, bits = palette_to_rgb(arr, ds)
-        warnings.append("PALETTE COLOR DICOM: colour table applied, then converted to grayscale")
-    elif photometric in RGB_LIKE and arr.ndim == 3 and arr.shape[2] in (3, 4):
-        bits = stored_bits(ds, arr)
-        warnings.append(f"{photometric} DICOM converted to grayscale")
-    else:
-        shown = photometric if photometric in PHOTOMETRICS else "an unknown PhotometricInterpretation"
-        raise DecodeError(f"DICOM pixel array of shape {arr.shape} with {shown}: not a single image")
-    return luma(arr, bits), bits
