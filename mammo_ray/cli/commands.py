@@ -18,7 +18,8 @@ from mammo_ray.config import (CAM_FOR_FORMS, CAM_METHODS, CLR_MODES, DISTRIBUTED
                               PreprocessConfig, ScoreConfig, SweepConfig, TrainConfig, backbone_names)
 from mammo_ray.console import set_console_level
 from mammo_ray.outputs import check_out_location
-from mammo_ray.cli.options import Renamed, config_overrides, finite_float, lr_pair
+from mammo_ray.cli.options import (Renamed, add_label_options, config_overrides, finite_float, label_overrides,
+                                   lr_pair)
 
 logger = logging.getLogger("mammo_ray")
 
@@ -30,6 +31,7 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--config", help="YAML file (PreprocessConfig keys, pixel spec under 'spec:')")
     p.add_argument("--external", action="store_true", default=None, help="an external set: everything goes to external/")
     p.add_argument("--unlabeled", action="store_true", default=None, help="ignore class folders / labels")
+    add_label_options(p)
     p.add_argument("--size", type=int, nargs="+", help="output size: N or H W (default 224)")
     p.add_argument("--equalize", choices=EQUALIZE_MODES)
     p.add_argument("--resize-mode", choices=RESIZE_MODES)
@@ -59,7 +61,7 @@ def _run_preprocess(args) -> int:
         equalize=args.equalize, resize_mode=args.resize_mode, orientation=args.orientation,
         dtype=args.dtype, mean=args.mean, std=args.std, other_modality=args.other_modality,
         ratios=tuple(args.ratios) if args.ratios else None, seed=args.seed, batch_size=args.batch_size,
-        patient_key_file=args.patient_key_file)
+        patient_key_file=args.patient_key_file, labels=label_overrides(args))
     summary = run_preprocess(args.inputs, args.out, cfg, overwrite=args.overwrite, address=args.address)
     print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "splits")}))
     print(f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']} -> {args.out}")
@@ -256,12 +258,13 @@ def _add_evaluate(sub) -> None:
                    help="also evaluate the mean of the checkpoints' probabilities as one model (e.g. several seeds)")
     p.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation: the mean over flipped views (vflip: as "
                    f"training flips; hflip; flips: both, and both together); default: {d.tta}")
+    add_label_options(p)  # how raw --external sets' labels read
 
 
 def _run_evaluate(args) -> int:
     from mammo_ray.evaluate.run import run_evaluate, sweep_checkpoints
 
-    cfg = EvaluateConfig.load(args.config, **config_overrides(EvaluateConfig, args))
+    cfg = EvaluateConfig.load(args.config, **config_overrides(EvaluateConfig, args, labels=label_overrides(args)))
     checkpoints = [c for s in args.sweep for c in sweep_checkpoints(s)] if args.sweep else args.checkpoint
     run_evaluate(checkpoints, data=args.data, externals=args.external, out=args.out, cfg=cfg)
     sections = open(os.path.join(args.out, "report.md")).read().split("\n## ")  # the table and the paired comparisons
@@ -289,6 +292,9 @@ def _archive_args(p, d) -> None:
                         f"(vflip: as training flips; bare --tta: hflip); default: {d.tta}")
     p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="no test-time augmentation")
     p.add_argument("--resume", action="store_true", help="continue a killed or partial run in --out")
+    p.add_argument("--unlabeled", action="store_true", default=None,
+                   help="read no labels (labels are otherwise kept when present; an unknown word is unlabeled)")
+    add_label_options(p)
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
 
 
@@ -302,7 +308,7 @@ def _add_score(sub) -> None:
 def _run_score(args) -> int:
     from mammo_ray.explain.score import run_score
 
-    opts = ScoreConfig.load(args.config, **config_overrides(ScoreConfig, args))
+    opts = ScoreConfig.load(args.config, **config_overrides(ScoreConfig, args, labels=label_overrides(args)))
     summary = run_score(args.inputs, args.checkpoint, args.out, opts, resume=args.resume, address=args.address)
     print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "images_per_second", "threshold",
                                               "predicted_malignant")}))
@@ -335,7 +341,7 @@ def _add_explain(sub) -> None:
 def _run_explain(args) -> int:
     from mammo_ray.explain.job import run_explain
 
-    opts = ExplainConfig.load(args.config, **config_overrides(ExplainConfig, args))
+    opts = ExplainConfig.load(args.config, **config_overrides(ExplainConfig, args, labels=label_overrides(args)))
     summary = run_explain(args.inputs, args.checkpoint, args.out, opts, resume=args.resume, address=args.address)
     print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "cams", "images_per_second", "threshold")}))
     if "localization" in summary:

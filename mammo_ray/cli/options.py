@@ -6,6 +6,8 @@ import argparse
 import math
 from dataclasses import fields
 
+from mammo_ray.config import LabelMap
+
 def finite_float(text: str) -> float:
     """argparse type: a float that is not NaN or inf (a NaN passes every range check)."""
     try:
@@ -41,3 +43,20 @@ class Renamed(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} {values or ''}: {self.hint}".replace("  ", " "))
+
+
+def add_label_options(p: argparse.ArgumentParser) -> None:
+    """``--positive`` / ``--negative``: the label vocabulary (``labels:`` in the YAML), comma lists."""
+    d = LabelMap()
+    p.add_argument("--positive", metavar="WORDS", help="comma list of the label words (and class folder names) "
+                   f"that mean malignant; default: {','.join(d.positive)}")
+    p.add_argument("--negative", metavar="WORDS", help="comma list of the label words (and class folder names) "
+                   f"that mean not malignant; default: {','.join(d.negative)} (BI-RADS needs your mapping, "
+                   "e.g. --negative 1,2,3 --positive 4,5,6)")
+
+
+def label_overrides(args) -> dict | None:
+    """The ``labels`` override the flags give (None: neither given, the YAML or default applies)."""
+    over = {k: getattr(args, k, None) for k in ("positive", "negative")}
+    over = {k: v for k, v in over.items() if v is not None}
+    return over or None

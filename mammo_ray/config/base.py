@@ -47,7 +47,11 @@ def from_mapping(cls: type[T], data: Mapping[str, Any] | None, **overrides: Any)
         ValueError: on a key the dataclass does not have (names the allowed keys).
     """
     data = dict(data or {})
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    for k, v in overrides.items():
+        if isinstance(v, Mapping) and isinstance(data.get(k), Mapping):
+            data[k] = {**data[k], **v}  # a flag overrides its own key of a YAML mapping (labels:), not the rest
+        elif v is not None:
+            data[k] = v
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -80,6 +84,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     def plain(v: Any) -> Any:
         if isinstance(v, (tuple, list)):
             return [plain(x) for x in v]
+        if isinstance(v, dict):  # a nested dataclass (labels:) comes as a dict of tuples
+            return {k: plain(x) for k, x in v.items()}
         return v
 
     return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from mammo_ray.config.base import MAX_BATCH, MAX_SIDE, _check_choice, check_finite, from_mapping, load_yaml
+from mammo_ray.config.labels import LabelMap, as_label_map
 
 EQUALIZE_MODES = ("clahe", "global", "none")
 RESIZE_MODES = ("pad", "stretch")
@@ -84,6 +85,8 @@ class PreprocessConfig:
             HMAC of the patient id); default ``$MAMMO_RAY_PATIENT_KEY``, else the user's key
             file (see :mod:`mammo_ray.privacy`). The key itself is never written out.
         batch_size: images per Ray task and per Parquet file.
+        labels: the label vocabulary (manifest labels and class folder names; see
+            :mod:`mammo_ray.config.labels`), recorded in ``preprocess.yaml``.
     """
 
     spec: PreprocessSpec = field(default_factory=PreprocessSpec)
@@ -96,9 +99,11 @@ class PreprocessConfig:
     max_pixels: int = 100_000_000
     other_modality: str = "warn"
     patient_key_file: str | None = None
+    labels: LabelMap = field(default_factory=LabelMap)
 
     def __post_init__(self) -> None:
         check_finite(self)
+        object.__setattr__(self, "labels", as_label_map(self.labels))
         if isinstance(self.spec, Mapping):
             object.__setattr__(self, "spec", from_mapping(PreprocessSpec, self.spec))
         try:

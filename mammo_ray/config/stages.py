@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mammo_ray.config.base import MAX_BATCH, MAX_SIDE, _check_choice, check_finite, from_mapping, load_yaml
+from mammo_ray.config.labels import LabelMap, as_label_map
 
 #: the backbones the model registry ships. Named here, below the model layer, so configs validate
 #: and ``--help`` lists them without importing torch; ``mammo_ray.models.registry`` adds any
@@ -270,8 +271,13 @@ class ArchiveConfig:
     amp: bool = True
     patient_key_file: str | None = None
     tta: str = "none"
+    # labels are read when present and never refuse an image: a word outside the vocabulary is
+    # unlabeled (counted in summary.json); unlabeled: ignore them altogether
+    labels: LabelMap = field(default_factory=LabelMap)
+    unlabeled: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", as_label_map(self.labels))
         object.__setattr__(self, "tta", tta_mode(self.tta))
         _check_choice("tta", self.tta, TTA_MODES)
         check_finite(self)
@@ -351,8 +357,10 @@ class EvaluateConfig:
     distributed: str = "auto"
     ensemble: bool = False
     tta: str = "none"
+    labels: LabelMap = field(default_factory=LabelMap)  # how raw external sets' labels read
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", as_label_map(self.labels))
         check_finite(self)
         _check_choice("threshold_method", self.threshold_method, THRESHOLD_METHODS)
         _check_choice("distributed", self.distributed, DISTRIBUTED_MODES)

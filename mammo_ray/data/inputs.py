@@ -14,10 +14,12 @@ import posixpath
 from dataclasses import dataclass, field
 
 from mammo_ray import io as mio
-from mammo_ray.config import LABELS, TEST, TRAIN, VAL
+from mammo_ray.config import LABELS, TEST, TRAIN, VAL, LabelMap
+from mammo_ray.config.labels import BIRADS_HINT
 
 logger = logging.getLogger(__name__)
 
+#: the classes' display names, in label order (summaries, previews)
 CLASS_NAMES = LABELS
 UNLABELED = -1
 SPLITS = (TRAIN, VAL, TEST)
@@ -25,7 +27,8 @@ IMAGE_EXTENSIONS = (".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".pgm", "
                     ".tif", ".tiff", "")
 DICOM_LIKE = (".dcm", ".dicom", ".dic", "")
 PATIENT_COLUMNS = ("patient_id", "source_patient_id")
-LABEL_VALUES = {LABELS[0]: 0, "0": 0, LABELS[1]: 1, "1": 1}
+#: label words kept per job in summary.json's unknown_labels (the column is free text)
+MAX_UNKNOWN_LABELS, MAX_LABEL_CHARS = 20, 40
 
 
 @dataclass
@@ -37,6 +40,15 @@ class Listing:
     ignored: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     linked_folders: list[str] = field(default_factory=list)
+    #: label words outside the vocabulary that made an image unlabeled (score, explain), by count
+    unknown_labels: dict[str, int] = field(default_factory=dict)
+
+    def count_unknown_label(self, value: str) -> None:
+        word = value[:MAX_LABEL_CHARS] or "(empty)"
+        if word in self.unknown_labels or len(self.unknown_labels) < MAX_UNKNOWN_LABELS:
+            self.unknown_labels[word] = self.unknown_labels.get(word, 0) + 1
+        else:
+            self.unknown_labels["(other)"] = self.unknown_labels.get("(other)", 0) + 1
 
     @property
     def inputs(self) -> int:
@@ -69,29 +81,34 @@ def _error(path: str, reason: str) -> dict:
     return {"path": printable_path(path), "image_id": image_id(path), "reason": reason}
 
 
-def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: bool = False) -> Listing:
+def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: bool = False,
+             labels: LabelMap | None = None) -> Listing:
     """List every input.
 
     Args:
-        inputs: folders (class sub-folders ``benign/``, ``malignant/``, or an unlabeled
-            tree such as a DICOM archive), ``.csv`` manifests, or single image files.
+        inputs: folders (class sub-folders named by the label vocabulary, e.g. ``normal/``,
+            ``benign/``, ``malignant/``, or an unlabeled tree such as a DICOM archive), ``.csv``
+            manifests, or single image files.
         unlabeled: ignore class folders and manifest labels (label -1).
-        labels_optional: a manifest without a ``label`` column, or a file outside the class
-            folders, is unlabeled instead of an error (scoring an archive needs no labels;
-            they are kept when present).
+        labels_optional: labels are read when present and never refuse an image (scoring an
+            archive needs no labels): a manifest without a ``label`` column, a file outside the
+            class folders, or a label word outside the vocabulary is unlabeled (the words are
+            counted in ``Listing.unknown_labels``).
+        labels: the label vocabulary (default: :class:`~mammo_ray.config.LabelMap`'s).
 
     Raises:
         ValueError: an input that does not exist (before any work starts).
     """
+    labels = labels or LabelMap()
     listing = Listing()
     seen: set[str] = set()
     for inp in inputs:
         if not mio.exists(inp):
             raise ValueError(f"input {inp!r} does not exist")
         if mio.is_dir(inp):
-            _discover_folder(inp, unlabeled, listing, labels_optional)
+            _discover_folder(inp, unlabeled, listing, labels_optional, labels)
         elif _ext(inp) == ".csv":
-            _discover_manifest(inp, unlabeled, listing, labels_optional)
+            _discover_manifest(inp, unlabeled, listing, labels_optional, labels)
         else:
             path = inp if mio.is_uri(inp) else os.path.abspath(inp)
             listing.records.append(_record(path, UNLABELED))
@@ -112,15 +129,17 @@ def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: boo
     return listing
 
 
-def _discover_folder(root: str, unlabeled: bool, listing: Listing, labels_optional: bool = False) -> None:
+def _discover_folder(root: str, unlabeled: bool, listing: Listing, labels_optional: bool,
+                     labels: LabelMap) -> None:
     report: dict = {"skipped": listing.skipped, "linked": listing.linked_folders}
     files = list(mio.list_files(root, report))
     for folder, reason in report.get("unreadable", []):
         listing.errors.append(_error(folder, reason))
+    classes = labels.class_folders
     tops = {mio.relpath(p, root).split("/")[0].lower() for p, _ in files if "/" in mio.relpath(p, root)}
-    class_mode = not unlabeled and any(t in CLASS_NAMES for t in tops)
+    class_mode = not unlabeled and any(t in classes for t in tops)
     if not class_mode and not unlabeled:
-        logger.info("%s has no class folders (%s): its images are unlabeled", root, ", ".join(CLASS_NAMES))
+        logger.info("%s has no class folders (%s): its images are unlabeled", root, ", ".join(classes))
     for path, size in files:
         ext = _ext(path)
         if ext not in IMAGE_EXTENSIONS:
@@ -135,19 +154,17 @@ def _discover_folder(root: str, unlabeled: bool, listing: Listing, labels_option
             listing.records.append(_record(path, UNLABELED))
             continue
         parts = rel.split("/")
-        if labels_optional and (len(parts) == 1 or parts[0].lower() not in CLASS_NAMES):
+        top = parts[0].lower() if len(parts) > 1 else None
+        if labels_optional and top not in classes:
             listing.records.append(_record(path, UNLABELED))  # scoring needs no label
-        elif len(parts) == 1:
-            listing.errors.append(_error(path, f"not inside a class folder: use one of {', '.join(CLASS_NAMES)} (or --unlabeled)"))
-        elif parts[0].lower() not in CLASS_NAMES:
-            listing.errors.append(_error(path, f"unknown class folder {parts[0]!r}: use one of {', '.join(CLASS_NAMES)} (or --unlabeled)"))
+        elif top is None:
+            listing.errors.append(_error(path, f"not inside a class folder: use one of {', '.join(classes)} "
+                                               "(or --unlabeled, or --negative/--positive to name more)"))
+        elif top not in classes:
+            listing.errors.append(_error(path, f"unknown class folder {parts[0]!r}: use one of {', '.join(classes)} "
+                                               "(or --unlabeled, or --negative/--positive to name more)"))
         else:
-            listing.records.append(_record(path, CLASS_NAMES.index(parts[0].lower())))
-
-
-def _inside(path: str, root: str) -> bool:
-    root = root.rstrip("/")
-    return path == root or path.startswith(root + "/")
+            listing.records.append(_record(path, labels.label_of(top)))
 
 
 def read_csv_text(path: str, what: str) -> str:
@@ -164,7 +181,8 @@ def read_csv_text(path: str, what: str) -> str:
                          "save it as UTF-8") from None
 
 
-def _discover_manifest(manifest: str, unlabeled: bool, listing: Listing, labels_optional: bool = False) -> None:
+def _discover_manifest(manifest: str, unlabeled: bool, listing: Listing, labels_optional: bool,
+                       labels: LabelMap) -> None:
     text = read_csv_text(manifest, "manifest")
     reader = csv.DictReader(io.StringIO(text))
     # "path, label" (a space after the comma) names the same columns as "path,label"
@@ -177,34 +195,33 @@ def _discover_manifest(manifest: str, unlabeled: bool, listing: Listing, labels_
     if missing:
         raise ValueError(f"manifest {manifest}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
     patient_col = next((c for c in PATIENT_COLUMNS if c in columns), None)
-    if mio.is_uri(manifest):
-        root = posixpath.dirname(manifest)
-    else:
-        root = os.path.dirname(os.path.abspath(manifest))
-    rows = list(reader)
+    root = posixpath.dirname(manifest) if mio.is_uri(manifest) else os.path.dirname(os.path.abspath(manifest))
+    # rows of blank cells (",,") are no inputs: a manifest of them lists nothing, and the job says so
+    numbered = [(reader.line_num, row) for row in reader
+                if any((v or "").strip() for v in row.values() if isinstance(v, str))]
+    if not unlabeled:
+        _check_birads(manifest, [row for _, row in numbered], labels, labels_optional)
     candidates = []
-    for lineno, row in enumerate(rows, start=2):
+    for lineno, row in numbered:
         raw = (row.get("path") or "").strip()
-        if mio.is_uri(root):
-            # normalised after the scheme: normpath would fold "s3://" into "s3:/"
-            scheme, rest = root.split("://", 1)
-            path = raw if mio.is_uri(raw) else f"{scheme}://{posixpath.normpath(posixpath.join(rest, raw))}"
-        else:
-            path = os.path.normpath(os.path.join(root, raw))
-        where = f"{manifest} line {lineno}"
         if not raw:
-            listing.errors.append(_error(where, "manifest row has an empty path"))
+            listing.errors.append(_error(f"{manifest} line {lineno}", "manifest row has an empty path"))
             continue
-        if not _inside(path, root):
-            listing.errors.append(_error(path, f"manifest path {raw!r} escapes the manifest's folder {root}"))
+        path, problem = manifest_path(raw, root)
+        if problem:
+            listing.errors.append(_error(path, problem))
             continue
         label = UNLABELED
         if not unlabeled:
-            value = (row.get("label") or "").strip().lower()
-            if value not in LABEL_VALUES:
-                listing.errors.append(_error(path, f"label {value!r}: use one of benign, malignant, 0, 1"))
+            value = (row.get("label") or "").strip()
+            found = labels.label_of(value)
+            if found is None and labels_optional:
+                listing.count_unknown_label(value.lower())  # scoring needs no label: never a refusal
+            elif found is None:
+                listing.errors.append(_error(path, labels.unknown(value)))
                 continue
-            label = LABEL_VALUES[value]
+            else:
+                label = found
         split = (row.get("split") or "").strip().lower() or None
         if split is not None and split not in SPLITS + ("external",):
             listing.errors.append(_error(path, f"split {split!r}: use one of {', '.join(SPLITS)}, external"))
@@ -214,12 +231,67 @@ def _discover_manifest(manifest: str, unlabeled: bool, listing: Listing, labels_
                                   exam_id=(row.get("exam_id") or "").strip() or None,
                                   laterality=(row.get("laterality") or "").strip().upper() or None,
                                   view=(row.get("view") or "").strip().upper() or None))
-    exists = _exist_many([c["path"] for c in candidates])
+    exists = _exist_by_store([c["path"] for c in candidates])
     for rec, ok in zip(candidates, exists):
         if ok:
             listing.records.append(rec)
         else:
             listing.errors.append(_error(rec["path"], "file listed in the manifest not found"))
+
+
+def manifest_path(raw: str, root: str) -> tuple[str, str | None]:
+    """Where a manifest row's ``path`` points: a URI as given (``s3://other-bucket/...``, also
+    from a local manifest); an absolute path as given (on an object store: from the store's
+    root); a relative one from the manifest's folder, ``..`` included. The user wrote the
+    manifest, so it may point anywhere it can read; ``--out`` is checked against every row
+    (``outputs.check_inputs_vs_out``). Returns (path, reason it cannot be read or None)."""
+    if mio.is_uri(raw):
+        scheme, rest = raw.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(rest)}" if rest else raw, None
+    if mio.is_uri(root):
+        # normalised after the scheme: normpath would fold "s3://" into "s3:/"
+        scheme, rest = root.split("://", 1)
+        joined = posixpath.normpath(raw.lstrip("/") if raw.startswith("/") else posixpath.join(rest, raw))
+        if joined == ".." or joined.startswith("../"):
+            return f"{scheme}://{joined}", f"manifest path {raw!r} climbs above the store's root {scheme}://"
+        return f"{scheme}://{joined}", None
+    return os.path.normpath(os.path.join(root, os.path.expanduser(raw))), None
+
+
+def _check_birads(manifest: str, rows: list[dict], labels: LabelMap, labels_optional: bool) -> None:
+    """Numbers outside the vocabulary beside its 0 and 1 look like BI-RADS categories, whose 1
+    is a negative screen: reading the 0/1 rows as cancer 0/1 would be a silent error.
+
+    Raises:
+        ValueError: for a job that needs labels (score and explain read such a manifest unlabeled).
+    """
+    values = {(r.get("label") or "").strip() for r in rows}
+    others = sorted(v for v in values if v.isdigit() and labels.label_of(v) is None)
+    if not others or not any(labels.label_of(v) is not None for v in values if v.isdigit()):
+        return
+    message = (f"manifest {manifest}: label values {', '.join(others)} beside "
+               f"{', '.join(sorted(v for v in values if v.isdigit() and labels.label_of(v) is not None))} look like "
+               f"BI-RADS categories; {BIRADS_HINT}")
+    if not labels_optional:
+        raise ValueError(message)
+    logger.warning("%s: its numeric labels are read as unlabeled", message)
+    for r in rows:
+        if (r.get("label") or "").strip().isdigit():
+            r["label"] = ""
+
+
+def _exist_by_store(paths: list[str]) -> list[bool]:
+    """``_exist_many`` per filesystem: a manifest's rows may mix local paths and URIs of
+    several stores or buckets."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        key = p.split("://", 1)[0] + "://" + p.split("://", 1)[1].split("/", 1)[0] if mio.is_uri(p) else ""
+        groups.setdefault(key, []).append(i)
+    found = [False] * len(paths)
+    for idx in groups.values():
+        for i, ok in zip(idx, _exist_many([paths[i] for i in idx])):
+            found[i] = ok
+    return found
 
 
 def _exist_many(paths: list[str]) -> list[bool]:

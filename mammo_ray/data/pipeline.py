@@ -26,7 +26,7 @@ import yaml
 
 from mammo_ray import io as mio
 from mammo_ray.config import PreprocessConfig, to_dict
-from mammo_ray.data.accounting import Tally, check_nothing_lost, tally
+from mammo_ray.data.accounting import Tally, check_listed, finish_job, tally
 from mammo_ray.data.decode import (MG_MODALITY, DecodeError, decode_bytes, describe_exception, dicom_meta,
                                    read_dicom_header)
 from mammo_ray.data.faults import shown_modality
@@ -186,7 +186,7 @@ def _probe_patients(records: list[dict], cfg: PreprocessConfig) -> None:
     todo = [r for r in records if needs_header_probe(r)]
     if not todo:
         return
-    env = remote_args([r["path"] for r in todo[:1]])
+    env = remote_args([r["path"] for r in todo[:1]] + first_uri(todo))
     ds = ray.data.from_items([{"path": r["path"]} for r in todo],
                              override_num_blocks=max(1, min(len(todo), math.ceil(len(todo) / 256))))
     found = {}
@@ -230,7 +230,7 @@ def _summarize(listing: Listing, statuses: pd.DataFrame, cfg: PreprocessConfig, 
         "inversion_warnings": int(ok["inversion_uncertain"].fillna(False).astype(bool).sum()),
         "nodes": {k: int(v) for k, v in Counter(statuses["node_id"]).items()},
         "seconds": round(seconds, 3), "images_per_second": round(len(statuses) / seconds, 2) if seconds > 0 else None,
-        "external": cfg.external,
+        "external": cfg.external, "labels": cfg.labels.as_dict(),
     }
 
 
@@ -290,10 +290,12 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
     Raises:
         ValueError: bad inputs or an output folder already used (before any work starts).
         RuntimeError: if the accounting ``inputs == rows + errors`` fails.
+        NoRowsError: every input was refused (after the outputs are written; the top reasons are logged).
     """
     t0 = time.perf_counter()
-    listing = discover(list(inputs), unlabeled=cfg.unlabeled)
+    listing = discover(list(inputs), unlabeled=cfg.unlabeled, labels=cfg.labels)
     check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out, extra_folders=listing.linked_folders)
+    check_listed(listing.inputs, list(inputs), listing.ignored)
     secret = load_patient_secret(cfg.patient_key_file, forbidden=(out,))
     init_ray(address)
     check_fits(preprocess_task_bytes(size=cfg.spec.size, dtype=cfg.spec.dtype, batch_size=cfg.batch_size,
@@ -329,8 +331,14 @@ def run_preprocess(inputs: list[str], out: str, cfg: PreprocessConfig, *, overwr
         # every time), not some images; the accounting above is written, and the run fails
         raise RuntimeError(f"every task of the job failed ({t.line}; errors.csv lists every input): "
                            "see the Ray logs above (--out not writable? out of memory?)")
-    check_nothing_lost(t, logger)
+    finish_job(t, [e["reason"] for e in listing.errors + failed], logger, where=mio.join(out, "errors.csv"))
     return summary
+
+
+def first_uri(records: list[dict]) -> list[str]:
+    """The first record path that is a URI, if any: a local manifest may list ``s3://`` rows,
+    whose tasks need the store's credentials (``remote_args``)."""
+    return next(([r["path"]] for r in records if mio.is_uri(r["path"])), [])
 
 
 def _run_tasks(records: list[dict], inputs: list[str], out: str, cfg: PreprocessConfig) -> pd.DataFrame:
@@ -357,7 +365,7 @@ def _run_tasks(records: list[dict], inputs: list[str], out: str, cfg: Preprocess
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             ds = ds.map_batches(process_batch, batch_format="pandas", batch_size=cfg.batch_size,
                                 fn_kwargs={"cfg": cfg, "out": out}, num_cpus=1, memory=task_bytes,
-                                max_retries=TASK_RETRIES, **remote_args([*inputs, out]))
+                                max_retries=TASK_RETRIES, **remote_args([*inputs, out, *first_uri(records)]))
         frames, progress = [], Progress("preprocess", len(records))
         for frame in ds.iter_batches(batch_format="pandas", batch_size=None):
             frames.append(frame)

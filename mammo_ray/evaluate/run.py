@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from mammo_ray import io as mio
-from mammo_ray.config import EvaluateConfig, PreprocessConfig, to_dict
+from mammo_ray.config import EvaluateConfig, LabelMap, PreprocessConfig, to_dict
 from mammo_ray.data.arrays import load_split
 from mammo_ray.data.parquet import SPLIT_DIRS, read_spec, read_split, split_files
 from mammo_ray.data.pipeline import run_preprocess
@@ -66,12 +66,13 @@ def _check_spec(folder: str, spec, ckpt: str, allow_mismatch: bool) -> str | Non
 
 
 def prepare_external(path: str, spec, out: str, name: str,
-                     cache: dict[tuple[str, str], str] | None = None) -> tuple[str, str]:
+                     cache: dict[tuple[str, str], str] | None = None, labels: LabelMap | None = None) -> tuple[str, str]:
     """An external set as a Parquet folder made with ``spec``: used as is when it already is
     one (checked later), otherwise preprocessed into ``out/preprocessed/<name>`` (the first
     spec) or ``<name>-<spec hash>`` (another spec). ``cache`` maps (path, spec) to what this
     run already preprocessed, so a sweep's checkpoints, which share one spec, preprocess each
-    external set once, not once per checkpoint."""
+    external set once, not once per checkpoint. ``labels``: how its raw labels read (the default
+    vocabulary when None)."""
     if mio.is_dir(path) and _has_parquet(path):
         return path, "preprocessed folder"
     how = "preprocessed here with the checkpoint's spec"
@@ -83,7 +84,7 @@ def prepare_external(path: str, spec, out: str, name: str,
     dest = mio.join(out, "preprocessed", name)
     if dest in taken:
         dest = f"{dest}-{key[1]}"
-    cfg = PreprocessConfig(spec=spec, external=True)
+    cfg = PreprocessConfig(spec=spec, external=True, labels=labels)
     summary = run_preprocess([path], dest, cfg, overwrite=True)
     if summary["rows"] == 0:
         raise ValueError(f"--external {path}: no image could be preprocessed (see {dest}/errors.csv)")
@@ -175,7 +176,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
     sources = [("test", data, "test", "training data's test split")]
     for path in externals:
         name = external_set_name(path)
-        folder, how = prepare_external(path, spec, out, name, prepared)
+        folder, how = prepare_external(path, spec, out, name, prepared, labels=cfg.labels)
         split = "external" if split_files(folder, "external") else next(s for s in SPLIT_DIRS if split_files(folder, s))
         sources.append((name, folder, split, how))
     tag = _checkpoint_tag(state, ckpt, taken if taken is not None else {})
@@ -309,7 +310,9 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
         results, scored = [*results, ens], [*scored, ens_scored]
     comparisons = compare_to_chosen(results, [sc.sets for sc in scored], chosen_by_val({"checkpoints": results}),
                                     n_boot=cfg.n_boot, seed=cfg.seed)
-    report = {"data": data, "externals": externals, "tta": cfg.tta, "checkpoints": results, "comparisons": comparisons}
+    report = {"data": data, "externals": externals, "tta": cfg.tta,
+              # how raw external sets' labels were read (preprocessed sets carry their own preprocess.yaml's)
+              "labels": cfg.labels.as_dict(), "checkpoints": results, "comparisons": comparisons}
     mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(report, indent=2, default=_json_default).encode())
     write_report(report, out)
     return report

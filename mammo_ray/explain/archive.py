@@ -24,8 +24,11 @@ import pandas as pd
 
 from mammo_ray.config import ArchiveConfig, PreprocessConfig
 from mammo_ray.console import Progress
-from mammo_ray.data.accounting import LOST_REASON
-from mammo_ray.explain.results import ERROR_PARTS, SCORES, dedupe_parts, read_parts
+from mammo_ray.data.accounting import LOST_REASON, check_listed
+from mammo_ray.data.inputs import Listing, discover
+from mammo_ray.data.pipeline import first_uri
+from mammo_ray.outputs import check_inputs_vs_out
+from mammo_ray.explain.results import ERROR_PARTS, SCORES, dedupe_parts, drop_left, read_parts
 from mammo_ray.explain.tasks import META_COLUMNS, STATUS_COLUMNS, prepare_batch
 from mammo_ray.ray_utils import init_ray, remote_args
 from mammo_ray.resources import TASK_RETRIES, check_fits, largest_node_memory, preprocess_task_bytes
@@ -36,7 +39,50 @@ SUMMARY_SCORE_COLUMNS = ["image_id", "source_path", "label", "orig_height", "pro
                          "pointing_hit", "energy_inside", "lesion_area_fraction", "cam_peak_in_breast",
                          "pointing_hit_in_breast", "lesion_area_fraction_in_breast", "warning",
                          "seconds_preprocess", "seconds_cam", "seconds_write"]
+#: the paths of inputs that left which summary.json lists (all of them are counted)
+MAX_LEFT_PATHS = 100
+
+
 # ----------------------------------------------------------------------------- driver side
+def list_archive(inputs: list[str], opts: ArchiveConfig, out: str) -> Listing:
+    """The archive jobs' listing: labels read when present (``opts.labels``), never a refusal for
+    a label (a word outside the vocabulary is unlabeled, counted and warned about), none read
+    with ``opts.unlabeled``; ``out`` checked against every input.
+
+    Raises:
+        ValueError: an input that does not exist, an ``out`` that overlaps one, or inputs that
+            list no image.
+    """
+    listing = discover(list(inputs), unlabeled=opts.unlabeled, labels_optional=True, labels=opts.labels)
+    check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out, extra_folders=listing.linked_folders)
+    check_listed(listing.inputs, list(inputs), listing.ignored)
+    if listing.unknown_labels:
+        words = ", ".join(f"{w!r} x {n}" for w, n in sorted(listing.unknown_labels.items(), key=lambda kv: -kv[1]))
+        logger.warning("%d image(s) have a label outside the vocabulary (%s): %s; scored as unlabeled (map them with "
+                       "--negative/--positive, or pass --unlabeled)", sum(listing.unknown_labels.values()),
+                       opts.labels.describe(), words)
+    return listing
+
+
+def labels_summary(listing: Listing, opts: ArchiveConfig) -> dict[str, Any]:
+    """What summary.json records of the labels: the vocabulary and the words it did not know."""
+    return {"labels": opts.labels.as_dict(), "unlabeled": bool(opts.unlabeled),
+            "unknown_labels": dict(sorted(listing.unknown_labels.items()))}
+
+
+def account_left(out: str, listing: Listing, folders: tuple[str, ...]) -> dict[str, Any]:
+    """A resume's inputs that left since the earlier run (deleted or moved): their results are
+    removed (``drop_left``) and they are named in the summary (``left``, ``left_paths``) and on
+    the console, and the job goes on with the inputs it lists now."""
+    left = drop_left(out, {r["image_id"] for r in listing.records}, folders)
+    if left:
+        shown = ", ".join(r["path"] for r in left[:3])
+        logger.warning("%d input(s) of the earlier run are no longer listed (deleted or moved): their results were "
+                       "removed; summary.json lists them (left_paths): %s%s", len(left), shown,
+                       ", ..." if len(left) > 3 else "")
+    return {"left": len(left), "left_paths": [r["path"] for r in left[:MAX_LEFT_PATHS]]}
+
+
 def check_pool(workers: int, gpw: float, cpus: int, gpus: float, *, autoscaling: bool) -> None:
     """The actor pool fits the cluster: on a local Ray a pool that cannot be placed (or that
     would hold every CPU, starving the tasks that feed it) would wait forever, so it is refused;
@@ -123,7 +169,7 @@ def run_pipeline(todo: list[dict], pool: Pool, opts: ArchiveConfig, stage: Stage
     if not todo:
         return pd.DataFrame(columns=STATUS_COLUMNS + META_COLUMNS)
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False  # see data/pipeline.py
-    env = remote_args(stage.env_paths)
+    env = remote_args([*stage.env_paths, *first_uri(todo)])  # a local manifest may list s3:// rows
     # Ray Data retries failed tasks forever by default; max_retries has no named parameter
     # in 2.60, only the deprecated **ray_remote_args (hence the warning filter below)
     task_env = {**env, "max_retries": TASK_RETRIES}

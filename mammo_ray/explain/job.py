@@ -42,22 +42,21 @@ import yaml
 
 from mammo_ray import io as mio
 from mammo_ray.config import ExplainConfig, parse_cam_for
-from mammo_ray.data.accounting import Tally, check_nothing_lost, tally
+from mammo_ray.data.accounting import Tally, finish_job, tally
 from mammo_ray.data.parquet import write_table
-from mammo_ray.data.inputs import Listing, discover
+from mammo_ray.data.inputs import Listing
 from mammo_ray.data.pipeline import write_errors
 from mammo_ray.explain.actors import CamActor, ScoreActor
-from mammo_ray.explain.archive import (Pool, Stage, collect, done_ids, plan_pool, run_pipeline, stage_seconds,
-                                       threshold_of)
+from mammo_ray.explain.archive import (Pool, Stage, account_left, collect, done_ids, labels_summary, list_archive,
+                                       plan_pool, run_pipeline, stage_seconds, threshold_of)
 from mammo_ray.explain.cam import check_target_layer, resolve_target_layer
 from mammo_ray.explain.exams import MetaWriter, fill_meta, finish_exams
 from mammo_ray.explain.lesions import load_annotations, localization_summary
 from mammo_ray.explain.render import contact_sheet
-from mammo_ray.explain.results import (CAM_ERROR_PARTS, CAMS, ERROR_PARTS, IDENTITY_FILE, SCORE_SCHEMA, SCORES,
+from mammo_ray.explain.results import (CAM_ERROR_PARTS, CAMS, ERROR_PARTS, IDENTITY_FILE, META, SCORE_SCHEMA, SCORES,
                                        check_output, identity, import_scores, part_paths, read_parts)
 from mammo_ray.explain.tasks import STATUS_COLUMNS, write_batch, write_score_batch
 from mammo_ray.models.checkpoint import load_checkpoint, read_checkpoint_bytes
-from mammo_ray.outputs import check_inputs_vs_out
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +92,7 @@ def _plan(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfig, res
     layer = resolve_target_layer(state["backbone"], opts.target_layer)
     check_target_layer(state, layer, opts.method)
     threshold, source = threshold_of(opts, state)
-    listing = discover(list(inputs), labels_optional=True)
-    check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out, extra_folders=listing.linked_folders)
+    listing = list_archive(list(inputs), opts, out)
     ident = identity(checkpoint, hashlib.sha256(data).hexdigest(), state, opts, layer, threshold, inputs)
     run = _Run(listing=listing, todo=listing.records, state=state, layer=layer, threshold=threshold,
                threshold_source=source, identity=ident, resumed=check_output(out, ident, resume),
@@ -249,6 +247,8 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfi
     # every check passed: from here on the folder holds this run's results
     mio.makedirs(out)
     mio.write_bytes(mio.join(out, IDENTITY_FILE), yaml.safe_dump(run.identity, sort_keys=False).encode())
+    left = (account_left(out, run.listing, (SCORES, ERROR_PARTS, META, CAMS, CAM_ERROR_PARTS)) if run.resumed
+            else {"left": 0, "left_paths": []})
     if opts.scores_from:
         import_scores(opts.scores_from, out, run.identity)
         done = done_ids(out, SCORES, ERROR_PARTS)
@@ -262,12 +262,12 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfi
         contact_sheet(out, rows[rows["overlay_path"].notna()], n=opts.top_n, annotations=run.annotations)
     summary, t = _summary(run, rows, part_errors, scored, cammed, checkpoint, opts, seconds=time.perf_counter() - t0,
                           passes=passes, deduplicated=deduplicated)
-    summary["exams"] = exam_counts
+    summary.update(exams=exam_counts, **left, **labels_summary(run.listing, opts))
     if run.annotations:
         loc = localization_summary(rows, run.ann_counts, opts.method, run.layer)
         mio.write_bytes(mio.join(out, "localization.json"), json.dumps(loc, indent=2).encode())
         summary["localization"] = {k: loc["all"].get(k) for k in ("n", "pointing_game", "energy_inside", "chance",
                                                                     "pointing_game_in_breast", "chance_in_breast")}
     mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
-    check_nothing_lost(t, logger)
+    finish_job(t, [e["reason"] for e in run.listing.errors + part_errors], logger, where=mio.join(out, "errors.csv"))
     return summary

@@ -121,6 +121,38 @@ def dedupe_parts(out: str, folders: tuple[str, ...] = (SCORES, ERROR_PARTS)) -> 
     return removed
 
 
+def drop_left(out: str, listed: set[str], folders: tuple[str, ...] = (SCORES, ERROR_PARTS, META)) -> list[dict]:
+    """A resume after inputs left (deleted, moved): the committed rows, error lines and meta rows
+    of images the listing no longer has are removed from their parts, with the heatmap and
+    overlay PNGs they name, so the results describe the inputs as they are and the accounting
+    still balances. Returns one ``{"image_id", "path"}`` per image that left, sorted by path."""
+    left: dict[str, str] = {}
+    for folder in folders:
+        for p in part_paths(out, folder):
+            fs, inner = mio.resolve(p)
+            table = pq.read_table(inner, filesystem=fs)
+            ids = table.column("image_id").to_pylist()
+            keep = [i in listed for i in ids]
+            if all(keep):
+                continue
+            gone = table.filter(pa.array([not k for k in keep])).to_pylist()
+            for row in gone:
+                left.setdefault(row["image_id"], row.get("source_path") or row.get("path") or "")
+                for col in ("heatmap_path", "overlay_path"):
+                    if row.get(col) and mio.exists(mio.join(out, row[col])):
+                        png_fs, png = mio.resolve(mio.join(out, row[col]))
+                        png_fs.delete_file(png)
+            kept = table.filter(pa.array(keep))
+            if kept.num_rows:
+                write_table(kept, p)
+            else:
+                fs.delete_file(inner)
+    for image_id, path in left.items():
+        if not path:  # only a meta row was left (its image's row had gone): the id is all there is
+            left[image_id] = image_id
+    return sorted(({"image_id": i, "path": p} for i, p in left.items()), key=lambda r: r["path"])
+
+
 def identity(checkpoint: str, checkpoint_sha256: str, state: dict, opts: ExplainConfig, layer: str, threshold: float,
              inputs: list[str]) -> dict[str, Any]:
     """What produced a folder's results (``explain.yaml``); ``--resume`` needs the same."""
@@ -130,7 +162,8 @@ def identity(checkpoint: str, checkpoint_sha256: str, state: dict, opts: Explain
             "inputs": list(inputs), "annotations": opts.annotations,
             "annotations_sha256": hashlib.sha256(mio.read_bytes(opts.annotations)).hexdigest() if opts.annotations else None,
             "amp": bool(opts.amp), "cam_within_breast": bool(opts.cam_within_breast), "cam_for": opts.cam_for,
-            "tta": opts.tta, "scores_from": opts.scores_from, "spec": state["spec"]}
+            "tta": opts.tta, "scores_from": opts.scores_from, "spec": state["spec"],
+            "labels": opts.labels.as_dict(), "unlabeled": bool(opts.unlabeled)}
 
 
 def score_identity(checkpoint: str, checkpoint_sha256: str, state: dict, opts, threshold: float,
@@ -138,7 +171,7 @@ def score_identity(checkpoint: str, checkpoint_sha256: str, state: dict, opts, t
     """What produced a score folder's results (``score.yaml``); ``--resume`` needs the same."""
     return {"checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256, "backbone": state["backbone"],
             "threshold": float(threshold), "inputs": list(inputs), "amp": bool(opts.amp), "tta": opts.tta,
-            "spec": state["spec"]}
+            "spec": state["spec"], "labels": opts.labels.as_dict(), "unlabeled": bool(opts.unlabeled)}
 
 
 def _with_tta_mode(made: dict[str, Any]) -> dict[str, Any]:

@@ -26,20 +26,26 @@ import yaml
 
 from mammo_ray import io as mio
 from mammo_ray.config import ScoreConfig
-from mammo_ray.data.accounting import check_nothing_lost, tally
-from mammo_ray.data.inputs import discover
+from mammo_ray.data.accounting import finish_job, tally
 from mammo_ray.data.pipeline import write_errors
 from mammo_ray.explain.actors import ScoreActor
-from mammo_ray.explain.archive import (Stage, collect, done_ids, plan_pool, run_pipeline, stage_seconds,
-                                       threshold_of)
+from mammo_ray.explain.archive import (Stage, account_left, collect, done_ids, labels_summary, list_archive, plan_pool,
+                                       run_pipeline, stage_seconds, threshold_of)
 from mammo_ray.explain.exams import MetaWriter, fill_meta, finish_exams
-from mammo_ray.explain.results import (ERROR_PARTS, SCORE_IDENTITY_FILE, SCORE_IDENTITY_KEYS, SCORES,
+from mammo_ray.explain.results import (ERROR_PARTS, META, SCORE_IDENTITY_FILE, SCORE_IDENTITY_KEYS, SCORES,
                                        check_output, score_identity)
 from mammo_ray.explain.tasks import write_score_batch
 from mammo_ray.models.checkpoint import load_checkpoint, read_checkpoint_bytes
-from mammo_ray.outputs import check_inputs_vs_out
 
 logger = logging.getLogger(__name__)
+
+
+def _where_scored(status) -> dict[str, dict]:
+    """The model actors and nodes that scored this run's images, and the read tasks' nodes."""
+    if status is None or not len(status):
+        return {"workers": {}, "nodes": {}, "preprocess_nodes": {}}
+    return {"workers": dict(Counter(status["cam_worker"])), "nodes": dict(Counter(status["node_id"])),
+            "preprocess_nodes": dict(Counter(status["prep_node_id"]))}
 
 
 def run_score(inputs: list[str], checkpoint: str, out: str, opts: ScoreConfig | None = None, *,
@@ -53,23 +59,25 @@ def run_score(inputs: list[str], checkpoint: str, out: str, opts: ScoreConfig | 
         ValueError: bad options or checkpoint, or an output folder holding other results (all
             before any work starts).
         RuntimeError: the final accounting (one row or one error per input) fails.
+        NoRowsError: every input was refused (after the outputs are written).
     """
     opts = opts or ScoreConfig()
     t0 = time.perf_counter()
     data = read_checkpoint_bytes(checkpoint)
     state = load_checkpoint(checkpoint, data=data)
     threshold, source = threshold_of(opts, state)
-    listing = discover(list(inputs), labels_optional=True)
-    check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out, extra_folders=listing.linked_folders)
+    listing = list_archive(list(inputs), opts, out)
     ident = score_identity(checkpoint, hashlib.sha256(data).hexdigest(), state, opts, threshold, inputs)
     resumed = check_output(out, ident, resume, file=SCORE_IDENTITY_FILE, keys=SCORE_IDENTITY_KEYS)
-    done = done_ids(out, SCORES, ERROR_PARTS) if resumed else set()
+    listed = {r["image_id"] for r in listing.records}
+    done = done_ids(out, SCORES, ERROR_PARTS) & listed if resumed else set()
     todo = [r for r in listing.records if r["image_id"] not in done]
     logger.info("%d inputs: %d to score, %d already done, %d refused while listing", listing.inputs, len(todo),
                 len(done), len(listing.errors))
     pool = plan_pool(opts, state["spec"], address, keep_sources=False, what="score") if todo else None
     mio.makedirs(out)
     mio.write_bytes(mio.join(out, SCORE_IDENTITY_FILE), yaml.safe_dump(ident, sort_keys=False).encode())
+    left = account_left(out, listing, (SCORES, ERROR_PARTS, META)) if resumed else {"left": 0, "left_paths": []}
     t_job = time.perf_counter()
     stage = Stage(actor=ScoreActor, actor_kwargs={"checkpoint": checkpoint, "amp": opts.amp, "tta": opts.tta},
                   write=write_score_batch, write_kwargs={"out": out, "threshold": threshold},
@@ -87,16 +95,15 @@ def run_score(inputs: list[str], checkpoint: str, out: str, opts: ScoreConfig | 
     summary = {
         "inputs": t.inputs, "rows": t.rows, "errors": t.errors, "balanced": t.balanced,
         "skipped_while_listing": dict(sorted(listing.skipped.items())), "processed_this_run": processed,
-        "resumed": resumed, "duplicate_rows_removed": deduplicated, "skipped_as_done": len(done),
+        "resumed": resumed, "duplicate_rows_removed": deduplicated, "skipped_as_done": len(done), **left,
+        **labels_summary(listing, opts),
         "checkpoint": checkpoint, "backbone": state["backbone"], "threshold": threshold, "threshold_source": source,
         "tta": opts.tta, "predicted_malignant": int(rows["predicted"].sum()), "exams": exam_counts,
-        "workers": dict(Counter(status["cam_worker"])) if processed else {},
-        "nodes": dict(Counter(status["node_id"])) if processed else {},
-        "preprocess_nodes": dict(Counter(status["prep_node_id"])) if processed else {},
+        **_where_scored(status),
         "stage_seconds": stage_seconds(rows), "seconds": round(time.perf_counter() - t0, 3),
         "pass_seconds": {"score_pass": round(job_seconds, 3)},
         "images_per_second": round(processed / job_seconds, 2) if processed and job_seconds > 0 else None,
     }
     mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
-    check_nothing_lost(t, logger)
+    finish_job(t, [e["reason"] for e in listing.errors + errors], logger, where=mio.join(out, "errors.csv"))
     return summary

@@ -34,16 +34,30 @@ def test_preprocess_s3_in_s3_out(ray_local, s3_server, phantom_dir):
     assert rows == 16
 
 
-def test_manifest_on_s3_resolves_paths_under_its_folder(s3_server):
-    """A manifest on s3:// names files relative to its folder (as on disk); a path that
-    climbs out of the folder is refused in its own error line. (normpath once folded the
-    scheme, so every row of an S3 manifest became "s3://s3:/..." and was refused.)"""
+def test_manifest_on_s3_reads_rows_anywhere_on_the_stores(s3_server, tmp_path):
+    """A manifest on s3:// names files relative to its folder (as on disk), ``..`` and other
+    buckets included: the user wrote it. A row climbing above the store's root is refused in its
+    own line, and a local manifest may list s3:// rows. (normpath once folded the scheme, so every
+    row of an S3 manifest became "s3://s3:/..."; until issue 27 a row leaving the manifest's folder
+    was refused as "escapes the manifest's folder".)"""
     from mammo_ray.data.inputs import discover
 
+    s3_server.create_bucket(Bucket="other-bucket")
+    s3_server.put_object(Bucket="other-bucket", Key="films/c.png", Body=b"\x89PNG not decoded here")
     for key in ("m/cc/a.png", "m/b.png", "x.png"):
         s3_server.put_object(Bucket=BUCKET, Key=key, Body=b"\x89PNG not decoded here")
     s3_server.put_object(Bucket=BUCKET, Key="m/labels.csv",
-                         Body=b"path,label\ncc/a.png,benign\n./b.png,malignant\n../x.png,benign\n")
+                         Body=b"path,label\ncc/a.png,benign\n./b.png,malignant\n../x.png,normal\n"
+                              b"s3://other-bucket/films/c.png,cancer\n../../../up.png,benign\n")
     listing = discover([f"s3://{BUCKET}/m/labels.csv"])
-    assert sorted(r["path"] for r in listing.records) == [f"s3://{BUCKET}/m/b.png", f"s3://{BUCKET}/m/cc/a.png"]
-    assert len(listing.errors) == 1 and "'../x.png' escapes the manifest's folder" in listing.errors[0]["reason"]
+    assert sorted((r["path"], r["label"]) for r in listing.records) == [
+        ("s3://other-bucket/films/c.png", 1), (f"s3://{BUCKET}/m/b.png", 1), (f"s3://{BUCKET}/m/cc/a.png", 0),
+        (f"s3://{BUCKET}/x.png", 0)]
+    assert len(listing.errors) == 1 and "'../../../up.png' climbs above the store's root" in listing.errors[0]["reason"]
+    local = tmp_path / "mixed.csv"
+    (tmp_path / "here.png").write_bytes(b"\x89PNG not decoded here")
+    local.write_text(f"path,label\nhere.png,benign\ns3://{BUCKET}/m/b.png,malignant\ns3://{BUCKET}/m/gone.png,benign\n")
+    listing = discover([str(local)])
+    assert sorted(r["path"] for r in listing.records) == sorted([str(tmp_path / "here.png"), f"s3://{BUCKET}/m/b.png"])
+    assert [(e["path"], e["reason"]) for e in listing.errors] == [(f"s3://{BUCKET}/m/gone.png",
+                                                                   "file listed in the manifest not found")]

@@ -120,9 +120,9 @@ def bad_corpus(phantom_dir, tmp_path) -> tuple[Path, dict[str, str]]:
     expected[str(b / "rgba.png")] = "RGBA image with transparency"
     os.symlink("/nonexistent/file.png", b / "dangling.png")
     expected[str(b / "dangling.png")] = "unreadable"
-    (root / "normal").mkdir()
-    shutil.copy(phantom_dir / "benign" / sorted(os.listdir(phantom_dir / "benign"))[0], root / "normal" / "x.png")
-    expected[str(root / "normal" / "x.png")] = "unknown class folder 'normal'"
+    (root / "unsure").mkdir()  # not a word of the label vocabulary (normal/ is: negative)
+    shutil.copy(phantom_dir / "benign" / sorted(os.listdir(phantom_dir / "benign"))[0], root / "unsure" / "x.png")
+    expected[str(root / "unsure" / "x.png")] = "unknown class folder 'unsure'"
     # kept with a warning column (other_modality=warn), not an error
     shutil.copy(get_testdata_file("CT_small.dcm"), root / "malignant" / "ct.dcm")
     (root / "README.txt").write_text("not an input")
@@ -163,7 +163,7 @@ def test_manifest_bad_rows(ray_local, phantom_dir, tmp_path):
     header, rows = lines[0], lines[1:9]
     rows.append(rows[0].replace(rows[0].split(",")[0], "benign/missing.png", 1))
     rows.append(rows[0].replace(rows[0].split(",")[0], "../secret.png", 1))
-    rows.append(rows[1].replace(",malignant,", ",cancer,").replace(",benign,", ",cancer,"))
+    rows.append(rows[1].replace(",malignant,", ",suspicious,").replace(",benign,", ",suspicious,"))
     rows.append(rows[2])  # duplicate
     (root / "manifest.csv").write_text("\n".join([header] + rows) + "\n")
     out = tmp_path / "out"
@@ -171,8 +171,9 @@ def test_manifest_bad_rows(ray_local, phantom_dir, tmp_path):
     errors = _errors(out)
     reasons = sorted(errors.values())
     assert any("not found" in r for r in reasons)
-    assert any("escapes the manifest's folder" in r for r in reasons)
-    assert any("label 'cancer'" in r for r in reasons)
+    # a path outside the manifest's folder is read (the user wrote it): this one is no image
+    assert "unrecognized file header" in errors[str(outside)]
+    assert any("label 'suspicious' is not in the label vocabulary" in r for r in reasons)
     assert summary["inputs"] == 12 and summary["errors"] == 4 and summary["rows"] == 8
 
 
