@@ -140,8 +140,7 @@ def main(args) -> dict:
     def sweep(name: str, ratios: list[float], pretrained: str | None, seed: int) -> dict:
         t = time.perf_counter()
         train = {"optimizer": "adamw", "step_size_epochs": 1.0, "patience": 0}
-        if pretrained:
-            train["pretrained"] = pretrained
+        train["pretrained"] = pretrained or "none"  # random init named: the default is ImageNet
         cfg = SweepConfig(backbones=(args.backbone,), freeze_ratios=tuple(ratios), lr_bounds=((base_lr, max_lr),),
                           epochs=args.epochs, batch_size=args.batch_size, cpus_per_trial=args.cpus, train=train,
                           seed=seed)

@@ -99,7 +99,8 @@ def main(args) -> dict:
               "amp": args.amp and device.type == "cuda",
               "device": str(device), "threads": torch.get_num_threads(), "images_per_s": {}}
     for ratio in args.ratios:
-        cfg = TrainConfig(backbone=args.backbone, freeze_ratio=ratio, batch_size=args.batch_size, max_batches=args.steps,
+        cfg = TrainConfig(backbone=args.backbone, pretrained=None, freeze_ratio=ratio, batch_size=args.batch_size,
+                          max_batches=args.steps,
                           device=args.device, augment=True, amp=args.amp)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -108,7 +109,8 @@ def main(args) -> dict:
             result.setdefault("peak_gpu_memory_mb", {})[str(ratio)] = round(torch.cuda.max_memory_allocated() / 2**20)
     base = result["images_per_s"][str(args.ratios[0])]
     result["speedup_vs_freeze_0"] = {k: round(v / base, 3) for k, v in result["images_per_s"].items()}
-    cfg = TrainConfig(backbone=args.backbone, freeze_ratio=0.5, batch_size=args.batch_size, max_batches=args.steps,
+    cfg = TrainConfig(backbone=args.backbone, pretrained=None, freeze_ratio=0.5, batch_size=args.batch_size,
+                      max_batches=args.steps,
                       device=args.device)
     ours = loop_images_per_s(cfg, spec, data, device)
     bare = bare_images_per_s(cfg, data, device, args.steps)

@@ -59,7 +59,8 @@ def main(args) -> dict:
         run_preprocess([os.path.join(root, "raw")], data, PreprocessConfig.load(size=args.size))
         ratios = [round(i / max(args.trials, 1), 3) for i in range(args.trials)]
         sweep = SweepConfig(backbones=(args.backbone,), freeze_ratios=tuple(ratios), lr_bounds=((1e-4, 1e-3),),
-                            epochs=args.epochs, batch_size=32, cpus_per_trial=args.cpus, train={"patience": 0})
+                            epochs=args.epochs, batch_size=32, cpus_per_trial=args.cpus,
+                            train={"patience": 0, "pretrained": "none"})
         t0 = time.perf_counter()
         summary = run_sweep(data, os.path.join(root, "sweep"), sweep)
         tune_s = time.perf_counter() - t0
@@ -73,7 +74,7 @@ def main(args) -> dict:
             subprocess.run([os.path.join(bin_dir, "mammo-ray"), "train", "--data", data, "--out",
                             os.path.join(root, f"seq{i}"), "--backbone", args.backbone, "--freeze-ratio", str(ratio),
                             "--base-lr", "1e-4", "--max-lr", "1e-3", "--epochs", str(args.epochs), "--patience", "0",
-                            "--batch-size", "32"], check=True, env=env, capture_output=True)
+                            "--batch-size", "32", "--pretrained", "none"], check=True, env=env, capture_output=True)
             seq_s += time.perf_counter() - t0
         # per-trial images/s (from the trial's history) against the bare loop, same model/batch
         import csv
@@ -85,7 +86,7 @@ def main(args) -> dict:
             seq_ips = [float(r["train_images_per_s"]) for r in csv.DictReader(f)]
         trial_state = torch.load(os.path.join(root, "sweep", "best", f"{args.backbone}-r0", "checkpoint.pt"),
                                  weights_only=True, map_location="cpu")
-        cfg = TrainConfig(backbone=args.backbone, freeze_ratio=0.0, batch_size=32)
+        cfg = TrainConfig(backbone=args.backbone, pretrained=None, freeze_ratio=0.0, batch_size=32)
         bare = bare_images_per_s(cfg, train, torch.device("cpu"), 6)
         trial_img_s = float(trial_state["metrics"]["train_images_per_s"])
         result = {

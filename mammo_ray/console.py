@@ -14,11 +14,12 @@ status rows the driver receives. No Ray import: the CLI calls this before any jo
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 logger = logging.getLogger("mammo_ray.progress")
 
@@ -167,6 +168,18 @@ def quiet_ray(file_handler: logging.Handler | None = None, *, quiet: bool | None
         if not lg.propagate and file_handler not in lg.handlers:
             lg.addHandler(file_handler)  # a logger that does not propagate reaches the root's file only this way
         lg.setLevel(logging.INFO)  # Ray's INFO (operator progress, trial events) reaches the file
+
+
+#: off a terminal, long loops (a training epoch) log a progress line at most this often
+PROGRESS_EVERY_S = 15.0
+
+
+def rounded(value: Any, digits: int = 3) -> Any:
+    """A figure as the console shows it: floats to ``digits`` decimals (0.5822222222222222 ->
+    0.582), anything else (None, ints, text) as it is. Files keep the full precision."""
+    if isinstance(value, float) and math.isfinite(value):
+        return round(value, digits)
+    return value
 
 
 class Progress:

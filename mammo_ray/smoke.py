@@ -42,7 +42,8 @@ def smoke_data(out: str, n: int = 48) -> tuple[str, str]:
 def smoke_checkpoint(out: str, data: str) -> str:
     """simplecnn trained for two epochs on the smoke data; the path of its best checkpoint."""
     model = os.path.join(out, "model")
-    _checked(main(["train", "--data", data, "--out", model, "--backbone", "simplecnn", "--epochs", "2"]), "train")
+    _checked(main(["train", "--data", data, "--out", model, "--backbone", "simplecnn", "--pretrained", "none",
+                   "--freeze-ratio", "0", "--epochs", "2"]), "train")
     return os.path.join(model, "best.pt")
 
 
@@ -57,10 +58,12 @@ def smoke_argv(stage: str, argv: list[str]) -> list[str]:
         return ["preprocess", raw, "--out", os.path.join(out, "data"), "--size", SIZE, "--overwrite", *rest]
     data, external = smoke_data(out)
     if stage == "train":
-        return ["train", "--data", data, "--out", os.path.join(out, "model"), "--backbone", "simplecnn", "--epochs", "2",
+        return ["train", "--data", data, "--out", os.path.join(out, "model"), "--backbone", "simplecnn", "--pretrained",
+                "none", "--freeze-ratio", "0", "--epochs", "2",
                 *rest]
     if stage == "tune":
-        return ["tune", "--data", data, "--out", os.path.join(out, "sweep"), "--backbones", "simplecnn",
+        return ["tune", "--data", data, "--out", os.path.join(out, "sweep"), "--backbones", "simplecnn", "--pretrained",
+                "none",
                 "--freeze-ratios", "0", "0.5", "--lr-bounds", "1e-3:1e-2", "--epochs", "2", *rest]
     checkpoint = smoke_checkpoint(out, data)
     if stage == "evaluate":

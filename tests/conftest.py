@@ -291,8 +291,8 @@ def trained_checkpoint(train_data_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("trained")
     spec, train, val = load_training_data(str(train_data_dir))
-    cfg = TrainConfig(backbone="simplecnn", epochs=12, batch_size=32, optimizer="adamw", base_lr=1e-4, max_lr=3e-3,
-                      step_size_epochs=2, patience=0)
+    cfg = TrainConfig(backbone="simplecnn", pretrained=None, freeze_ratio=0.0, epochs=12, batch_size=32,
+                      optimizer="adamw", base_lr=1e-4, max_lr=3e-3, step_size_epochs=2, patience=0)
     result = fit(cfg, spec, train, val, out=str(out))
     assert result.best_metrics["val_auc"] >= 0.9, result.best_metrics
     return out / "best.pt"

@@ -36,7 +36,7 @@ def ray_gpus():
 
 def _sweep(data: Path, out: Path, ratios: tuple[float, ...], gpus: float) -> list[dict]:
     cfg = SweepConfig(backbones=("simplecnn",), freeze_ratios=ratios, lr_bounds=((1e-3, 1e-2),), epochs=2,
-                      batch_size=64, cpus_per_trial=1, gpus_per_trial=gpus, train={"max_batches": 3})
+                      batch_size=64, cpus_per_trial=1, gpus_per_trial=gpus, train={"max_batches": 3, "pretrained": "none"})
     summary = run_sweep(str(data), str(out), cfg)
     assert summary["errors"] == 0
     return summary["results"]

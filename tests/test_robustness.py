@@ -167,7 +167,7 @@ def test_sweep_killed_by_the_memory_monitor_ends_in_one_line_naming_resume(ray_l
     monkeypatch.setattr(tune.Tuner, "fit", fit)
     out = tmp_path / "sweep"
     code = main(["tune", "--data", str(train_data_dir), "--out", str(out), "--backbones", "simplecnn",
-                 "--freeze-ratios", "0", "--lr-bounds", "1e-4:1e-3", "--epochs", "1"])
+                 "--pretrained", "none", "--freeze-ratios", "0", "--lr-bounds", "1e-4:1e-3", "--epochs", "1"])
     assert code == 1
     err = error_text(capsys.readouterr().err)  # log records before it are their own lines
     assert len(err.splitlines()) == 1, err

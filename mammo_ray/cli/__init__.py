@@ -1,4 +1,4 @@
-"""``mammo-ray`` command line: one subcommand per stage.
+"""mammo-ray command line: one subcommand per stage.
 
 Library errors (``ValueError``) become a one-line ``mammo-ray: error: ...`` and exit 2.
 """
@@ -8,33 +8,49 @@ import argparse
 import logging
 import sys
 
+from mammo_ray import __version__
 from mammo_ray.cli.commands import COMMANDS
 from mammo_ray.console import LOG_LEVELS, route_native_stderr, setup_logging
 
 __all__ = ["get_args_parser", "main"]
+
+#: the console's level when neither --log-level nor -v/-q is given (the flags' own default is
+#: "not given", so a subcommand's flag overrides the top level's only when named)
+DEFAULT_LEVEL = "INFO"
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump): 'mammo-ray preprocess: error: ...'."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {_with_choices(self, message)}\n")
+
+
+def _with_choices(parser: argparse.ArgumentParser, message: str) -> str:
+    """argparse's "argument --tta: expected one argument" names the values a bare option lacks."""
+    head, _, rest = message.partition(": ")
+    action = parser._option_string_actions.get(head.split()[-1].split("/")[0]) if head.startswith("argument ") else None
+    if rest.startswith("expected") and action is not None and action.choices:
+        return f"{message}: one of {', '.join(map(str, action.choices))}"
+    return message
 
 
 def _console_args(p: argparse.ArgumentParser, default) -> None:
     """The console flags, the same on ``mammo-ray`` and on every subcommand (either place works)."""
-    p.add_argument("-v", "--verbose", action="store_true", default=default, help="DEBUG on the console")
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="DEBUG on the console (default: off)")
     p.add_argument("-q", "--quiet", action="store_true", default=default,
-                   help="warnings and the results only on the console (the log file keeps everything)")
+                   help="warnings and the results only on the console (the log file keeps everything; default: off)")
     p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, default=default,
-                   help="console level of mammo-ray's messages (default: INFO)")
+                   help=f"console level of mammo-ray's messages (default: {DEFAULT_LEVEL})")
     p.add_argument("--log-dir", default=default, help="folder of the log file (default: $MAMMO_RAY_LOG_DIR, else "
                                                       "~/.local/state/mammo-ray/logs)")
-    p.add_argument("--debug", action="store_true", default=default, help="show the traceback of a failure")
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="show the traceback of a failure (default: off)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mammo-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _console_args(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
@@ -47,7 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    level = "DEBUG" if args.verbose else (args.log_level or "INFO")
+    level = "DEBUG" if args.verbose else (args.log_level or DEFAULT_LEVEL)
     args.log_file = setup_logging(args.command, level=level, quiet=args.quiet, log_dir=args.log_dir or None)
     if argv is None:  # the command line itself: Ray's native stderr lines go to the log file
         route_native_stderr(args.log_file)

@@ -1,10 +1,9 @@
 """The subcommands: for each stage, its flags (defaults from the stage's config dataclass)
-and the call that runs it. The stages' modules are imported inside the ``_run_*`` functions:
+and the call that runs it (the stages that apply a checkpoint: :mod:`mammo_ray.cli.apply`). The stages' modules are imported inside the ``_run_*`` functions:
 they import torch and Ray, and ``mammo-ray --help`` or a refused flag must not wait for
 either (tests/test_layers.py checks it)."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -12,14 +11,14 @@ import shutil
 import sys
 from dataclasses import replace
 
-from mammo_ray.config import (CAM_FOR_FORMS, CAM_METHODS, CLR_MODES, DISTRIBUTED_MODES, EQUALIZE_MODES, IMBALANCE,
-                              MAX_SIDE, OPTIMIZERS, ORIENTATIONS, OTHER_MODALITY, OUTPUT_DTYPES, PRETRAINED,
-                              RESIZE_MODES, SCHEDULERS, THRESHOLD_METHODS, TTA_MODES, EvaluateConfig, ExplainConfig,
-                              PreprocessConfig, ScoreConfig, SweepConfig, TrainConfig, backbone_names)
-from mammo_ray.console import set_console_level
+from mammo_ray.config import (CLR_MODES, EQUALIZE_MODES, IMBALANCE, MAX_SIDE, NO_PRETRAINED, OPTIMIZERS, ORIENTATIONS,
+                              OTHER_MODALITY, OUTPUT_DTYPES, PRETRAINED, RESIZE_MODES, SCHEDULERS, PreprocessConfig,
+                              SweepConfig, TrainConfig, backbone_names)
+from mammo_ray.console import PROGRESS_EVERY_S, rounded, set_console_level
 from mammo_ray.outputs import check_out_location
-from mammo_ray.cli.options import (Renamed, add_label_options, config_overrides, finite_float, label_overrides,
-                                   lr_pair)
+from mammo_ray.cli.apply import _add_evaluate, _add_explain, _add_score, _run_evaluate, _run_explain, _run_score
+from mammo_ray.cli.options import (add_defaults_to_help, add_label_options, config_overrides, finite_float,
+                                   label_overrides, lr_pair)
 
 logger = logging.getLogger("mammo_ray")
 
@@ -32,14 +31,14 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--external", action="store_true", default=None, help="an external set: everything goes to external/")
     p.add_argument("--unlabeled", action="store_true", default=None, help="ignore class folders / labels")
     add_label_options(p)
-    p.add_argument("--size", type=int, nargs="+", help="output size: N or H W (default 224)")
+    p.add_argument("--size", type=int, nargs="+", help="output size: N or H W")
     p.add_argument("--equalize", choices=EQUALIZE_MODES)
     p.add_argument("--resize-mode", choices=RESIZE_MODES)
     p.add_argument("--orientation", choices=ORIENTATIONS)
     p.add_argument("--dtype", choices=OUTPUT_DTYPES)
-    p.add_argument("--mean", type=finite_float, help="normalization mean of [0, 1] pixels (default 0.5)")
+    p.add_argument("--mean", type=finite_float, help="normalization mean of [0, 1] pixels")
     p.add_argument("--std", type=finite_float,
-                   help="normalization std (default 0.25; 0.5 for efficientnet_lite0, whose weights expect [-1, 1])")
+                   help="normalization std (0.5 for efficientnet_lite0, whose weights expect [-1, 1])")
     p.add_argument("--other-modality", choices=OTHER_MODALITY)
     p.add_argument("--ratios", type=finite_float, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--seed", type=int)
@@ -48,6 +47,8 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--patient-key-file", help="secret key file of the patient pseudonyms (default: "
                    "$MAMMO_RAY_PATIENT_KEY, else ~/.config/mammo-ray/patient.key, created on first use)")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    d = PreprocessConfig()
+    add_defaults_to_help(p, d, d.spec)
 
 
 def _run_preprocess(args) -> int:
@@ -80,6 +81,7 @@ def _add_synth(sub) -> None:
     p.add_argument("--contrast", type=finite_float, default=1.0)
     p.add_argument("--noise", type=finite_float, default=1.0)
     p.add_argument("--no-markers", action="store_true", help="no burned-in text or clip markers")
+    add_defaults_to_help(p)
 
 
 def _run_synth(args) -> int:
@@ -105,10 +107,11 @@ def _train_options(p, *, full: bool = True) -> None:
     p.add_argument("--config", help="YAML file of TrainConfig keys (flags override it)")
     p.add_argument("--backbone", choices=backbone_names())
     p.add_argument("--freeze-ratio", type=finite_float, help="fraction of backbone units frozen, in [0, 1]")
-    p.add_argument("--pretrained", choices=PRETRAINED,
-                   help="ImageNet weights: torch hub cache, downloaded once with a hash check; efficientnet_lite0 "
-                        "from its pip package")
-    p.add_argument("--weights", help="a torchvision-format state dict to start from (PATH or s3://...)")
+    p.add_argument("--pretrained", choices=PRETRAINED + (NO_PRETRAINED,),
+                   help="ImageNet weights (torch hub cache, downloaded once with a hash check; efficientnet_lite0 "
+                        f"from its pip package), or {NO_PRETRAINED}: random init (simplecnn has no ImageNet weights)")
+    p.add_argument("--weights", help="a torchvision-format state dict to start from (PATH or s3://...), instead of "
+                                     "the ImageNet weights")
     p.add_argument("--offline", action="store_true", default=None,
                    help="never download weights (also MAMMO_RAY_OFFLINE=1)")
     p.add_argument("--batch-size", type=int)
@@ -116,7 +119,8 @@ def _train_options(p, *, full: bool = True) -> None:
     p.add_argument("--imbalance", choices=IMBALANCE)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="no training augmentation (flips, small shifts and contrast changes)")
     if full:
         p.add_argument("--base-lr", type=finite_float)
         p.add_argument("--max-lr", type=finite_float)
@@ -127,9 +131,18 @@ def _train_options(p, *, full: bool = True) -> None:
         p.add_argument("--patience", type=int, help="early stopping on val AUC (0: off)")
         p.add_argument("--max-batches", type=int, help="cap training batches per epoch (smoke runs)")
         p.add_argument("--resume", help="a last.pt to continue from")
+    add_defaults_to_help(p, TrainConfig())
+
+
+def _start_weights(args) -> None:
+    """``--weights`` replaces the ImageNet default: random init under the given file, unless
+    ``--pretrained`` was also named (then the config refuses the pair)."""
+    if getattr(args, "weights", None) and args.pretrained is None:
+        args.pretrained = NO_PRETRAINED
 
 
 def _train_config(args, **extra):
+    _start_weights(args)
     return TrainConfig.load(args.config, **config_overrides(TrainConfig, args, **extra))
 
 
@@ -146,9 +159,12 @@ def _run_train(args) -> int:
     check_out_location(args.out, folders=[args.data])
     spec, train, val = load_training_data(args.data)
     logger.info("train %d images %s, val %d images %s", len(train), train.class_counts(), len(val), val.class_counts())
-    result = fit(cfg, spec, train, val, out=args.out, resume=args.resume, progress=sys.stderr.isatty())
+    tty = sys.stderr.isatty()  # off a terminal (a log file, CI) a line every 15 s instead of tqdm's bar
+    result = fit(cfg, spec, train, val, out=args.out, resume=args.resume, progress=tty,
+                 progress_every_s=0.0 if tty else PROGRESS_EVERY_S)
     best = result.best_metrics
-    print(f"best epoch {result.best_epoch}: val_auc {best.get('val_auc')} val_accuracy {best.get('val_accuracy')}")
+    print(f"best epoch {result.best_epoch}: val_auc {rounded(best.get('val_auc'))} "
+          f"val_accuracy {rounded(best.get('val_accuracy'))}")
     print(f"checkpoints: {os.path.join(args.out, 'best.pt')} {os.path.join(args.out, 'last.pt')}")
     return 0
 
@@ -159,6 +175,7 @@ def _add_lr_find(sub) -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--start-lr", type=finite_float, default=1e-6)
     p.add_argument("--end-lr", type=finite_float, default=1.0)
+    add_defaults_to_help(p, TrainConfig())
 
 
 def _run_lr_find(args) -> int:
@@ -178,37 +195,36 @@ def _run_lr_find(args) -> int:
 
 
 def _add_tune(sub) -> None:
-    d, t = SweepConfig(), TrainConfig()
     p = sub.add_parser("tune", help="Ray Tune sweep over backbone x freezing ratio x cyclic-LR bounds")
     p.add_argument("--data", required=True, help="a preprocessed folder (train/ and val/)")
     p.add_argument("--out", required=True, help="output folder or URI (Tune storage under OUT/tune)")
     p.add_argument("--config", help="sweep YAML (SweepConfig keys; flags override it)")
-    p.add_argument("--backbones", nargs="+", choices=backbone_names(), help=f"default: {' '.join(d.backbones)}")
-    p.add_argument("--freeze-ratios", nargs="+", type=finite_float,
-                   help=f"default: {' '.join(f'{r:g}' for r in d.freeze_ratios)}")
-    p.add_argument("--lr-bounds", nargs="+", type=lr_pair, metavar="BASE:MAX",
-                   help=f"default: {' '.join(f'{a:g}:{b:g}' for a, b in d.lr_bounds)}")
-    p.add_argument("--clr-modes", nargs="+", choices=CLR_MODES, help=f"default: {' '.join(d.clr_modes)}")
-    p.add_argument("--epochs", type=int, help=f"default: {d.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"default: {d.batch_size}")
-    p.add_argument("--num-samples", type=int, help=f"default: {d.num_samples}")
-    p.add_argument("--scheduler", choices=SCHEDULERS, help=f"default: {d.scheduler}")
-    p.add_argument("--cpus-per-trial", type=finite_float, help=f"default: {d.cpus_per_trial:g}")
-    p.add_argument("--gpus-per-trial", type=finite_float,
-                   help=f"may be fractional (e.g. 0.5: two trials per GPU); default: {d.gpus_per_trial:g}")
-    p.add_argument("--max-failures", type=int, help=f"retries of a failed trial from its last checkpoint; "
-                                                     f"default: {d.max_failures}")
+    p.add_argument("--backbones", nargs="+", choices=backbone_names(), help="the backbones swept")
+    p.add_argument("--freeze-ratios", nargs="+", type=finite_float, help="the freezing ratios swept")
+    p.add_argument("--lr-bounds", nargs="+", type=lr_pair, metavar="BASE:MAX", help="the cyclic-LR bounds swept")
+    p.add_argument("--clr-modes", nargs="+", choices=CLR_MODES, help="the cyclic-LR modes swept")
+    p.add_argument("--epochs", type=int, help="epochs per trial")
+    p.add_argument("--batch-size", type=int, help="images per training batch")
+    p.add_argument("--num-samples", type=int, help="trials per grid point (seeds, or draws of sampled ranges)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="fifo: every trial runs its epochs; asha: stops weak ones")
+    p.add_argument("--cpus-per-trial", type=finite_float, help="CPUs each trial holds")
+    p.add_argument("--gpus-per-trial", type=finite_float, help="may be fractional (e.g. 0.5: two trials per GPU)")
+    p.add_argument("--max-failures", type=int, help="retries of a failed trial from its last checkpoint")
     # every trial's shared training options (the sweep file's `train:`); defaults: TrainConfig's
-    p.add_argument("--pretrained", choices=PRETRAINED, help="start every trial from ImageNet weights, resolved "
-                                                             "once on the driver (default: random init)")
+    p.add_argument("--pretrained", choices=PRETRAINED + (NO_PRETRAINED,),
+                   help=f"every trial's start: ImageNet weights resolved once on the driver, or {NO_PRETRAINED}: "
+                        "random init")
     p.add_argument("--weights", help="start every trial from this state dict (PATH or s3://...)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"default: {t.optimizer}")
-    p.add_argument("--patience", type=int, help=f"early stopping on val AUC, in epochs (0: off); default: {t.patience}")
-    p.add_argument("--step-size-epochs", type=finite_float,
-                   help=f"half a cyclic-LR cycle, in epochs; default: {t.step_size_epochs:g}")
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--patience", type=int, help="early stopping on val AUC, in epochs (0: off)")
+    p.add_argument("--step-size-epochs", type=finite_float, help="half a cyclic-LR cycle, in epochs")
     p.add_argument("--offline", action="store_true", help="never download weights (also MAMMO_RAY_OFFLINE=1)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep stored in --out")
+    p.add_argument("--yes", action="store_true",
+                   help=f"start even when the plan's estimate passes {CPU_SWEEP_LIMIT_S // 3600:.0f} h on a machine "
+                        "without GPUs")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    add_defaults_to_help(p, SweepConfig(), TrainConfig())
 
 
 def _run_tune(args) -> int:
@@ -222,143 +238,48 @@ def _run_tune(args) -> int:
             "gpus_per_trial": args.gpus_per_trial, "max_failures": args.max_failures}
     over = {k: (tuple(v) if isinstance(v, list) else v) for k, v in over.items()}
     sweep = SweepConfig.load(args.config, **over)
+    _start_weights(args)
     train = {"pretrained": args.pretrained, "weights": args.weights, "optimizer": args.optimizer,
              "patience": args.patience, "step_size_epochs": args.step_size_epochs, "offline": args.offline or None}
     train = {k: v for k, v in train.items() if v is not None}
     if train:
         sweep = replace(sweep, train={**sweep.train, **train})
-    summary = run_sweep(args.data, args.out, sweep, resume=args.resume, address=args.address)
+    summary = run_sweep(args.data, args.out, sweep, resume=args.resume, address=args.address,
+                        confirm=lambda plan: _confirm_plan(plan, args.yes))
     print(open(os.path.join(args.out, "table.md")).read() if not args.out.startswith(("s3://", "gs://")) else "")
     print(f"{summary['trials']} trials, {summary['errors']} errors; outputs in {args.out}")
     return 0 if summary["errors"] == 0 else 1
 
 
-def _add_evaluate(sub) -> None:
-    d = EvaluateConfig()
-    p = sub.add_parser("evaluate", help="evaluate checkpoints on the test split and external sets, with a report")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", nargs="+", help="checkpoint file(s)")
-    src.add_argument("--sweep", nargs="+", help="`mammo-ray tune` output(s): every group's best checkpoint")
-    p.add_argument("--data", required=True, help="the preprocessed training data (val/ for the threshold, test/)")
-    p.add_argument("--external", nargs="*", default=[], help="external sets: preprocessed folders or raw images")
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", help="YAML file of EvaluateConfig keys (flags override it)")
-    p.add_argument("--threshold-method", choices=THRESHOLD_METHODS,
-                   help=f"how the decision threshold is chosen on val (fixed: 0.5); default: {d.threshold_method}")
-    p.add_argument("--threshold", action=Renamed, hint="evaluate's threshold rule is now --threshold-method "
-                   f"({', '.join(THRESHOLD_METHODS)}); a probability threshold is explain's --threshold")
-    p.add_argument("--target-sensitivity", type=finite_float, help=f"default: {d.target_sensitivity:g}")
-    p.add_argument("--allow-spec-mismatch", action="store_true", default=None)
-    p.add_argument("--n-boot", type=int, help=f"bootstrap replicates for the CIs; default: {d.n_boot}")
-    p.add_argument("--batch-size", type=int, help=f"default: {d.batch_size}")
-    p.add_argument("--distributed", choices=DISTRIBUTED_MODES,
-                   help=f"score with a Ray Data actor pool (auto: sets of 20,000+ images); default: {d.distributed}")
-    p.add_argument("--seed", type=int, help=f"default: {d.seed}")
-    p.add_argument("--ensemble", action="store_true", default=None,
-                   help="also evaluate the mean of the checkpoints' probabilities as one model (e.g. several seeds)")
-    p.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation: the mean over flipped views (vflip: as "
-                   f"training flips; hflip; flips: both, and both together); default: {d.tta}")
-    add_label_options(p)  # how raw --external sets' labels read
+#: a sweep estimated to run longer than this on a machine without GPUs waits for --yes
+CPU_SWEEP_LIMIT_S = 3600
 
 
-def _run_evaluate(args) -> int:
-    from mammo_ray.evaluate.run import run_evaluate, sweep_checkpoints
-
-    cfg = EvaluateConfig.load(args.config, **config_overrides(EvaluateConfig, args, labels=label_overrides(args)))
-    checkpoints = [c for s in args.sweep for c in sweep_checkpoints(s)] if args.sweep else args.checkpoint
-    run_evaluate(checkpoints, data=args.data, externals=args.external, out=args.out, cfg=cfg)
-    sections = open(os.path.join(args.out, "report.md")).read().split("\n## ")  # the table and the paired comparisons
-    print("\n## ".join(x for i, x in enumerate(sections) if i == 0 or x.startswith("Paired comparisons")))
-    print(f"report: {os.path.join(args.out, 'report.html')}")
-    return 0
-
-
-def _archive_args(p, d) -> None:
-    """The flags the archive jobs (score, explain) share."""
-    p.add_argument("inputs", nargs="+", help="folders, DICOM trees, CSV manifests or files (local or s3://...)")
-    p.add_argument("--checkpoint", required=True, help="a mammo-ray checkpoint (train/tune best)")
-    p.add_argument("--out", required=True, help="output folder or URI")
-    p.add_argument("--batch-size", type=int, help=f"images per model batch; default: {d.batch_size}")
-    p.add_argument("--gpus-per-worker", type=finite_float, help="GPUs per model actor (default: 1 when the cluster has GPUs)")
-    p.add_argument("--workers", type=int, help="model actors (default: one per GPU, or CPUs - 1)")
-    p.add_argument("--threshold", type=finite_float,
-                   help="probability at or above which an image is called malignant (default: the checkpoint's val threshold)")
-    p.add_argument("--patient-key-file",
-                   help="secret key file of the patient/exam pseudonyms in breasts/exams.parquet (default: "
-                        "$MAMMO_RAY_PATIENT_KEY, else ~/.config/mammo-ray/patient.key)")
-    # a bare --tta (before modes) averaged with the horizontal mirror: it still does
-    p.add_argument("--tta", nargs="?", const="hflip", choices=TTA_MODES,
-                   help="test-time augmentation, as evaluate's: the mean over the image and its flipped views "
-                        f"(vflip: as training flips; bare --tta: hflip); default: {d.tta}")
-    p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="no test-time augmentation")
-    p.add_argument("--resume", action="store_true", help="continue a killed or partial run in --out")
-    p.add_argument("--unlabeled", action="store_true", default=None,
-                   help="read no labels (labels are otherwise kept when present; an unknown word is unlabeled)")
-    add_label_options(p)
-    p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
-
-
-def _add_score(sub) -> None:
-    d = ScoreConfig()
-    p = sub.add_parser("score", help="score an image archive (no CAMs): scores, breast and exam tables")
-    _archive_args(p, d)
-    p.add_argument("--config", help="YAML file of ScoreConfig keys (flags override it)")
-
-
-def _run_score(args) -> int:
-    from mammo_ray.explain.score import run_score
-
-    opts = ScoreConfig.load(args.config, **config_overrides(ScoreConfig, args, labels=label_overrides(args)))
-    summary = run_score(args.inputs, args.checkpoint, args.out, opts, resume=args.resume, address=args.address)
-    print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "images_per_second", "threshold",
-                                              "predicted_malignant")}))
-    print(f"exams: {json.dumps(summary['exams'])}")
-    print(f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']} -> {args.out}")
-    return 0
-
-
-def _add_explain(sub) -> None:
-    d = ExplainConfig()
-    p = sub.add_parser("explain", help="score and Grad-CAM an image archive with a Ray Data batch job")
-    _archive_args(p, d)
-    p.add_argument("--config", help="YAML file of ExplainConfig keys (flags override it)")
-    p.add_argument("--cam-for", help=f"which images get a CAM: {', '.join(CAM_FOR_FORMS)} (at or above the threshold; "
-                                     f"the N highest scores); default: {d.cam_for}")
-    p.add_argument("--scores-from", help="a finished `mammo-ray score` --out folder of the same checkpoint: its scores "
-                                         "are used instead of scoring again (with --cam-for positive or top:N)")
-    p.add_argument("--method", choices=CAM_METHODS, help=f"default: {d.method}")
-    p.add_argument("--target-layer", help="dotted module path (default: the backbone's registered CAM layer)")
-    p.add_argument("--preview-size", type=int, help=f"long side of the overlay PNGs; default: {d.preview_size}")
-    p.add_argument("--heatmap-max-side", type=int,
-                   help=f"long side of the heatmap PNGs; default: {d.heatmap_max_side} (the source image's own size)")
-    p.add_argument("--annotations", help="CSV of lesions (path/image_id + lesion_x,lesion_y,lesion_r or mask_path)")
-    p.add_argument("--cam-within-breast", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep heatmaps, overlays and peaks inside the breast mask (the raw map's peak is still "
-                        f"counted in cam_peaks_outside_breast); default: {d.cam_within_breast}")
-    p.add_argument("--top", dest="top_n", type=int, help=f"overlays on overview.png; default: {d.top_n}")
-
-
-def _run_explain(args) -> int:
-    from mammo_ray.explain.job import run_explain
-
-    opts = ExplainConfig.load(args.config, **config_overrides(ExplainConfig, args, labels=label_overrides(args)))
-    summary = run_explain(args.inputs, args.checkpoint, args.out, opts, resume=args.resume, address=args.address)
-    print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "cams", "images_per_second", "threshold")}))
-    if "localization" in summary:
-        print(f"localization: {json.dumps(summary['localization'])}")
-    print(f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']} -> {args.out}")
-    return 0
+def _confirm_plan(plan: dict, yes: bool) -> None:
+    """Print the sweep's plan (trials x epochs and the probe's estimate); refuse a CPU-only sweep
+    estimated over an hour unless ``--yes`` (one line saying so, before any trial starts)."""
+    print(plan["line"], flush=True)
+    if plan["gpus"] == 0 and plan["estimate_s"] > CPU_SWEEP_LIMIT_S and not yes:
+        raise ValueError(f"the sweep is estimated at {plan['estimate_s'] / 3600:.1f} h on a machine without GPUs "
+                         f"(over {CPU_SWEEP_LIMIT_S / 3600:.0f} h): pass --yes to start it, or shrink it "
+                         "(--freeze-ratios, --epochs, --num-samples)")
 
 
 def _add_demo(sub) -> None:
+    from mammo_ray.demo import DemoConfig  # config only: no torch or Ray
+
+    d, full = DemoConfig.laptop(), DemoConfig.full()
     p = sub.add_parser("demo", help="the whole pipeline on synthetic phantoms: preprocess, sweep, evaluate, explain")
-    p.add_argument("--out", default="demo-output")
+    p.add_argument("--out", default="demo-output", help="output folder")
     p.add_argument("--full", action="store_true",
                    help="the paper's configuration (resnet50 + vgg19, freezing 0-0.75, ImageNet weights): a GPU box")
-    p.add_argument("--n", type=int, help="phantoms in the training set (default 360; --full 4000)")
-    p.add_argument("--n-external", type=int, help="phantoms in the external set (default 60; --full 600)")
-    p.add_argument("--epochs", type=int, help="epochs per trial (default 12; --full 30)")
+    p.add_argument("--n", type=int, help=f"phantoms in the training set (default: {d.n}; --full {full.n})")
+    p.add_argument("--n-external", type=int,
+                   help=f"phantoms in the external set (default: {d.n_external}; --full {full.n_external})")
+    p.add_argument("--epochs", type=int,
+                   help=f"epochs per trial (default: {d.sweep.epochs}; --full {full.sweep.epochs})")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+    add_defaults_to_help(p, d)
 
 
 def _run_demo(args) -> int:

@@ -1,12 +1,18 @@
 """Flag types and helpers shared by the subcommands: finite numbers, LR pairs, a renamed
-flag's refusal, and config overrides taken from the flags named like a dataclass's fields."""
+flag's refusal or deprecation, config overrides taken from the flags named like a dataclass's
+fields, and each option's default shown in ``--help`` from those same dataclasses."""
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from dataclasses import fields
+from typing import Any
 
 from mammo_ray.config import LabelMap
+
+logger = logging.getLogger("mammo_ray")
+
 
 def finite_float(text: str) -> float:
     """argparse type: a float that is not NaN or inf (a NaN passes every range check)."""
@@ -60,3 +66,79 @@ def label_overrides(args) -> dict | None:
     over = {k: getattr(args, k, None) for k in ("positive", "negative")}
     over = {k: v for k, v in over.items() if v is not None}
     return over or None
+
+
+class Deprecated(argparse.Action):
+    """An old spelling of a renamed option: still works, with a warning naming the new one."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kw):
+        self.new = new
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        logger.warning("%s is deprecated: use %s", option_string, self.new)
+        setattr(namespace, self.dest, values)
+
+
+def format_default(value: Any) -> str:
+    """A default as the command line spells it: ``none``, ``on``/``off``, ``1e-04:0.001`` pairs,
+    space-separated lists, ``%g`` floats."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        if not value:
+            return "none"
+        if all(isinstance(v, (tuple, list)) and len(v) == 2 for v in value):  # LR bound pairs
+            return " ".join(f"{a:g}:{b:g}" for a, b in value)
+        return " ".join(format_default(v) for v in value)
+    return str(value)
+
+
+def option_default(action: argparse.Action, configs: tuple[Any, ...]) -> tuple[bool, Any]:
+    """(found, value): the default the code uses for ``action``. A flag's default is None
+    ("not given": the YAML, then the dataclass applies), so it is read from the first config
+    object with a field of the flag's dest; otherwise argparse's own default."""
+    for cfg in configs:
+        if action.dest in {f.name for f in fields(cfg)}:
+            return True, getattr(cfg, action.dest)
+    if action.default not in (None, argparse.SUPPRESS):
+        return True, action.default
+    return False, None
+
+
+def flag_state(action: argparse.Action, value: Any) -> Any:
+    """A flag that takes no value shows whether its effect is in force by default (on/off):
+    ``--no-augment`` (store_false) is off when augmentation is on; ``--no-tta`` (store_const
+    ``none``) is on when the default already is ``none``."""
+    if isinstance(action, argparse._StoreFalseAction):
+        return not value if isinstance(value, bool) else value
+    if isinstance(action, argparse._StoreConstAction) and not isinstance(action, argparse._StoreTrueAction):
+        return value == action.const
+    return value
+
+
+def shows_default(action: argparse.Action) -> bool:
+    """Whether ``--help`` should name this option's default: not help/version, not hidden,
+    not a positional or required option."""
+    return bool(action.option_strings) and action.help != argparse.SUPPRESS and not action.required and \
+        not isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+
+
+def add_defaults_to_help(parser: argparse.ArgumentParser, *configs: Any) -> None:
+    """Append ``(default: X)`` to every option's help, X taken from ``configs`` (the stage's
+    dataclass instances; see :func:`option_default`), so the help cannot drift from the code.
+    An option whose help already says ``default:`` in words (``$RAY_ADDRESS``...) is left as it is;
+    one with no default at all says ``none``."""
+    chosen = {a for g in parser._mutually_exclusive_groups if g.required for a in g._group_actions}
+    for action in parser._actions:
+        if not shows_default(action) or action in chosen or "default:" in (action.help or ""):
+            continue
+        _, value = option_default(action, configs)
+        if action.nargs == 0:
+            value = flag_state(action, value)
+        text = f"(default: {format_default(value)})".replace("%", "%%")
+        action.help = f"{action.help} {text}" if action.help else text

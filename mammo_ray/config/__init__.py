@@ -13,7 +13,7 @@ from mammo_ray.config.labels import LabelMap, as_label_map
 from mammo_ray.config.data import (EQUALIZE_MODES, INVERSION_MODES, ORIENTATIONS, OTHER_MODALITY, OUTPUT_DTYPES,
                                    RESIZE_MODES, PreprocessConfig, PreprocessSpec)
 from mammo_ray.config.stages import (BUILTIN_BACKBONES, CAM_FOR_FORMS, CAM_METHODS, CLR_MODES, DEVICES, DISTRIBUTED_MODES, IMBALANCE,
-                                     OPTIMIZERS, PRETRAINED, SCHEDULERS, THRESHOLD_METHODS, TTA_MODES, ArchiveConfig,
+                                     NO_PRETRAINED, OPTIMIZERS, PRETRAINED, SCHEDULERS, THRESHOLD_METHODS, TTA_MODES, ArchiveConfig,
                                      EvaluateConfig, ExplainConfig, ScoreConfig, SweepConfig, TrainConfig,
                                      add_backbone_name, backbone_names, parse_cam_for, tta_mode)
 
@@ -21,7 +21,7 @@ __all__ = [
     "EXTERNAL", "LABELS", "MAX_BATCH", "MAX_SIDE", "SPLITS", "TEST", "TRAIN", "VAL", "_check_choice", "check_finite",
     "from_mapping", "load_yaml", "to_dict", "EQUALIZE_MODES", "INVERSION_MODES", "ORIENTATIONS", "OTHER_MODALITY",
     "OUTPUT_DTYPES", "RESIZE_MODES", "PreprocessConfig", "PreprocessSpec", "BUILTIN_BACKBONES", "CAM_FOR_FORMS", "CAM_METHODS",
-    "CLR_MODES", "DEVICES", "DISTRIBUTED_MODES", "IMBALANCE", "OPTIMIZERS", "PRETRAINED", "SCHEDULERS",
+    "CLR_MODES", "DEVICES", "DISTRIBUTED_MODES", "IMBALANCE", "NO_PRETRAINED", "OPTIMIZERS", "PRETRAINED", "SCHEDULERS",
     "THRESHOLD_METHODS", "TTA_MODES", "ArchiveConfig", "EvaluateConfig", "ScoreConfig", "parse_cam_for", "tta_mode", "ExplainConfig", "SweepConfig", "TrainConfig", "add_backbone_name",
     "backbone_names", "LabelMap", "as_label_map",
 ]

@@ -90,7 +90,9 @@ class PreprocessConfig:
     """
 
     spec: PreprocessSpec = field(default_factory=PreprocessSpec)
-    ratios: tuple[float, float, float] = (0.8, 0.15, 0.05)
+    # 70:15:15: a 5% test split (the paper's 80:15:5) gave 10 test images out of 200, and ~170 of
+    # 3,383 real ones, whose AUC interval (+-0.13) is too wide to rank models; 15% halves it
+    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 0
     external: bool = False
     unlabeled: bool = False

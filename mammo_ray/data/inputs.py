@@ -42,6 +42,7 @@ class Listing:
     linked_folders: list[str] = field(default_factory=list)
     #: label words outside the vocabulary that made an image unlabeled (score, explain), by count
     unknown_labels: dict[str, int] = field(default_factory=dict)
+    read_elsewhere: set[str] = field(default_factory=set)  # CSVs the job reads itself (explain's --annotations)
 
     def count_unknown_label(self, value: str) -> None:
         word = value[:MAX_LABEL_CHARS] or "(empty)"
@@ -82,7 +83,7 @@ def _error(path: str, reason: str) -> dict:
 
 
 def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: bool = False,
-             labels: LabelMap | None = None) -> Listing:
+             labels: LabelMap | None = None, read_elsewhere: tuple[str, ...] = ()) -> Listing:
     """List every input.
 
     Args:
@@ -95,12 +96,14 @@ def discover(inputs: list[str], *, unlabeled: bool = False, labels_optional: boo
             class folders, or a label word outside the vocabulary is unlabeled (the words are
             counted in ``Listing.unknown_labels``).
         labels: the label vocabulary (default: :class:`~mammo_ray.config.LabelMap`'s).
+        read_elsewhere: files the job reads for another purpose (explain's ``--annotations``):
+            not warned about as an unread CSV beside the images.
 
     Raises:
         ValueError: an input that does not exist (before any work starts).
     """
     labels = labels or LabelMap()
-    listing = Listing()
+    listing = Listing(read_elsewhere={p if mio.is_uri(p) else os.path.abspath(p) for p in read_elsewhere if p})
     seen: set[str] = set()
     for inp in inputs:
         if not mio.exists(inp):
@@ -144,7 +147,8 @@ def _discover_folder(root: str, unlabeled: bool, listing: Listing, labels_option
         ext = _ext(path)
         if ext not in IMAGE_EXTENSIONS:
             listing.ignored[ext] = listing.ignored.get(ext, 0) + 1
-            if ext == ".csv" and "/" not in mio.relpath(path, root):
+            known = (path if mio.is_uri(path) else os.path.abspath(path)) in listing.read_elsewhere
+            if ext == ".csv" and "/" not in mio.relpath(path, root) and not known:
                 # a manifest beside the images is easy to mistake for one that is read
                 logger.warning("%s is not read: a folder's labels come from its class folders; give the CSV "
                                "itself as the input to use its labels and patient ids", path)

@@ -87,6 +87,26 @@ def comparison_rows(comparisons: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def console_summary(report: dict[str, Any]) -> list[str]:
+    """The console's short summary: one line per checkpoint and set (AUC with its interval,
+    sensitivity and specificity at the val threshold), the val-chosen checkpoint starred, and
+    each paired comparison in one line. The full table stays in ``report.md``/``report.html``."""
+    chosen = chosen_by_val(report)
+    lines = []
+    for ck in report["checkpoints"]:
+        head = f"{'*' if ck['tag'] == chosen else ' '} {ck['tag']} (val AUC {_plain(_val_auc(ck))})"
+        for name, res in ck["sets"].items():
+            if res.get("metrics") is None:
+                lines.append(f"{head} {name}: n/a ({res.get('reason')})")
+                continue
+            m = res["metrics"]
+            lines.append(f"{head} {name} n={res.get('n', '')}: AUC {_fmt(res, 'roc_auc')}, sensitivity "
+                         f"{_plain(m.get('recall'))}, specificity {_plain(m.get('specificity'))}")
+    for row in comparison_rows(report.get("comparisons") or []):
+        lines.append(f"  {row[0]} minus {row[1]} on {row[2]}: {row[4]}" + (f" (DeLong p {row[6]})" if row[6] else ""))
+    return lines
+
+
 def figure_names(ck: dict[str, Any]) -> list[str]:
     """A checkpoint's figure files (by exact name: tag ``g-2`` must not claim tag ``g``'s)."""
     tag, scored = ck["tag"], [n for n, r in ck["sets"].items() if r.get("metrics") is not None]

@@ -279,7 +279,7 @@ def ensemble_result(results: list[dict[str, Any]], scored: list[Scored], *, out:
 def _write_scores(path: str, arrays, scores: np.ndarray, threshold: float) -> None:
     buf = _io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["image_id", "label", "probability", "predicted"])
+    w.writerow(["image_id", "label", "probability", "predicted_label"])
     for iid, lab, s in zip(arrays.image_ids, arrays.labels, scores):
         w.writerow([iid, int(lab), f"{float(s):.6f}", int(s >= threshold)])
     mio.write_bytes(path, buf.getvalue().encode())

@@ -35,7 +35,7 @@ from mammo_ray.resources import TASK_RETRIES, check_fits, largest_node_memory, p
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_SCORE_COLUMNS = ["image_id", "source_path", "label", "orig_height", "probability", "predicted", "overlay_path",
+SUMMARY_SCORE_COLUMNS = ["image_id", "source_path", "label", "orig_height", "probability", "predicted_label", "overlay_path",
                          "pointing_hit", "energy_inside", "lesion_area_fraction", "cam_peak_in_breast",
                          "pointing_hit_in_breast", "lesion_area_fraction_in_breast", "warning",
                          "seconds_preprocess", "seconds_cam", "seconds_write"]
@@ -53,7 +53,9 @@ def list_archive(inputs: list[str], opts: ArchiveConfig, out: str) -> Listing:
         ValueError: an input that does not exist, an ``out`` that overlaps one, or inputs that
             list no image.
     """
-    listing = discover(list(inputs), unlabeled=opts.unlabeled, labels_optional=True, labels=opts.labels)
+    read = (getattr(opts, "annotations", None),)  # explain's lesions CSV may sit beside the images
+    listing = discover(list(inputs), unlabeled=opts.unlabeled, labels_optional=True, labels=opts.labels,
+                       read_elsewhere=read)
     check_inputs_vs_out(list(inputs), [r["path"] for r in listing.records], out, extra_folders=listing.linked_folders)
     check_listed(listing.inputs, list(inputs), listing.ignored)
     if listing.unknown_labels:

@@ -61,7 +61,7 @@ from mammo_ray.models.checkpoint import load_checkpoint, read_checkpoint_bytes
 logger = logging.getLogger(__name__)
 
 NO_CAM = "no CAM: "
-SCORE_PASS_COLUMNS = ["probability", "predicted", "threshold"]
+SCORE_PASS_COLUMNS = ["probability", "predicted_label", "threshold"]
 
 
 # ----------------------------------------------------------------------------- the Ray stages
@@ -208,7 +208,7 @@ def _summary(run: _Run, rows: pd.DataFrame, errors: list[dict], scored: pd.DataF
         "scores_from": opts.scores_from,
         "cams": int(rows["overlay_path"].notna().sum()), "cams_this_run": len(cammed),
         "cam_failed": int(rows["warning"].fillna("").str.contains(NO_CAM, regex=False).sum()),
-        "predicted_malignant": int(rows["predicted"].sum()),
+        "predicted_malignant": int(rows["predicted_label"].sum()),
         # a peak on a removed label, film edge or the padding: the map explains no anatomy
         "cam_peaks_outside_breast": int((rows["cam_peak_in_breast"] == False).sum()),  # noqa: E712 (nullable)
         "cam_nodes": dict(Counter(cammed["node_id"])), "preprocess_nodes": dict(Counter(scored["prep_node_id"])),

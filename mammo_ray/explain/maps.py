@@ -64,7 +64,7 @@ def explain_record(rec: dict, *, out: str, threshold: float, heatmap_max_side: i
     prob = float(rec["probability"])
     return {
         "image_id": rec["image_id"], "source_path": rec["source_path"], "label": int(rec["label"]),
-        "probability": prob, "predicted": int(prob >= threshold), "threshold": float(threshold),
+        "probability": prob, "predicted_label": int(prob >= threshold), "threshold": float(threshold),
         "cam_peak_x": float(px / f_heat), "cam_peak_y": float(py / f_heat),
         "cam_peak_value": float(heat[py, px]), "cam_top5_energy": top_energy_fraction(heat16, 0.05),
         "orig_height": int(rec["orig_height"]), "orig_width": int(rec["orig_width"]), "heatmap_path": hp,

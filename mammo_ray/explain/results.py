@@ -31,7 +31,7 @@ SCORE_IDENTITY_FILE = "score.yaml"
 IDENTITY_KEYS = ("checkpoint_sha256", "backbone", "method", "target_layer", "threshold", "preview_size",
                  "heatmap_max_side", "inputs", "annotations_sha256", "amp", "cam_within_breast", "cam_for", "tta")
 SCORE_IDENTITY_KEYS = ("checkpoint_sha256", "backbone", "threshold", "inputs", "amp", "tta")
-SCORE_COLUMNS = ("image_id", "source_path", "label", "probability", "predicted", "threshold",
+SCORE_COLUMNS = ("image_id", "source_path", "label", "probability", "predicted_label", "threshold",
                  "cam_peak_x", "cam_peak_y", "cam_peak_value", "cam_top5_energy", "orig_height", "orig_width",
                  "heatmap_path", "overlay_path", "pointing_hit", "energy_inside", "lesion_area_fraction",
                  "cam_peak_in_breast", "pointing_hit_in_breast", "lesion_area_fraction_in_breast",
@@ -45,7 +45,7 @@ class OutputInUseError(ValueError):
 def _schemas():
     score = pa.schema([
         ("image_id", pa.string()), ("source_path", pa.string()), ("label", pa.int8()),
-        ("probability", pa.float32()), ("predicted", pa.int8()), ("threshold", pa.float32()),
+        ("probability", pa.float32()), ("predicted_label", pa.int8()), ("threshold", pa.float32()),
         ("cam_peak_x", pa.float32()), ("cam_peak_y", pa.float32()), ("cam_peak_value", pa.float32()),
         ("cam_top5_energy", pa.float32()), ("orig_height", pa.int32()), ("orig_width", pa.int32()),
         ("heatmap_path", pa.string()), ("overlay_path", pa.string()),

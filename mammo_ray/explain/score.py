@@ -98,7 +98,7 @@ def run_score(inputs: list[str], checkpoint: str, out: str, opts: ScoreConfig | 
         "resumed": resumed, "duplicate_rows_removed": deduplicated, "skipped_as_done": len(done), **left,
         **labels_summary(listing, opts),
         "checkpoint": checkpoint, "backbone": state["backbone"], "threshold": threshold, "threshold_source": source,
-        "tta": opts.tta, "predicted_malignant": int(rows["predicted"].sum()), "exams": exam_counts,
+        "tta": opts.tta, "predicted_malignant": int(rows["predicted_label"].sum()), "exams": exam_counts,
         **_where_scored(status),
         "stage_seconds": stage_seconds(rows), "seconds": round(time.perf_counter() - t0, 3),
         "pass_seconds": {"score_pass": round(job_seconds, 3)},

@@ -75,7 +75,7 @@ def score_row(rec: dict, threshold: float) -> dict[str, Any]:
     """A scored record's row of ``scores.parquet`` (the CAM columns stay null)."""
     prob = float(rec["probability"])
     return {"image_id": rec["image_id"], "source_path": rec["source_path"], "label": int(rec["label"]),
-            "probability": prob, "predicted": int(prob >= threshold), "threshold": float(threshold),
+            "probability": prob, "predicted_label": int(prob >= threshold), "threshold": float(threshold),
             "orig_height": int(rec["orig_height"]), "orig_width": int(rec["orig_width"]), "warning": rec["warning"],
             "node_id": rec["node_id"], "seconds_preprocess": float(rec["seconds_preprocess"]),
             "seconds_cam": float(rec["seconds_cam"]), "seconds_write": 0.0}

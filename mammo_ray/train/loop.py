@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from mammo_ray import io as mio
 from mammo_ray.config import PreprocessSpec, TrainConfig, to_dict
+from mammo_ray.console import Progress
 from mammo_ray.data.arrays import SplitArrays
 from mammo_ray.metrics import binary_metrics as set_metrics
 from mammo_ray.metrics import choose_threshold, delong_auc_ci
@@ -93,11 +94,26 @@ def _batch_input(arrays: SplitArrays, idx: np.ndarray, spec: PreprocessSpec, dev
     return normalize(x, spec, channels_last=channels_last)
 
 
+class _LogLines:
+    """The progress lines' stream beside tqdm: never a terminal, so Progress logs a line every
+    interval instead of redrawing one (tqdm owns the terminal)."""
+
+    @staticmethod
+    def isatty() -> bool:
+        return False
+
+
+_NO_TTY = _LogLines()
+
+
 def train_one_epoch(model: torch.nn.Module, train: SplitArrays, *, cfg: TrainConfig, spec: PreprocessSpec,
                     optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: torch.nn.Module,
                     device: torch.device, epoch: int, scaler: torch.amp.GradScaler | None = None,
-                    progress: bool = False) -> dict[str, float]:
-    """One pass over the training split. Returns mean loss, images, seconds."""
+                    progress: bool = False, progress_every_s: float = 0.0) -> dict[str, float]:
+    """One pass over the training split. Returns mean loss, images, seconds.
+
+    ``progress``: tqdm's bar (a terminal); ``progress_every_s`` > 0: a logged progress line at
+    most that often (a log file or CI, where tqdm draws nothing for a whole epoch)."""
     train_mode(model, cfg.backbone, cfg.freeze_ratio)
     order = epoch_order(train.labels, seed=cfg.seed, epoch=epoch, balanced=cfg.imbalance == "balanced_sampler")
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
@@ -107,6 +123,8 @@ def train_one_epoch(model: torch.nn.Module, train: SplitArrays, *, cfg: TrainCon
         batches = batches[:cfg.max_batches]
     labels = torch.from_numpy(train.labels.astype(np.float32))
     total, seen, t0 = 0.0, 0, time.perf_counter()
+    lines = Progress(f"epoch {epoch}/{cfg.epochs}", sum(len(b) for b in batches), interval=progress_every_s,
+                     stream=_NO_TTY) if progress_every_s > 0 else None
     for idx in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
         aug = augment_params([train.image_ids[i] for i in idx], seed=cfg.seed, epoch=epoch, hflip=cfg.hflip) if cfg.augment else None
         x = _batch_input(train, idx, spec, device, channels_last=cfg.channels_last, augment=aug)
@@ -124,6 +142,9 @@ def train_one_epoch(model: torch.nn.Module, train: SplitArrays, *, cfg: TrainCon
         scheduler.step()
         total += float(loss.detach()) * len(idx)
         seen += len(idx)
+        if lines is not None:
+            lines.note = f"train_loss {total / seen:.4f}"
+            lines.update(len(idx))
     seconds = time.perf_counter() - t0
     return {"train_loss": total / max(seen, 1), "images": seen, "seconds": seconds,
             "train_images_per_s": seen / seconds if seconds > 0 else 0.0}
@@ -168,7 +189,8 @@ def _score(metrics: dict[str, Any]) -> float:
 
 def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitArrays, *, out: str | None = None,
         resume: str | None = None, on_epoch: Callable[[dict[str, Any], str | None], None] | None = None,
-        progress: bool = False, initial_state: dict[str, torch.Tensor] | None = None) -> FitResult:
+        progress: bool = False, initial_state: dict[str, torch.Tensor] | None = None,
+        progress_every_s: float = 0.0) -> FitResult:
     """Train with early stopping on val AUC; write ``best.pt``, ``last.pt``, ``history.csv``,
     ``metrics.json`` and ``config.yaml`` to ``out`` (when given).
 
@@ -177,6 +199,8 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitAr
         on_epoch: called after each epoch with the epoch's metrics and ``out`` (Ray Tune
             reports and checkpoints from there).
         initial_state: starting weights resolved by the caller (see :func:`build_training_model`).
+        progress, progress_every_s: tqdm's bar, or a logged line at most every that many seconds
+            (see :func:`train_one_epoch`).
 
     Raises ValueError for a resume checkpoint of another backbone or freezing ratio.
     """
@@ -193,14 +217,13 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitAr
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported() else None
     start_epoch, history, best_epoch, best_metrics = _restore(state, model, optimizer, scheduler)
     best_score = _score(best_metrics) if best_metrics else -math.inf
-    if out:
-        mio.write_bytes(mio.join(out, "config.yaml"),
-                        yaml.safe_dump({"train": to_dict(cfg), "spec": to_dict(spec)}, sort_keys=False).encode())
+    _write_config(out, cfg, spec)
     stale, stopped = 0, False
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(model, train, cfg=cfg, spec=spec, optimizer=optimizer, scheduler=scheduler,
-                             loss_fn=loss_fn, device=device, epoch=epoch, scaler=scaler, progress=progress)
+                             loss_fn=loss_fn, device=device, epoch=epoch, scaler=scaler, progress=progress,
+                             progress_every_s=progress_every_s)
         vm, _ = evaluate(model, val, spec=spec, device=device, loss_fn=loss_fn, cfg=cfg)
         row = {"epoch": epoch, "train_loss": tr["train_loss"], **vm, "lr": lr, "seconds": tr["seconds"],
                "train_images_per_s": tr["train_images_per_s"]}
@@ -221,10 +244,7 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitAr
             logger.info("early stop: val AUC did not improve for %d epochs (best %s at epoch %d)",
                         cfg.patience, best_metrics.get("val_auc"), best_epoch)
             break
-    if out:
-        mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(
-            {"best_epoch": best_epoch, "best": best_metrics, "stopped_early": stopped,
-             "epochs_run": len(history)}, indent=2).encode())
+    _write_metrics(out, best_epoch, best_metrics, stopped, len(history))
     return FitResult(best_epoch=best_epoch, best_metrics=best_metrics, history=history, stopped_early=stopped, out=out)
 
 
@@ -251,6 +271,20 @@ def _restore(state: dict[str, Any] | None, model: torch.nn.Module, optimizer: to
     logger.info("resuming at epoch %d", int(state["epoch"]) + 1)
     return (int(state["epoch"]) + 1, list(state.get("history", [])), int(state.get("best_epoch", 0)),
             dict(state.get("best_metrics", {})))
+
+
+def _write_metrics(out: str | None, best_epoch: int, best: dict[str, Any], stopped: bool, epochs_run: int) -> None:
+    if not out:  # fit without an output folder (a probe, a test): nothing written
+        return
+    mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(
+        {"best_epoch": best_epoch, "best": best, "stopped_early": stopped, "epochs_run": epochs_run}, indent=2).encode())
+
+
+def _write_config(out: str | None, cfg: TrainConfig, spec: PreprocessSpec) -> None:
+    if not out:
+        return
+    mio.write_bytes(mio.join(out, "config.yaml"),
+                    yaml.safe_dump({"train": to_dict(cfg), "spec": to_dict(spec)}, sort_keys=False).encode())
 
 
 def _log_epoch(row: dict[str, Any], cfg: TrainConfig, improved: bool) -> None:

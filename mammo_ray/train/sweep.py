@@ -13,8 +13,10 @@ import logging
 import os
 import shlex
 import shutil
+import math
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -32,6 +34,7 @@ from mammo_ray.console import LogWriter, Progress, ray_verbose
 from mammo_ray.ray_utils import init_ray
 from mammo_ray.train.data import load_training_data
 from mammo_ray.train.loop import fit
+from mammo_ray.train.plan import sweep_plan
 from mammo_ray.train.sweep_report import (
     RESULT_FIELDS,
     best_vs_rest,
@@ -89,6 +92,13 @@ def resolve_start_weights(sweep: SweepConfig) -> dict[str, dict]:
         return {}
     return {b: resolve_weights(b, pretrained=train.pretrained, weights_path=train.weights, offline=train.offline)
             for b in sweep.backbones}
+
+
+def _first_sample(sweep: SweepConfig) -> dict[str, float]:
+    """LR bounds for the probe's trial when the sweep samples them (the ranges' geometric middles)."""
+    if sweep.base_lr_range is None:
+        return {}
+    return {"base_lr": math.sqrt(math.prod(sweep.base_lr_range)), "max_lr": math.sqrt(math.prod(sweep.max_lr_range))}
 
 
 def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, Any],
@@ -149,8 +159,13 @@ def storage_path(out: str) -> str:
 
 
 def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = False,
-              address: str | None = None) -> dict[str, Any]:
+              address: str | None = None, confirm: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep and write its outputs to ``out``.
+
+    Args:
+        confirm: called with the plan (:func:`mammo_ray.train.plan.sweep_plan`: trials x epochs and
+            a probe's time estimate) before anything is written; it raises to stop the sweep.
+            Not called on ``resume``.
 
     Returns:
         ``{"trials": n, "results": rows, "best": {...}}``.
@@ -168,6 +183,11 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
     init_ray(address)
     check_resources(sweep)
     start_weights = resolve_start_weights(sweep)  # before anything is written: a bad file stops here
+    if confirm is not None and not resume:
+        first = trial_train_config({k: v["grid_search"][0] for k, v in param_space(sweep).items()
+                                    if isinstance(v, dict)} | _first_sample(sweep), sweep)
+        confirm(sweep_plan(sweep, first, spec, train, val, gpus=ray.cluster_resources().get("GPU", 0),
+                           initial_state=start_weights.get(first.backbone)))
     if not resume:  # the sweep's own file: `--resume` reads it back, outputs describe themselves
         mio.makedirs(out)
         mio.write_bytes(mio.join(out, "sweep.yaml"), yaml.safe_dump(to_dict(sweep), sort_keys=False).encode())

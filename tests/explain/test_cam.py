@@ -78,7 +78,8 @@ def test_trained_model_cam_points_at_phantom_lesions(tmp_path):
                            patient_keys=[None] * len(ids[sl]), split="x")
 
     train, val, test = split(slice(0, 260)), split(slice(260, 300)), slice(300, 360)
-    cfg = TrainConfig(backbone="simplecnn", epochs=12, batch_size=32, optimizer="adamw", base_lr=1e-4, max_lr=3e-3,
+    cfg = TrainConfig(backbone="simplecnn", pretrained=None, freeze_ratio=0.0, epochs=12, batch_size=32,
+                      optimizer="adamw", base_lr=1e-4, max_lr=3e-3,
                       step_size_epochs=2, patience=0)
     result = fit(cfg, spec, train, val, out=str(tmp_path))
     assert result.best_metrics["val_auc"] >= 0.9

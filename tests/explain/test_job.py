@@ -48,7 +48,8 @@ def test_outputs_at_source_geometry_and_cam_hits_lesions(ray_local, trained_chec
     ann["mask_path"] = ""
     ann.loc[0, "mask_path"] = str(tmp_path / "missing-mask.png")
     ann.to_csv(tmp_path / "ann.csv", index=False)
-    opts = ExplainConfig(preview_size=128, batch_size=16, annotations=str(tmp_path / "ann.csv"))
+    # GradCAM named: this test measured its pointing game and energy bounds (the default is LayerCAM)
+    opts = ExplainConfig(method="gradcam", preview_size=128, batch_size=16, annotations=str(tmp_path / "ann.csv"))
     summary = run_explain([str(phantom_dir), str(bad)], str(trained_checkpoint), str(out), opts)
 
     assert summary["balanced"] and (summary["inputs"], summary["rows"], summary["errors"]) == (63, 60, 3)
@@ -61,13 +62,13 @@ def test_outputs_at_source_geometry_and_cam_hits_lesions(ray_local, trained_chec
     assert len(scores) == 60 and scores["image_id"].is_unique
     stored = load_checkpoint(str(trained_checkpoint))["metrics"]["val_threshold"]
     assert scores["threshold"].iloc[0] == pytest.approx(stored) and summary["threshold"] == pytest.approx(stored)
-    assert ((scores["probability"] >= scores["threshold"]).astype(int) == scores["predicted"]).all()
+    assert ((scores["probability"] >= scores["threshold"]).astype(int) == scores["predicted_label"]).all()
     assert scores["probability"].between(0, 1).all()
     # Grad-CAM keeps positive evidence for the malignancy logit only: a confidently benign image
     # can have an all-zero map; images called malignant have a focused one (top 5% of pixels
     # hold well over 5% of the mass)
     assert scores["cam_top5_energy"].between(0, 1).all()
-    called = scores[scores["predicted"] == 1]
+    called = scores[scores["predicted_label"] == 1]
     assert len(called) >= 10 and (called["cam_top5_energy"] > 0.1).all(), called["cam_top5_energy"].describe()
 
     labels = pd.read_csv(phantom_dir / "labels.csv")

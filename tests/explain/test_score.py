@@ -152,7 +152,7 @@ def test_cam_for_positive_explains_exactly_the_rows_at_or_above_the_threshold(ra
     scores = pd.read_parquet(out / SCORES).set_index("image_id")
     positive = set(probs[probs >= threshold].index)
     assert 0 < len(positive) < len(probs) == first["rows"] == summary["rows"]
-    assert set(scores.index[scores["overlay_path"].notna()]) == positive == set(scores.index[scores["predicted"] == 1])
+    assert set(scores.index[scores["overlay_path"].notna()]) == positive == set(scores.index[scores["predicted_label"] == 1])
     assert summary["processed_this_run"] == 0 and summary["cams"] == summary["cams_this_run"] == len(positive)
     assert scores["probability"].sort_index().tolist() == pytest.approx(probs.sort_index().tolist())
     pngs = {p.stem for p in (out / "overlays").rglob("*.png")}
@@ -257,9 +257,9 @@ def test_merge_keeps_the_scoring_pass_score_and_is_idempotent(tmp_path):
     def part(folder, rows, schema=SCORE_SCHEMA):
         write_table(pa.Table.from_pylist(rows, schema=schema), str(tmp_path / folder / "part-1.parquet"))
 
-    part(SCORES, [{"image_id": i, "probability": p, "predicted": int(p >= 0.5), "threshold": 0.5, "warning": ""}
+    part(SCORES, [{"image_id": i, "probability": p, "predicted_label": int(p >= 0.5), "threshold": 0.5, "warning": ""}
                   for i, p in (("a", 0.9), ("b", 0.7), ("c", 0.1))])
-    part(CAMS, [{"image_id": "a", "probability": 0.8999, "predicted": 1, "threshold": 0.5, "overlay_path": "o/a.png",
+    part(CAMS, [{"image_id": "a", "probability": 0.8999, "predicted_label": 1, "threshold": 0.5, "overlay_path": "o/a.png",
                  "heatmap_path": "h/a.png", "cam_peak_x": 3.0, "warning": ""}])
     part(CAM_ERROR_PARTS, [{"image_id": "b", "path": "/b.png", "reason": "scoring/CAM failed: boom"}], ERROR_SCHEMA)
     assert merge_cams(str(tmp_path)) == (1, 1)
@@ -338,8 +338,9 @@ def test_cam_actor_tta_scores_as_the_score_actor_and_maps_the_image_as_given(tra
 
 
 def test_tta_modes_in_the_archive_configs_and_flags(capsys):
-    """The archive jobs take evaluate's modes; the earlier boolean (YAML true/false, a bare
-    --tta) keeps its meaning, hflip; anything else is refused in one line listing the modes."""
+    """The archive jobs take evaluate's modes; the earlier boolean (YAML true/false) keeps its
+    meaning, hflip; a bare --tta is refused as in evaluate (tests/test_cli_defaults.py); anything
+    else is refused in one line listing the modes."""
     from mammo_ray.cli import get_args_parser
 
     assert ScoreConfig(tta=True).tta == "hflip" and ScoreConfig(tta=False).tta == "none"
@@ -350,7 +351,6 @@ def test_tta_modes_in_the_archive_configs_and_flags(capsys):
     base = ["a", "--checkpoint", "c.pt", "--out", "o"]
     for cmd in ("score", "explain"):
         assert parser.parse_args([cmd, *base, "--tta", "vflip"]).tta == "vflip"
-        assert parser.parse_args([cmd, *base, "--tta"]).tta == "hflip"
         assert parser.parse_args([cmd, *base, "--no-tta"]).tta == "none"
         assert parser.parse_args([cmd, *base]).tta is None  # the config's (or the default) then
     with pytest.raises(SystemExit) as exit_:

@@ -28,8 +28,8 @@ def test_small_model_learns_phantoms_in_a_small_budget(loaded, tmp_path):
     """12 epochs of simplecnn on 210 phantoms at 96 px: about 9 s on an idle 2-core CPU
     (the time is reported, not asserted: shared machines are noisy; the figure is in docs/benchmarks.md)."""
     spec, train, val = loaded
-    cfg = TrainConfig(backbone="simplecnn", epochs=12, batch_size=32, optimizer="adamw", base_lr=1e-4, max_lr=3e-3,
-                      step_size_epochs=2, patience=0, seed=0)
+    cfg = TrainConfig(backbone="simplecnn", pretrained=None, freeze_ratio=0.0, epochs=12, batch_size=32,
+                      optimizer="adamw", base_lr=1e-4, max_lr=3e-3, step_size_epochs=2, patience=0, seed=0)
     t0 = time.perf_counter()
     result = fit(cfg, spec, train, val, out=str(tmp_path / "run"))
     seconds = time.perf_counter() - t0
@@ -43,7 +43,7 @@ def test_small_model_learns_phantoms_in_a_small_budget(loaded, tmp_path):
 
 def test_checkpoint_round_trip_weights_only(loaded, tmp_path):
     spec, train, val = loaded
-    cfg = TrainConfig(backbone="simplecnn", epochs=1, batch_size=32, max_batches=2, freeze_ratio=0.5)
+    cfg = TrainConfig(backbone="simplecnn", pretrained=None, epochs=1, batch_size=32, max_batches=2, freeze_ratio=0.5)
     fit(cfg, spec, train, val, out=str(tmp_path))
     state = load_checkpoint(str(tmp_path / "best.pt"))
     assert state["backbone"] == "simplecnn" and state["freeze_ratio"] == 0.5 and state["epoch"] == 1
@@ -59,7 +59,7 @@ def test_checkpoint_round_trip_weights_only(loaded, tmp_path):
 
 def test_resume_continues_where_it_stopped(loaded, tmp_path):
     spec, train, val = loaded
-    cfg2 = TrainConfig(backbone="simplecnn", epochs=2, batch_size=32, max_batches=3, patience=0)
+    cfg2 = TrainConfig(backbone="simplecnn", pretrained=None, epochs=2, batch_size=32, max_batches=3, patience=0)
     fit(cfg2, spec, train, val, out=str(tmp_path / "a"))
     cfg3 = TrainConfig(**{**cfg2.__dict__, "epochs": 3})
     resumed = fit(cfg3, spec, train, val, out=str(tmp_path / "b"), resume=str(tmp_path / "a" / "last.pt"))
@@ -71,9 +71,11 @@ def test_resume_continues_where_it_stopped(loaded, tmp_path):
 
 def test_checkpoint_of_another_backbone_is_refused(loaded, tmp_path):
     spec, train, val = loaded
-    fit(TrainConfig(backbone="simplecnn", epochs=1, max_batches=1), spec, train, val, out=str(tmp_path))
+    fit(TrainConfig(backbone="simplecnn", pretrained=None, freeze_ratio=0.0, epochs=1, max_batches=1), spec, train, val,
+        out=str(tmp_path))
     with pytest.raises(ValueError, match="is simplecnn at freeze_ratio=0.0, not resnet18 at freeze_ratio=0.0"):
-        fit(TrainConfig(backbone="resnet18", epochs=2), spec, train, val, resume=str(tmp_path / "last.pt"))
+        fit(TrainConfig(backbone="resnet18", pretrained=None, freeze_ratio=0.0, epochs=2), spec, train, val,
+            resume=str(tmp_path / "last.pt"))
 
 
 def test_pickled_or_foreign_checkpoints_are_refused(tmp_path):
@@ -118,6 +120,7 @@ def test_train_cli_without_train_split(tmp_path, capsys):
 
 def test_lr_find_suggests_ordered_bounds_and_plots(train_data_dir, tmp_path, capsys):
     code = main(["lr-find", "--data", str(train_data_dir), "--out", str(tmp_path), "--backbone", "simplecnn",
+                 "--pretrained", "none",
                  "--steps", "30", "--batch-size", "16"])
     assert code == 0
     result = json.loads((tmp_path / "lr_find.json").read_text())

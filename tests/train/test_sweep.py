@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 
 def small_sweep(**kw) -> SweepConfig:
     base = dict(backbones=("simplecnn",), freeze_ratios=(0.0, 0.5), lr_bounds=((1e-4, 1e-3), (1e-3, 1e-2)),
-                epochs=3, batch_size=32, train={"optimizer": "adamw"}, max_failures=2)
+                epochs=3, batch_size=32, train={"optimizer": "adamw", "pretrained": "none"}, max_failures=2)
     base.update(kw)
     return SweepConfig(**base)
 
@@ -150,7 +150,7 @@ def test_resume_after_the_driver_is_killed(ray_local, train_data_dir, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [str(BIN / "mammo-ray"), "tune", "--data", str(train_data_dir), "--out", str(out), "--backbones", "simplecnn",
            "--freeze-ratios", "0.5", "--lr-bounds", "1e-4:1e-3", "1e-3:1e-2", "--epochs", str(epochs),
-           "--patience", "0", "--cpus-per-trial", "2"]  # one trial at a time: the first finishes before the kill
+           "--patience", "0", "--cpus-per-trial", "2", "--pretrained", "none"]  # one trial at a time: the first finishes before the kill
     # (8 epochs: the second trial, which starts at once in the first one's process, is still
     # running a second after the first finished)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
