@@ -19,7 +19,11 @@ class Decoded:
 
     pixels: np.ndarray
     source_format: str
+    #: a DICOM defined term, or None (the header held none: see ``modality_shown``)
     modality: str | None = None
+    #: the header's Modality as a reason may name it: the code, "missing" or "not a DICOM
+    #: modality code" (``faults.shown_modality``); None for sources without a header
+    modality_shown: str | None = None
     patient_id: str | None = None
     study_uid: str | None = None
     laterality: str | None = None

@@ -11,7 +11,8 @@ import numpy as np
 
 from mammo_ray.data.colour import PALETTE, RGB_LIKE, luma, palette_to_rgb, stored_bits
 from mammo_ray.data.decoded import MG_MODALITY, DecodeError, Decoded, check_size, rescale_uint16
-from mammo_ray.data.faults import describe_fault, quiet_decoders, shown_modality
+from mammo_ray.data.faults import (LATERALITIES, MAMMO_VIEWS, MODALITIES, describe_fault, header_code, quiet_decoders,
+                                   shown_modality)
 
 
 #: photometric interpretations a reason or warning may name (the element is free text)
@@ -122,15 +123,49 @@ def read_dicom_header(data: bytes):
 
 
 def dicom_meta(ds) -> dict[str, str | None]:
-    """Header fields the pipeline uses (never the label: labels are not guessed from DICOM)."""
+    """Header fields the pipeline uses (never the label: labels are not guessed from DICOM).
+
+    ``modality``, ``laterality`` and ``view`` are codes from the standard's lists
+    (``faults.MODALITIES``, ``LATERALITIES``, ``MAMMO_VIEWS``) or None: they reach the rows and
+    every later output, and the elements are free text. ``patient_id`` and ``study_uid`` are
+    raw: the driver pseudonymises them before anything is written.
+    """
+    return coded_meta(ds)[0]
+
+
+def coded_meta(ds) -> tuple[dict[str, str | None], list[str]]:
+    """``dicom_meta``'s fields, and a warning for each coded element holding something else
+    (naming the element, never its value).
+
+    Returns:
+        (fields, warnings); ``fields`` also has ``modality_shown``: the Modality as a reason
+        may name it (``faults.shown_modality``).
+    """
+    notes: list[str] = []
     with quiet_decoders():  # converting a value may warn, quoting it
-        return {
-            "modality": _header_text(ds, "Modality"),
+        raw_modality = _header_text(ds, "Modality")
+        laterality = None
+        for kw in ("ImageLaterality", "Laterality"):  # the image's own element first
+            laterality = laterality or _coded(ds, kw, LATERALITIES, "a DICOM laterality code", notes)
+        meta = {
+            "modality": header_code(raw_modality, MODALITIES),
+            "modality_shown": shown_modality(header_code(raw_modality, MODALITIES) or raw_modality),
             "patient_id": _header_text(ds, "PatientID"),
             "study_uid": _header_text(ds, "StudyInstanceUID"),
-            "laterality": _header_text(ds, "ImageLaterality", "Laterality"),
-            "view": _header_text(ds, "ViewPosition"),
+            "laterality": laterality,
+            "view": _coded(ds, "ViewPosition", MAMMO_VIEWS, "a mammography view code", notes),
         }
+    return meta, notes
+
+
+def _coded(ds, keyword: str, codes: frozenset[str], what: str, notes: list[str]) -> str | None:
+    """The element's value as a code from ``codes``, or None with a note when it holds text
+    that is not one (an absent or empty element is no fault)."""
+    raw = _header_text(ds, keyword)
+    code = header_code(raw, codes)
+    if raw is not None and code is None:
+        notes.append(f"{keyword}: not {what}")
+    return code
 
 
 def decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> Decoded:
@@ -153,7 +188,7 @@ def decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> Decoded:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DecodeError("DICOM has no pixel data (PixelData element missing)")
-    meta = dicom_meta(ds)
+    meta, header_notes = coded_meta(ds)
     with quiet_decoders():
         rows, cols = _header_int(ds, "Rows"), _header_int(ds, "Columns")
         frames = _header_int(ds, "NumberOfFrames", 1) or 1
@@ -165,7 +200,7 @@ def decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> Decoded:
     with dicom_step(f"cannot decode DICOM pixel data ({_syntax_name(ds.file_meta.TransferSyntaxUID)})", data):
         arr = ds.pixel_array
     photometric = _header_text(ds, "PhotometricInterpretation") or "MONOCHROME2"
-    warnings: list[str] = []
+    warnings: list[str] = list(header_notes)
     if arr.ndim == 3 or photometric == PALETTE:
         out, bits = _colour_to_gray(arr, ds, photometric, warnings)
     else:
@@ -175,7 +210,7 @@ def decode_dicom(data: bytes, *, min_side: int, max_pixels: int) -> Decoded:
         with quiet_decoders():
             bits = _header_int(ds, "BitsStored", 0) or _header_int(ds, "BitsAllocated", 16)
     if meta["modality"] != MG_MODALITY:
-        warnings.append(f"modality {shown_modality(meta['modality'])} is not MG")
+        warnings.append(f"modality {meta['modality_shown']} is not MG")
     return Decoded(out, "dicom", photometric=photometric, warnings=warnings, stored_bits=bits, **meta)
 
 

@@ -10,6 +10,9 @@ read as a header), and the kind of fault. A codec's own explanation of a broken 
 stream (libjpeg's error code, "failed to read the header") is kept, with quoted text, tags and
 any word that occurs in the file's bytes removed, so that the cause still fits on the line.
 
+The same holds for a header's coded elements that rows keep (Modality, ImageLaterality,
+ViewPosition): only values from the standard's lists below pass (:func:`header_code`).
+
 Pure functions (no Ray); :func:`quiet_decoders` keeps the decoders' own warnings and log lines,
 which quote header values too, off the console and out of the worker logs.
 """
@@ -190,3 +193,37 @@ def shown_modality(value: str | None) -> str:
     if not value:
         return "missing"
     return value if value in MODALITIES else "not a DICOM modality code"
+
+
+# ------------------------------------------------------------------ header codes kept in rows
+# A header's coded elements reach the Parquet rows and every later output (scores, exam
+# tables), but the elements are free text: an archive may have written a name into them. Only
+# values from the standard's fixed lists are kept; anything else becomes None.
+
+#: ImageLaterality (0020,0062) enumerated values (PS3.3 C.8.11.7 / C.7.6.2: R, L, U unpaired,
+#: B both); Laterality (0020,0060) allows R and L only, a subset
+LATERALITIES = frozenset({"R", "L", "B", "U"})
+
+#: CID 4014 "View for Mammography": the ACR MQCM 1999 abbreviations the standard lists beside
+#: each code (PS3.16), plus XCC (exaggerated cranio-caudal, BI-RADS), which older archives write
+_VIEWS = ("CC", "MLO", "ML", "LM", "LMO", "FB", "SIO", "ISO", "XCC", "XCCL", "XCCM")
+#: CID 4015 "View Modifier for Mammography": abbreviations that replace a view (cleavage,
+#: axillary tail, tangential), a prefix (magnification, spot compression) or a suffix (rolled
+#: lateral/medial/inferior/superior, implant displaced, nipple in profile, anterior
+#: compression, infra-mammary fold, axillary tissue)
+_VIEW_REPLACEMENTS = ("CV", "AT", "TAN")
+_VIEW_PREFIXES = ("", "M", "S", "MS", "SM")
+_VIEW_SUFFIXES = ("", "RL", "RM", "RI", "RS", "ID", "NP", "AC", "IMF", "AX")
+#: the ViewPosition values a row keeps: every view with its modifiers, a finite set built from
+#: the lists above (so no free text can match it)
+MAMMO_VIEWS = frozenset(
+    [p + v + s for p in _VIEW_PREFIXES for v in _VIEWS for s in _VIEW_SUFFIXES] + list(_VIEW_REPLACEMENTS))
+
+
+def header_code(value: str | None, codes: frozenset[str]) -> str | None:
+    """A header element's value as a row may keep it: upper-cased and stripped, when it is one
+    of ``codes``; otherwise None (the value itself goes nowhere)."""
+    if value is None:
+        return None
+    code = str(value).strip().upper()
+    return code if code in codes else None

@@ -29,7 +29,6 @@ from mammo_ray.config import PreprocessConfig, to_dict
 from mammo_ray.data.accounting import Tally, check_listed, finish_job, tally
 from mammo_ray.data.decode import (MG_MODALITY, DecodeError, decode_bytes, describe_exception, dicom_meta,
                                    read_dicom_header)
-from mammo_ray.data.faults import shown_modality
 from mammo_ray.data.inputs import CLASS_NAMES, Listing, discover, needs_header_probe
 from mammo_ray.data.parquet import SPLIT_DIRS, read_split, rows_to_table, split_files, write_table
 from mammo_ray.data.split import assign_splits
@@ -83,7 +82,7 @@ def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = Fals
     # row never reaches a file; preprocess's status frame keeps only RESULT_COLUMNS)
     status.update(patient_id=dec.patient_id, exam_id=dec.study_uid, laterality=dec.laterality, view=dec.view)
     if dec.source_format == "dicom" and dec.modality != MG_MODALITY and cfg.other_modality == "refuse":
-        status["reason"] = f"modality {shown_modality(dec.modality)} is not MG (other_modality=refuse)"
+        status["reason"] = f"modality {dec.modality_shown} is not MG (other_modality=refuse)"
         return None, status
     try:
         pixels, geom = preprocess_image(dec.pixels, cfg.spec, refine_mask=refine_mask)

@@ -17,8 +17,8 @@ from pydicom.data import get_testdata_file
 
 from mammo_ray.config import PreprocessConfig
 from mammo_ray.data.decode import DecodeError, decode_bytes, describe_exception
-from mammo_ray.data.faults import describe_fault, named_elements, redact, shown_modality
-from mammo_ray.data.pipeline import process_record
+from mammo_ray.data.faults import describe_fault, named_elements, quiet_decoders, redact, shown_modality
+from mammo_ray.data.pipeline import probe_batch, process_record
 from mammo_ray.explain.tasks import prepare_batch
 from tests.data.broken_dicoms import BROKEN, EXPECTED, base, save
 
@@ -102,7 +102,61 @@ def test_modality_refusal_shows_only_a_modality_code(tmp_path):
 
 def test_accepted_file_warnings_hold_no_header_value(tmp_path):
     dec = decode_bytes(save(base("PIDSECRET12345")), min_side=8)
-    assert dec.warnings == ["modality not a DICOM modality code is not MG"]
+    assert dec.warnings == ["ImageLaterality: not a DICOM laterality code", "ViewPosition: not a mammography view code",
+                            "modality not a DICOM modality code is not MG"]
+
+
+def test_coded_header_fields_keep_codes_only(tmp_path):
+    """Modality, ImageLaterality and ViewPosition reach the rows only as codes from the
+    standard's lists: a name written there becomes None (with a warning naming the element),
+    a code survives, upper-cased."""
+    marker = "PIDSECRET12345"
+    path = tmp_path / "x.dcm"
+    path.write_bytes(save(base(marker)))
+    row, status = process_record(_record(path), CFG)
+    assert status["status"] == "ok"
+    assert (row["modality"], row["laterality"], row["view"]) == (None, None, None)
+    assert (status["laterality"], status["view"]) == (None, None)  # what the exam tables read
+    # the status keeps the raw PatientID on purpose: the driver pseudonymises it before writing
+    _assert_absent(marker, *(str(v) for k, v in row.items() if k != "pixels"),
+                   *(str(v) for k, v in status.items() if k != "patient_id"))
+    ds = base(marker)
+    with quiet_decoders():  # pydicom warns that lower case is not a valid CS
+        ds.Modality, ds.ImageLaterality, ds.ViewPosition = "mg", " l ", "mlo"
+    coded = tmp_path / "coded.dcm"
+    coded.write_bytes(save(ds))
+    row, _ = process_record(_record(coded), CFG)
+    assert (row["modality"], row["laterality"], row["view"]) == ("MG", "L", "MLO")
+    assert "not a" not in row["warning"] and "not MG" not in row["warning"]
+
+
+@pytest.mark.parametrize("image_lat,lat,view,expected", [
+    ("R", None, "XCCL", ("R", "XCCL", [])),
+    ("B", None, "CV", ("B", "CV", [])),
+    ("PIDSECRET12345", "L", "SCCID", ("L", "SCCID", ["ImageLaterality: not a DICOM laterality code"])),
+    (None, "R", "AP", ("R", None, ["ViewPosition: not a mammography view code"])),  # a chest view, not mammography
+    ("", None, None, (None, None, [])),  # absent or empty elements are no fault
+])
+def test_laterality_and_view_codes(image_lat, lat, view, expected):
+    ds = base("x")
+    for kw, value in (("ImageLaterality", image_lat), ("Laterality", lat), ("ViewPosition", view)):
+        if value is None:
+            delattr(ds, kw) if kw in ds else None
+        else:
+            setattr(ds, kw, value)
+    ds.Modality = "MG"
+    dec = decode_bytes(save(ds), min_side=8)
+    assert (dec.laterality, dec.view, dec.warnings) == expected
+
+
+def test_probe_reads_codes_for_exam_grouping(tmp_path):
+    """The header pass that groups images into exams before splitting sees the same codes."""
+    ds = base("PIDSECRET12345")
+    ds.ImageLaterality, ds.ViewPosition = "R", "CC"
+    (tmp_path / "coded.dcm").write_bytes(save(ds))
+    (tmp_path / "marker.dcm").write_bytes(save(base("PIDSECRET12345")))
+    probed = probe_batch(pd.DataFrame({"path": [str(tmp_path / "coded.dcm"), str(tmp_path / "marker.dcm")]}))
+    assert probed[["laterality", "view"]].values.tolist() == [["R", "CC"], ["", ""]]
 
 
 @pytest.mark.parametrize("name,cause", [

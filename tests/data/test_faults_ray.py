@@ -22,7 +22,7 @@ from mammo_ray.config import PreprocessConfig
 from mammo_ray.data.colour import PALETTE, RGB_LIKE
 from mammo_ray.data.faults import MODALITIES
 from mammo_ray.data.pipeline import run_preprocess
-from tests.data.broken_dicoms import BROKEN, EXPECTED
+from tests.data.broken_dicoms import BROKEN, EXPECTED, base, save
 
 pytestmark = pytest.mark.slow
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -47,9 +47,19 @@ def test_marker_reaches_no_output_console_or_worker_log(ray_local, tmp_path_fact
         (root / "benign" / f"broken{i:02d}.dcm").write_bytes(BROKEN[fault](marker))
     good = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
     cv2.imwrite(str(root / "benign" / "good.png"), good)  # one row, so the Parquet side is written too
+    # a good DICOM whose Modality, ImageLaterality and ViewPosition hold the marker: a row, with
+    # None there; and one with codes, which survive
+    (root / "benign" / "good.dcm").write_bytes(save(base(marker)))
+    coded = base(marker)
+    coded.Modality, coded.ImageLaterality, coded.ViewPosition = "MG", "R", "XCCL"
+    (root / "benign" / "coded.dcm").write_bytes(save(coded))
     out = tmp_path_factory.mktemp("out") / "run"
     summary = run_preprocess([str(root)], str(out), PreprocessConfig.load(size=32, min_side=8, batch_size=4))
-    assert summary["balanced"] and summary["rows"] == 1 and summary["errors"] == len(BROKEN)
+    assert summary["balanced"] and summary["rows"] == 3 and summary["errors"] == len(BROKEN)
+    rows = [r for part in out.rglob("*.parquet")
+            for r in pq.read_table(part, columns=["source_path", "modality", "laterality", "view"]).to_pylist()]
+    coded_fields = {Path(r["source_path"]).name: (r["modality"], r["laterality"], r["view"]) for r in rows}
+    assert coded_fields["good.dcm"] == (None, None, None) and coded_fields["coded.dcm"] == ("MG", "R", "XCCL")
     with open(out / "errors.csv", newline="") as f:
         reasons = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(f)}
     for i, fault in enumerate(sorted(BROKEN)):  # each case reached its own refusal
