@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from mammo_ray.config import ExplainConfig, PreprocessConfig, SweepConfig
-from mammo_ray.outputs import check_out_location
+from mammo_ray.outputs import all_files, check_out_location, claim_out, finish_out, write_marker
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +142,15 @@ def write_index(out: str, facts: dict[str, Any]) -> str:
 
 
 def run_demo(out: str, cfg: DemoConfig | None = None, *, full: bool = False, address: str | None = None,
-             progress: Callable[[str], None] = logger.info) -> dict[str, Any]:
+             progress: Callable[[str], None] = logger.info, overwrite: bool = False) -> dict[str, Any]:
     """Run every stage; returns the facts of the end (best test AUC, timings...). ``progress``
-    receives one line per stage (the CLI prints them; a library caller gets log lines)."""
+    receives one line per stage (the CLI prints them; a library caller gets log lines);
+    ``overwrite``: replace an earlier demo in ``out``."""
     from mammo_ray.ray_utils import init_ray  # deferred, as every stage import here: see the module doc
 
     cfg = cfg or (DemoConfig.full() if full else DemoConfig.laptop())
     t0 = time.perf_counter()
-    out = _claim_folder(os.path.abspath(out))
+    out = _claim_folder(os.path.abspath(out), overwrite=overwrite)
     init_ray(address)
     if full:
         _check_full(cfg)
@@ -179,17 +180,21 @@ def run_demo(out: str, cfg: DemoConfig | None = None, *, full: bool = False, add
     with open(os.path.join(out, "demo.json"), "w") as f:
         json.dump({k: v for k, v in facts.items() if k != "summary"}, f, indent=2, default=str)
     facts["report"] = index
+    finish_out(out, "demo")
     return facts
 
 
-def _claim_folder(out: str) -> str:
-    """The demo replaces its own outputs on a rerun; it never empties a folder it did not make."""
+def _claim_folder(out: str, *, overwrite: bool = False) -> str:
+    """The demo replaces its own outputs on a rerun with ``overwrite``; it never empties a
+    folder it did not make."""
     check_out_location(out)
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, DEMO_MARKER)):
+    claim_out(out, "demo", overwrite=overwrite)
+    if all_files(out) and not os.path.exists(os.path.join(out, DEMO_MARKER)):
         raise ValueError(f"--out {out} is not empty and is not a demo folder (no {DEMO_MARKER}): use a new folder")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, DEMO_MARKER), "w") as f:
-        f.write("a mammo-ray demo folder: `mammo-ray demo` replaces its contents\n")
+        f.write("a mammo-ray demo folder: `mammo-ray demo --overwrite` replaces its contents\n")
+    write_marker(out, "demo")
     return out
 
 

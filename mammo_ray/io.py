@@ -76,9 +76,13 @@ def write_bytes(path: str, data: bytes) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         # dot-prefixed: Parquet dataset readers (pyarrow, pandas, Spark) skip it if a kill leaves it
         tmp = os.path.join(parent, f".{os.path.basename(inner)}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, inner)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, inner)
+        finally:  # a failed write (disk full...) leaves no half-written temp file behind
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
         return
     with fs.open_output_stream(inner) as f:
         f.write(data)

@@ -5,6 +5,7 @@ Library errors (``ValueError``) become a one-line ``mammo-ray: error: ...`` and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -60,6 +61,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _held_out(args: argparse.Namespace):
+    """Every stage's ``--out``: locked for the run's whole life, then the one output rule
+    (refused when it holds a run, unless --overwrite / --resume) before the stage starts."""
+    out = getattr(args, "out", None)
+    if not out:
+        yield
+        return
+    from mammo_ray.locks import hold_out
+    from mammo_ray.outputs import abandon_out, check_out_location, claim_out
+
+    check_out_location(out)  # a file: refused before the lock would need a folder
+    with hold_out(out, args.command):
+        claim_out(out, args.command, overwrite=bool(getattr(args, "overwrite", False)),
+                  resume=bool(getattr(args, "resume", None)))
+        try:
+            yield
+        except BaseException:  # a run refused after its start wrote nothing: --out as it was
+            abandon_out(out, args.command)
+            raise
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -68,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line itself: Ray's native stderr lines go to the log file
         route_native_stderr(args.log_file)
     try:
-        code = COMMANDS[args.command][1](args)
+        with _held_out(args):
+            code = COMMANDS[args.command][1](args)
         if not args.quiet:  # last, so an error stays the only line of a failed run
             print(f"full log: {args.log_file}", file=sys.stderr)
         return code

@@ -24,6 +24,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--external", nargs="*", default=[], help="external sets: preprocessed folders or raw images")
     p.add_argument("--out", required=True)
     p.add_argument("--config", help="YAML file of EvaluateConfig keys (flags override it)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run of this stage in --out (only files it wrote)")
     p.add_argument("--threshold-method", choices=THRESHOLD_METHODS,
                    help="how the decision threshold is chosen on val (fixed: 0.5)")
     p.add_argument("--threshold", action=Renamed, hint="evaluate's threshold rule is now --threshold-method "
@@ -51,7 +52,8 @@ def _run_evaluate(args) -> int:
     checkpoints = [c for s in args.sweep for c in sweep_checkpoints(s)] if args.sweep else args.checkpoint
     from mammo_ray.evaluate.report import console_summary
 
-    report = run_evaluate(checkpoints, data=args.data, externals=args.external, out=args.out, cfg=cfg)
+    report = run_evaluate(checkpoints, data=args.data, externals=args.external, out=args.out, cfg=cfg,
+                          overwrite=args.overwrite)
     print("\n".join(console_summary(report)))  # * = chosen on val; every metric and interval in the report
     print(f"report: {os.path.join(args.out, 'report.html')} (the full table: {os.path.join(args.out, 'report.md')})")
     return 0
@@ -81,6 +83,7 @@ def _archive_args(p, d) -> None:
     _tta_option(p)
     p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="the same as --tta none")
     p.add_argument("--resume", action="store_true", help="continue a killed or partial run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run of this stage in --out (only files it wrote)")
     p.add_argument("--unlabeled", action="store_true", default=None,
                    help="read no labels (labels are otherwise kept when present; an unknown word is unlabeled)")
     add_label_options(p)
@@ -99,7 +102,8 @@ def _run_score(args) -> int:
     from mammo_ray.explain.score import run_score
 
     opts = ScoreConfig.load(args.config, **config_overrides(ScoreConfig, args, labels=label_overrides(args)))
-    summary = run_score(args.inputs, args.checkpoint, args.out, opts, resume=args.resume, address=args.address)
+    summary = run_score(args.inputs, args.checkpoint, args.out, opts, resume=args.resume, overwrite=args.overwrite,
+                          address=args.address)
     print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "images_per_second", "threshold",
                                               "predicted_malignant")}))
     print(f"exams: {json.dumps(summary['exams'])}")
@@ -136,7 +140,8 @@ def _run_explain(args) -> int:
     from mammo_ray.explain.job import run_explain
 
     opts = ExplainConfig.load(args.config, **config_overrides(ExplainConfig, args, labels=label_overrides(args)))
-    summary = run_explain(args.inputs, args.checkpoint, args.out, opts, resume=args.resume, address=args.address)
+    summary = run_explain(args.inputs, args.checkpoint, args.out, opts, resume=args.resume, overwrite=args.overwrite,
+                          address=args.address)
     print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "cams", "images_per_second", "threshold")}))
     if "localization" in summary:
         print(f"localization: {json.dumps(summary['localization'])}")

@@ -15,7 +15,7 @@ from mammo_ray.config import (CLR_MODES, EQUALIZE_MODES, IMBALANCE, MAX_SIDE, NO
                               OTHER_MODALITY, OUTPUT_DTYPES, PRETRAINED, RESIZE_MODES, SCHEDULERS, PreprocessConfig,
                               SweepConfig, TrainConfig, backbone_names)
 from mammo_ray.console import PROGRESS_EVERY_S, rounded, set_console_level
-from mammo_ray.outputs import check_out_location
+from mammo_ray.outputs import check_out_location, finish_out, start_out
 from mammo_ray.cli.apply import _add_evaluate, _add_explain, _add_score, _run_evaluate, _run_explain, _run_score
 from mammo_ray.cli.options import (add_defaults_to_help, add_label_options, config_overrides, finite_float,
                                    label_overrides, lr_pair)
@@ -81,6 +81,7 @@ def _add_synth(sub) -> None:
     p.add_argument("--contrast", type=finite_float, default=1.0)
     p.add_argument("--noise", type=finite_float, default=1.0)
     p.add_argument("--no-markers", action="store_true", help="no burned-in text or clip markers")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run of this stage in --out (only files it wrote)")
     add_defaults_to_help(p)
 
 
@@ -96,7 +97,8 @@ def _run_synth(args) -> int:
     if not (32 <= args.height <= MAX_SIDE and 32 <= args.width <= MAX_SIDE):
         raise ValueError(f"--height {args.height} --width {args.width}: each in [32, {MAX_SIDE}]")
     rows = write_phantoms(args.out, args.n, seed=args.seed, height=args.height, width=args.width,
-                          formats=formats, contrast=args.contrast, noise=args.noise, markers=not args.no_markers)
+                          formats=formats, contrast=args.contrast, noise=args.noise, markers=not args.no_markers,
+                          overwrite=args.overwrite)
     print(f"wrote {len(rows)} phantoms to {args.out} (labels.csv)")
     return 0
 
@@ -121,6 +123,7 @@ def _train_options(p, *, full: bool = True) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no training augmentation (flips, small shifts and contrast changes)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run of this stage in --out (only files it wrote)")
     if full:
         p.add_argument("--base-lr", type=finite_float)
         p.add_argument("--max-lr", type=finite_float)
@@ -159,9 +162,11 @@ def _run_train(args) -> int:
     check_out_location(args.out, folders=[args.data])
     spec, train, val = load_training_data(args.data)
     logger.info("train %d images %s, val %d images %s", len(train), train.class_counts(), len(val), val.class_counts())
+    start_out(args.out, "train", overwrite=args.overwrite, resume=bool(args.resume))
     tty = sys.stderr.isatty()  # off a terminal (a log file, CI) a line every 15 s instead of tqdm's bar
     result = fit(cfg, spec, train, val, out=args.out, resume=args.resume, progress=tty,
                  progress_every_s=0.0 if tty else PROGRESS_EVERY_S)
+    finish_out(args.out, "train")
     best = result.best_metrics
     print(f"best epoch {result.best_epoch}: val_auc {rounded(best.get('val_auc'))} "
           f"val_accuracy {rounded(best.get('val_accuracy'))}")
@@ -186,7 +191,9 @@ def _run_lr_find(args) -> int:
     check_out_location(args.out, folders=[args.data])
     spec, train, _ = load_training_data(args.data)
     result = lr_range_test(cfg, spec, train, start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps)
+    start_out(args.out, "lr-find", overwrite=args.overwrite)
     write_lr_find(result, args.out)
+    finish_out(args.out, "lr-find")
     lo, hi = result["suggested_base_lr"], result["suggested_max_lr"]
     # train takes the two bounds as flags, tune as one BASE:MAX pair: print both spellings
     print(f"suggested --base-lr {lo:.2e} --max-lr {hi:.2e} (train), --lr-bounds {lo:.2e}:{hi:.2e} (tune) "
@@ -223,6 +230,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--yes", action="store_true",
                    help=f"start even when the plan's estimate passes {CPU_SWEEP_LIMIT_S // 3600:.0f} h on a machine "
                         "without GPUs")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run of this stage in --out (only files it wrote)")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
     add_defaults_to_help(p, SweepConfig(), TrainConfig())
 
@@ -244,7 +252,7 @@ def _run_tune(args) -> int:
     train = {k: v for k, v in train.items() if v is not None}
     if train:
         sweep = replace(sweep, train={**sweep.train, **train})
-    summary = run_sweep(args.data, args.out, sweep, resume=args.resume, address=args.address,
+    summary = run_sweep(args.data, args.out, sweep, resume=args.resume, overwrite=args.overwrite, address=args.address,
                         confirm=lambda plan: _confirm_plan(plan, args.yes))
     print(open(os.path.join(args.out, "table.md")).read() if not args.out.startswith(("s3://", "gs://")) else "")
     print(f"{summary['trials']} trials, {summary['errors']} errors; outputs in {args.out}")
@@ -278,6 +286,7 @@ def _add_demo(sub) -> None:
                    help=f"phantoms in the external set (default: {d.n_external}; --full {full.n_external})")
     p.add_argument("--epochs", type=int,
                    help=f"epochs per trial (default: {d.sweep.epochs}; --full {full.sweep.epochs})")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
     add_defaults_to_help(p, d)
 
@@ -293,7 +302,7 @@ def _run_demo(args) -> int:
         set_console_level(logging.WARNING)  # its own stage lines say what happens; INFO goes to demo.log
     try:
         facts = run_demo(args.out, cfg, full=args.full, address=args.address,
-                         progress=lambda line: print(line, flush=True))
+                         progress=lambda line: print(line, flush=True), overwrite=args.overwrite)
     finally:  # the whole log (Ray's included) kept with the outputs, also when a stage failed
         if os.path.exists(os.path.join(args.out, DEMO_MARKER)) and getattr(args, "log_file", None):
             shutil.copyfile(args.log_file, os.path.join(args.out, "demo.log"))

@@ -7,6 +7,16 @@ from typing import Any
 from mammo_ray.config.base import MAX_BATCH, MAX_SIDE, _check_choice, check_finite, from_mapping, load_yaml
 from mammo_ray.config.labels import LabelMap, as_label_map
 
+# The largest learning rate accepted. An LR range test sweeps up to 1 (lr-find's default end)
+# and SGD/AdamW diverge far below 10; a larger bound is a typo (1e300 overflowed in the
+# scheduler, after config.yaml was written), so it is refused up front, naming the field.
+MAX_LR = 10.0
+
+
+def _check_lr(name: str, value: float) -> None:
+    if not 0 < float(value) <= MAX_LR:
+        raise ValueError(f"{name}={value!r}: use a learning rate in (0, {MAX_LR:g}]")
+
 #: the backbones the model registry ships. Named here, below the model layer, so configs validate
 #: and ``--help`` lists them without importing torch; ``mammo_ray.models.registry`` adds any
 #: backbone registered later (tests/test_layers.py checks the two lists agree).
@@ -104,6 +114,8 @@ class TrainConfig:
         if self.pretrained and self.weights:
             raise ValueError(f"pretrained={self.pretrained!r} and weights={self.weights!r}: give one of them "
                              f"(pretrained: {NO_PRETRAINED} to start from the weights file)")
+        _check_lr("base_lr", self.base_lr)
+        _check_lr("max_lr", self.max_lr)
         if not 0 < self.base_lr < self.max_lr:
             raise ValueError(f"base_lr={self.base_lr!r}, max_lr={self.max_lr!r}: need 0 < base_lr < max_lr")
         _check_choice("clr_mode", self.clr_mode, CLR_MODES)
@@ -183,6 +195,7 @@ class SweepConfig:
                 lo, hi = (float(x) for x in getattr(self, name))
                 if not 0 < lo < hi:
                     raise ValueError(f"{name}={list(getattr(self, name))}: need 0 < low < high")
+                _check_lr(name, hi)
                 object.__setattr__(self, name, (lo, hi))
             if self.base_lr_range[1] >= self.max_lr_range[0]:
                 raise ValueError(f"base_lr_range={list(self.base_lr_range)} overlaps max_lr_range={list(self.max_lr_range)}: "
@@ -192,6 +205,8 @@ class SweepConfig:
                 raise ValueError("lr_bounds: the grid is empty; give at least one [base_lr, max_lr] pair")
             pairs = tuple((float(a), float(b)) for a, b in self.lr_bounds)
             for a, b in pairs:
+                _check_lr("lr_bounds base_lr", a)
+                _check_lr("lr_bounds max_lr", b)
                 if not 0 < a < b:
                     raise ValueError(f"lr_bounds: [{a}, {b}] needs 0 < base_lr < max_lr")
             object.__setattr__(self, "lr_bounds", pairs)

@@ -33,8 +33,8 @@ from mammo_ray.data.inputs import CLASS_NAMES, Listing, discover, needs_header_p
 from mammo_ray.data.parquet import SPLIT_DIRS, read_split, rows_to_table, split_files, write_table
 from mammo_ray.data.split import assign_splits
 from mammo_ray.data.transforms import INVERSION_WARN_MARGIN, preprocess_image
-from mammo_ray.outputs import (check_inputs_vs_out, clear_owned, is_project_parquet, list_relative, read_marker,
-                               write_marker)
+from mammo_ray.outputs import (OutputInUseError, check_inputs_vs_out, claim_out, clear_owned, is_project_parquet,
+                               list_relative, write_marker)
 from mammo_ray.privacy import PatientSecret, load_patient_secret, patient_key
 from mammo_ray.console import Progress
 from mammo_ray.ray_utils import init_ray, node_id, remote_args
@@ -47,8 +47,7 @@ RESULT_COLUMNS = ("image_id", "path", "split", "label", "status", "reason", "war
                   "inversion_uncertain", "node_id", "seconds")
 
 
-class OutputExistsError(ValueError):
-    pass
+OutputExistsError = OutputInUseError  # the name this module's callers knew
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -130,10 +129,22 @@ def process_batch(batch: pd.DataFrame, *, cfg: PreprocessConfig, out: str) -> pd
             rows_by_split[row["split"]].append(row)
     for split, rows in rows_by_split.items():
         digest = hashlib.sha1("\n".join(sorted(r["image_id"] for r in rows)).encode()).hexdigest()[:20]
-        write_table(rows_to_table(rows, cfg.spec), mio.join(out, split, f"part-{digest}.parquet"))
+        try:
+            write_table(rows_to_table(rows, cfg.spec), mio.join(out, split, f"part-{digest}.parquet"))
+        except OSError as exc:
+            # --out full or unwritable: the batch's images become error lines (one reason, no
+            # worker traceback retried TASK_RETRIES times on the console), and the job goes on
+            _mark_unwritten(statuses, {r["image_id"] for r in rows}, f"writing {split}/ failed: {exc.strerror or exc}")
     frame = pd.DataFrame(statuses, columns=list(RESULT_COLUMNS))
     frame["seconds"] = frame["seconds"].astype(float)
     return frame
+
+
+def _mark_unwritten(statuses: list[dict], ids: set[str], reason: str) -> None:
+    """Turn the statuses of rows that could not be written into errors carrying ``reason``."""
+    for status in statuses:
+        if status["image_id"] in ids and status["status"] == "ok":
+            status.update(status="error", reason=reason)
 
 
 def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
@@ -159,14 +170,11 @@ PREPROCESS_OUTPUTS = ("summary.json", "preprocess.yaml", "errors.csv", *SPLIT_DI
 
 
 def _check_output(out: str, overwrite: bool) -> None:
-    """Refuse a folder holding a run unless ``overwrite``; then remove only that run's files."""
-    existing = [p for p in PREPROCESS_OUTPUTS if mio.exists(mio.join(out, p))]
-    if not existing:
-        return
-    if read_marker(out) is not None and not overwrite:
-        raise OutputExistsError(f"--out {out} already holds a preprocessing run ({', '.join(existing)}): "
-                                "pass --overwrite or use another folder")
-    clear_owned(out, "preprocess", PREPROCESS_OUTPUTS, owned=_written_by_preprocess)
+    """The output rule (:func:`claim_out`); then only an earlier run's files are removed, and
+    output-like names without a marker (a user's data set) refuse the run."""
+    claim_out(out, "preprocess", overwrite=overwrite)
+    if any(mio.exists(mio.join(out, p)) for p in PREPROCESS_OUTPUTS):
+        clear_owned(out, "preprocess", PREPROCESS_OUTPUTS, owned=_written_by_preprocess)
 
 
 def _written_by_preprocess(rel: str, path: str) -> bool:

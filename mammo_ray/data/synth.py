@@ -483,7 +483,7 @@ def _plan_patients(seed: int, n: int, malignant_fraction: float) -> list[tuple[s
 def write_phantoms(out: str, n: int, *, seed: int = 0, height: int = 512, width: int = 416,
                    formats: tuple[str, ...] = ("png8", "png16", "dcm", "dcm-mono1"),
                    contrast: float = 1.0, noise: float = 1.0, markers: bool = True,
-                   malignant_fraction: float = 0.5) -> list[dict]:
+                   malignant_fraction: float = 0.5, overwrite: bool = False) -> list[dict]:
     """Write a synthetic data set of ``n`` images in class folders plus ``labels.csv``.
 
     Files go to ``out/benign/`` and ``out/malignant/`` named ``{seed:03d}_{index:06d}.{ext}``
@@ -509,16 +509,16 @@ def write_phantoms(out: str, n: int, *, seed: int = 0, height: int = 512, width:
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ValueError(f"unknown formats {bad}; expected a subset of {FORMATS}")
-    from mammo_ray.outputs import check_out_location, read_marker, write_marker
+    from mammo_ray.outputs import all_files, check_out_location, finish_out, read_marker, start_out
 
     check_out_location(out)
-    # a rerun replaces its own phantoms (same names); a folder of someone's images is never
-    # written into, since same-named files would be overwritten
-    if os.path.isdir(out) and os.listdir(out) and (read_marker(out) or {}).get("stage") != "synth":
+    # a rerun with --overwrite replaces its own phantoms; a folder of someone's images is
+    # never written into, since same-named files would be overwritten
+    if all_files(out) and (read_marker(out) or {}).get("stage") != "synth":
         raise ValueError(f"--out {out} is not empty and holds no phantoms written by mammo-ray synth: use a new folder")
+    start_out(out, "synth", overwrite=overwrite)
     for name in _LABEL_NAMES:
         os.makedirs(os.path.join(out, name), exist_ok=True)
-    write_marker(out, "synth")
 
     rows: list[dict] = []
     for index, (pid, label, laterality, view) in enumerate(_plan_patients(seed, n, malignant_fraction)):
@@ -539,6 +539,7 @@ def write_phantoms(out: str, n: int, *, seed: int = 0, height: int = 512, width:
         writer = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+    finish_out(out, "synth")
     logger.info("wrote %d synthetic phantoms (%d patients) to %s", len(rows),
                 len({r["patient_id"] for r in rows}), out)
     return rows

@@ -32,7 +32,7 @@ from mammo_ray.metrics import aggregate
 from mammo_ray.evaluate.report import chosen_by_val, write_report
 from mammo_ray.metrics import choose_threshold
 from mammo_ray.models.inference import load_for_inference, predict
-from mammo_ray.outputs import check_out_location
+from mammo_ray.outputs import check_out_location, finish_out, start_out
 
 logger = logging.getLogger(__name__)
 
@@ -286,9 +286,10 @@ def _write_scores(path: str, arrays, scores: np.ndarray, threshold: float) -> No
 
 
 def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out: str,
-                 cfg: EvaluateConfig | None = None, **overrides: Any) -> dict[str, Any]:
+                 cfg: EvaluateConfig | None = None, overwrite: bool = False, **overrides: Any) -> dict[str, Any]:
     """Evaluate every checkpoint; write ``metrics.json``, ``report.md``, ``report.html`` and figures.
-    ``overrides``: EvaluateConfig fields (``n_boot=200``...) on top of ``cfg``."""
+    ``overrides``: EvaluateConfig fields (``n_boot=200``...) on top of ``cfg``; ``overwrite``:
+    replace an earlier evaluation in ``out`` (see :func:`mammo_ray.outputs.claim_out`)."""
     cfg = replace(cfg, **overrides) if cfg is not None else EvaluateConfig.load(None, **overrides)
     if not checkpoints:
         raise ValueError("no checkpoint to evaluate: give --checkpoint PATH... or --sweep DIR")
@@ -298,8 +299,8 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
         if not mio.exists(e):
             raise ValueError(f"--external {e} does not exist")
     check_out_location(out, folders=[data, *(e for e in externals if mio.is_dir(e))],
-                       files=[e for e in externals if not mio.is_dir(e)])
-    mio.makedirs(out)
+                       files=[*(e for e in externals if not mio.is_dir(e)), *checkpoints])
+    start_out(out, "evaluate", overwrite=overwrite)
     prepared: dict[tuple[str, str], str] = {}  # each external set preprocessed once per spec
     taken: dict[str, str] = {}
     evaluated = [evaluate_checkpoint(c, data=data, externals=externals, out=out, cfg=cfg, prepared=prepared,
@@ -315,6 +316,7 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
               "labels": cfg.labels.as_dict(), "checkpoints": results, "comparisons": comparisons}
     mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(report, indent=2, default=_json_default).encode())
     write_report(report, out)
+    finish_out(out, "evaluate")
     return report
 
 

@@ -57,6 +57,7 @@ from mammo_ray.explain.results import (CAM_ERROR_PARTS, CAMS, ERROR_PARTS, IDENT
                                        check_output, identity, import_scores, part_paths, read_parts)
 from mammo_ray.explain.tasks import STATUS_COLUMNS, write_batch, write_score_batch
 from mammo_ray.models.checkpoint import load_checkpoint, read_checkpoint_bytes
+from mammo_ray.outputs import finish_out, start_out
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class _Run:
     pool: Pool | None = None
 
 
-def _plan(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfig, resume: bool) -> _Run:
+def _plan(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfig, resume: bool, overwrite: bool) -> _Run:
     """Every check that can refuse the run, before the output folder is touched."""
     data = read_checkpoint_bytes(checkpoint)  # read once: loaded and hashed from the same bytes
     state = load_checkpoint(checkpoint, data=data)
@@ -95,7 +96,7 @@ def _plan(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfig, res
     listing = list_archive(list(inputs), opts, out)
     ident = identity(checkpoint, hashlib.sha256(data).hexdigest(), state, opts, layer, threshold, inputs)
     run = _Run(listing=listing, todo=listing.records, state=state, layer=layer, threshold=threshold,
-               threshold_source=source, identity=ident, resumed=check_output(out, ident, resume),
+               threshold_source=source, identity=ident, resumed=check_output(out, ident, resume, overwrite=overwrite),
                cam_for=parse_cam_for(opts.cam_for))
     if opts.scores_from and run.cam_for[0] == "all":
         raise ValueError(f"--scores-from {opts.scores_from}: only with --cam-for positive or top:N (with all, the "
@@ -226,7 +227,7 @@ def _summary(run: _Run, rows: pd.DataFrame, errors: list[dict], scored: pd.DataF
 
 
 def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfig | None = None, *,
-                resume: bool = False, address: str | None = None) -> dict[str, Any]:
+                resume: bool = False, overwrite: bool = False, address: str | None = None) -> dict[str, Any]:
     """Score and explain every input image; see the module doc for the outputs.
 
     Returns:
@@ -239,13 +240,13 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfi
     """
     opts = opts or ExplainConfig()
     t0 = time.perf_counter()
-    run = _plan(inputs, checkpoint, out, opts, resume)
+    run = _plan(inputs, checkpoint, out, opts, resume, overwrite)
     meta = MetaWriter(out, opts.patient_key_file)
     # a finished --resume starts no Ray; a CAM pass may be left after a finished score pass
     if run.todo or (run.cam_for[0] != "all" and (not run.resumed or _cam_todo(run, out))):
         run.pool = plan_pool(opts, run.state["spec"], address, keep_sources=True, what="explain")
     # every check passed: from here on the folder holds this run's results
-    mio.makedirs(out)
+    start_out(out, "explain", overwrite=overwrite, resume=resume)
     mio.write_bytes(mio.join(out, IDENTITY_FILE), yaml.safe_dump(run.identity, sort_keys=False).encode())
     left = (account_left(out, run.listing, (SCORES, ERROR_PARTS, META, CAMS, CAM_ERROR_PARTS)) if run.resumed
             else {"left": 0, "left_paths": []})
@@ -269,5 +270,6 @@ def run_explain(inputs: list[str], checkpoint: str, out: str, opts: ExplainConfi
         summary["localization"] = {k: loc["all"].get(k) for k in ("n", "pointing_game", "energy_inside", "chance",
                                                                     "pointing_game_in_breast", "chance_in_breast")}
     mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    finish_out(out, "explain")
     finish_job(t, [e["reason"] for e in run.listing.errors + part_errors], logger, where=mio.join(out, "errors.csv"))
     return summary

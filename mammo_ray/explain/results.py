@@ -15,6 +15,7 @@ import yaml
 from mammo_ray import io as mio
 from mammo_ray.config import ExplainConfig, tta_mode
 from mammo_ray.data.parquet import write_table
+from mammo_ray.outputs import OutputInUseError, claim_out
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ SCORE_COLUMNS = ("image_id", "source_path", "label", "probability", "predicted_l
                  "heatmap_path", "overlay_path", "pointing_hit", "energy_inside", "lesion_area_fraction",
                  "cam_peak_in_breast", "pointing_hit_in_breast", "lesion_area_fraction_in_breast",
                  "warning", "node_id", "seconds_preprocess", "seconds_cam", "seconds_write")
-
-
-class OutputInUseError(ValueError):
-    pass
 
 
 def _schemas():
@@ -181,23 +178,23 @@ def _with_tta_mode(made: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_output(out: str, identity: dict, resume: bool, *, file: str = IDENTITY_FILE,
-                 keys: tuple[str, ...] = IDENTITY_KEYS) -> bool:
-    """Refuse a folder holding other results; True when resuming previous results."""
+                 keys: tuple[str, ...] = IDENTITY_KEYS, overwrite: bool = False) -> bool:
+    """The output rule (:func:`mammo_ray.outputs.claim_out`), then on ``--resume`` the earlier
+    run's identity file must match this run's.
+
+    Returns:
+        True when resuming previous results.
+
+    Raises:
+        OutputInUseError: ``out`` holds another run, or this stage's without --resume or
+            --overwrite, or --resume of a run made differently (naming the fields that differ).
+    """
+    claim_out(out, file.split(".")[0], overwrite=overwrite, resume=resume)
     path = mio.join(out, file)
-    other = SCORE_IDENTITY_FILE if file == IDENTITY_FILE else IDENTITY_FILE
-    if mio.exists(mio.join(out, other)):
-        raise OutputInUseError(f"--out {out} holds another job's results ({other}): use another folder")
-    if not mio.exists(path):
-        stray = [p for p in (SCORES, ERROR_PARTS, "summary.json") if mio.exists(mio.join(out, p))]
-        if stray:
-            raise OutputInUseError(f"--out {out} holds results without {file} ({', '.join(stray)}): use another folder")
+    if not resume or not mio.exists(path):
         return False
     previous = _with_tta_mode(yaml.safe_load(mio.read_bytes(path)) or {})
     differ = [k for k in keys if previous.get(k) != identity.get(k)]
-    if not resume:
-        what = ("another checkpoint's results (sha256 " + str(previous.get("checkpoint_sha256", "?"))[:12] + ")"
-                if "checkpoint_sha256" in differ else f"{file.split('.')[0]} results")
-        raise OutputInUseError(f"--out {out} already holds {what}: pass --resume to continue them, or use another folder")
     if differ:
         raise OutputInUseError(f"--out {out}: --resume needs the same run, but {', '.join(differ)} differ from its "
                                f"{file}: use another folder")

@@ -36,6 +36,7 @@ from mammo_ray.explain.results import (ERROR_PARTS, META, SCORE_IDENTITY_FILE, S
                                        check_output, score_identity)
 from mammo_ray.explain.tasks import write_score_batch
 from mammo_ray.models.checkpoint import load_checkpoint, read_checkpoint_bytes
+from mammo_ray.outputs import finish_out, start_out
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _where_scored(status) -> dict[str, dict]:
 
 
 def run_score(inputs: list[str], checkpoint: str, out: str, opts: ScoreConfig | None = None, *,
-              resume: bool = False, address: str | None = None) -> dict[str, Any]:
+              resume: bool = False, overwrite: bool = False, address: str | None = None) -> dict[str, Any]:
     """Score every input image; see the module doc for the outputs.
 
     Returns:
@@ -68,14 +69,15 @@ def run_score(inputs: list[str], checkpoint: str, out: str, opts: ScoreConfig | 
     threshold, source = threshold_of(opts, state)
     listing = list_archive(list(inputs), opts, out)
     ident = score_identity(checkpoint, hashlib.sha256(data).hexdigest(), state, opts, threshold, inputs)
-    resumed = check_output(out, ident, resume, file=SCORE_IDENTITY_FILE, keys=SCORE_IDENTITY_KEYS)
+    resumed = check_output(out, ident, resume, file=SCORE_IDENTITY_FILE, keys=SCORE_IDENTITY_KEYS,
+                           overwrite=overwrite)
     listed = {r["image_id"] for r in listing.records}
     done = done_ids(out, SCORES, ERROR_PARTS) & listed if resumed else set()
     todo = [r for r in listing.records if r["image_id"] not in done]
     logger.info("%d inputs: %d to score, %d already done, %d refused while listing", listing.inputs, len(todo),
                 len(done), len(listing.errors))
     pool = plan_pool(opts, state["spec"], address, keep_sources=False, what="score") if todo else None
-    mio.makedirs(out)
+    start_out(out, "score", overwrite=overwrite, resume=resume)
     mio.write_bytes(mio.join(out, SCORE_IDENTITY_FILE), yaml.safe_dump(ident, sort_keys=False).encode())
     left = account_left(out, listing, (SCORES, ERROR_PARTS, META)) if resumed else {"left": 0, "left_paths": []}
     t_job = time.perf_counter()
@@ -105,5 +107,6 @@ def run_score(inputs: list[str], checkpoint: str, out: str, opts: ScoreConfig | 
         "images_per_second": round(processed / job_seconds, 2) if processed and job_seconds > 0 else None,
     }
     mio.write_bytes(mio.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+    finish_out(out, "score")
     finish_job(t, [e["reason"] for e in listing.errors + errors], logger, where=mio.join(out, "errors.csv"))
     return summary

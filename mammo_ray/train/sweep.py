@@ -29,7 +29,7 @@ from mammo_ray.config import SweepConfig, TrainConfig, from_mapping, to_dict
 from mammo_ray.models.checkpoint import load_checkpoint
 from mammo_ray.models.inference import resolve_device
 from mammo_ray.models.weights import resolve_weights
-from mammo_ray.outputs import check_out_location
+from mammo_ray.outputs import check_out_location, finish_out, start_out
 from mammo_ray.console import LogWriter, Progress, ray_verbose
 from mammo_ray.ray_utils import init_ray
 from mammo_ray.train.data import load_training_data
@@ -158,7 +158,7 @@ def storage_path(out: str) -> str:
     return mio.join(out, "tune") if mio.is_uri(out) else os.path.join(os.path.abspath(out), "tune")
 
 
-def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = False,
+def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = False, overwrite: bool = False,
               address: str | None = None, confirm: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) a sweep and write its outputs to ``out``.
 
@@ -177,8 +177,6 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
     path = mio.join(storage_path(out), EXPERIMENT)
     if resume and not tune.Tuner.can_restore(path):
         raise ValueError(f"--resume {out}: holds no sweep to resume (no Tune experiment at {path})")
-    if not resume and mio.exists(path):
-        raise ValueError(f"--out {out} already holds a sweep: pass --resume to continue it, or use another folder")
     spec, train, val = load_training_data(data_dir)
     init_ray(address)
     check_resources(sweep)
@@ -188,8 +186,8 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
                                     if isinstance(v, dict)} | _first_sample(sweep), sweep)
         confirm(sweep_plan(sweep, first, spec, train, val, gpus=ray.cluster_resources().get("GPU", 0),
                            initial_state=start_weights.get(first.backbone)))
+    start_out(out, "tune", overwrite=overwrite, resume=resume)  # refuses an --out holding a run (also a sweep)
     if not resume:  # the sweep's own file: `--resume` reads it back, outputs describe themselves
-        mio.makedirs(out)
         mio.write_bytes(mio.join(out, "sweep.yaml"), yaml.safe_dump(to_dict(sweep), sort_keys=False).encode())
     logger.info("sweep: %d grid points x %d samples on %s; train %d, val %d images", sweep.grid_size,
                 sweep.num_samples, ", ".join(sweep.backbones), len(train), len(val))
@@ -217,7 +215,9 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
     grid = _fit_or_explain(tuner, data_dir, out, address)
-    return write_outputs(grid, out, sweep)
+    summary = write_outputs(grid, out, sweep)
+    finish_out(out, "tune")
+    return summary
 
 
 class SweepProgress(tune.Callback):

@@ -183,7 +183,7 @@ def test_external_set_and_output_reuse(ray_local, phantom_dir, tmp_path):
     summary = run_preprocess([str(phantom_dir)], str(out), cfg)
     assert set(summary["splits"]) == {"external"}
     assert not (out / "train").exists() and len(read_split(str(out), "external")) == 60
-    with pytest.raises(OutputExistsError, match="already holds a preprocessing run"):
+    with pytest.raises(OutputExistsError, match="already holds a mammo-ray preprocess run"):
         run_preprocess([str(phantom_dir)], str(out), cfg)
     again = run_preprocess([str(phantom_dir)], str(out), cfg, overwrite=True)
     assert again["rows"] == 60 and len(read_split(str(out), "external")) == 60

@@ -289,14 +289,15 @@ def test_folder_of_another_checkpoint_is_refused(ray_local, trained_checkpoint, 
     before = sorted(p.name for p in out.rglob("*"))
     assert main(["explain", str(small), "--checkpoint", str(trained_checkpoint), "--out", str(out)]) == 2
     err = error_text(capsys.readouterr().err)
-    assert err == f"mammo-ray explain: error: --out {out} already holds explain results: pass --resume to continue " \
-                  "them, or use another folder", err
+    assert err == f"mammo-ray explain: error: --out {out} already holds a mammo-ray explain run " \
+                  "(.mammo-ray-output.json): pass --overwrite to replace it or --resume to continue it, or use " \
+                  "another folder", err
     assert sorted(p.name for p in out.rglob("*")) == before
     state = load_checkpoint(str(trained_checkpoint))
     state["epoch"] += 1  # another checkpoint of the same backbone
     other = tmp_path / "other.pt"
     torch.save(state, other)
-    with pytest.raises(OutputInUseError, match="already holds another checkpoint's results .*pass --resume"):
+    with pytest.raises(OutputInUseError, match="already holds a mammo-ray explain run .*--resume to continue it"):
         run_explain([str(small)], str(other), str(out), ExplainConfig(preview_size=64))
     with pytest.raises(OutputInUseError, match="--resume needs the same run, but checkpoint_sha256 differ"):
         run_explain([str(small)], str(other), str(out), ExplainConfig(preview_size=64), resume=True)

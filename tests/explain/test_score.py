@@ -174,8 +174,9 @@ def test_scores_from_another_checkpoint_is_refused_naming_both_hashes(ray_local,
     # the same run again without --resume: one line, exit 2 (the killed-driver tests resume)
     assert main(["score", str(small), "--checkpoint", str(trained_checkpoint), "--out", str(score_out)]) == 2
     err = error_text(capsys.readouterr().err)
-    assert err == f"mammo-ray score: error: --out {score_out} already holds score results: pass --resume to " \
-                  "continue them, or use another folder", err
+    assert err == f"mammo-ray score: error: --out {score_out} already holds a mammo-ray score run " \
+                  "(.mammo-ray-output.json): pass --overwrite to replace it or --resume to continue it, or use " \
+                  "another folder", err
     other = tmp_path / "other.pt"
     state = torch.load(trained_checkpoint, weights_only=True)
     state["metrics"] = {**state.get("metrics", {}), "epoch": 99}
@@ -191,7 +192,7 @@ def test_scores_from_another_checkpoint_is_refused_naming_both_hashes(ray_local,
     with pytest.raises(ValueError, match="no score.yaml there"):
         run_explain([str(small)], str(trained_checkpoint), str(tmp_path / "z"),
                     ExplainConfig(cam_for="top:1", scores_from=str(small)))
-    with pytest.raises(ValueError, match="another job's results \\(score.yaml\\)"):
+    with pytest.raises(ValueError, match="holds a mammo-ray score run .*never writes into another stage's run"):
         run_explain([str(small)], str(trained_checkpoint), str(score_out), ExplainConfig())
 
 
