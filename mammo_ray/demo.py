@@ -238,7 +238,8 @@ def _demo_models(out: str, cfg: DemoConfig, times: dict[str, float], progress: C
              f"({sweep['best']['backbone']}, freeze {float(sweep['best']['freeze_ratio']):g}) ({times['sweep']:.0f} s)")
     t = time.perf_counter()
     report = run_evaluate(sweep_checkpoints(sweep_out), data=os.path.join(out, "data"),
-                          externals=[os.path.join(out, "external")], out=os.path.join(out, "evaluate"), n_boot=cfg.n_boot)
+                          externals=[os.path.join(out, "external")], out=os.path.join(out, "evaluate"), n_boot=cfg.n_boot,
+                          overwrite=True)
     times["evaluate"] = time.perf_counter() - t
     rows = [_aucs(ck) for ck in report["checkpoints"]]
     # the sweep's overall best (chosen on val AUC, never on test) is the one explained

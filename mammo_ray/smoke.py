@@ -33,8 +33,9 @@ def smoke_data(out: str, n: int = 48) -> tuple[str, str]:
     """Phantoms (in class folders) preprocessed at 64 px, and an external set of raw phantoms
     from another seed. Returns (preprocessed folder, external raw folder)."""
     raw, data, external = (os.path.join(out, x) for x in ("phantoms", "data", "external-phantoms"))
-    write_phantoms(raw, n, seed=0, height=256, width=208)
-    write_phantoms(external, max(8, n // 4), seed=1, height=256, width=208, contrast=0.8)
+    # the smoke test's own inputs and model: a rerun into the same folder replaces them
+    write_phantoms(raw, n, seed=0, height=256, width=208, overwrite=True)
+    write_phantoms(external, max(8, n // 4), seed=1, height=256, width=208, contrast=0.8, overwrite=True)
     _checked(main(["preprocess", raw, "--out", data, "--size", SIZE, "--overwrite"]), "preprocess")
     return data, external
 
@@ -43,7 +44,7 @@ def smoke_checkpoint(out: str, data: str) -> str:
     """simplecnn trained for two epochs on the smoke data; the path of its best checkpoint."""
     model = os.path.join(out, "model")
     _checked(main(["train", "--data", data, "--out", model, "--backbone", "simplecnn", "--pretrained", "none",
-                   "--freeze-ratio", "0", "--epochs", "2"]), "train")
+                   "--freeze-ratio", "0", "--epochs", "2", "--overwrite"]), "train")
     return os.path.join(model, "best.pt")
 
 
@@ -54,7 +55,7 @@ def smoke_argv(stage: str, argv: list[str]) -> list[str]:
     out, rest = _split_out(stage, argv)
     if stage == "preprocess":
         raw = os.path.join(out, "phantoms")
-        write_phantoms(raw, 24, seed=0, height=256, width=208)
+        write_phantoms(raw, 24, seed=0, height=256, width=208, overwrite=True)
         return ["preprocess", raw, "--out", os.path.join(out, "data"), "--size", SIZE, "--overwrite", *rest]
     data, external = smoke_data(out)
     if stage == "train":
