@@ -96,3 +96,14 @@ LABELS = ("benign", "malignant")
 #: the folders of a preprocessed set: the training data's three splits, and an external set's
 TRAIN, VAL, TEST, EXTERNAL = "train", "val", "test", "external"
 SPLITS = (TRAIN, VAL, TEST, EXTERNAL)
+
+
+# The largest learning rate accepted. An LR range test sweeps up to 1 (lr-find's default end)
+# and SGD/AdamW diverge far below 10; a larger bound is a typo (1e300 overflowed in the
+# scheduler, after config.yaml was written), so it is refused up front, naming the field.
+MAX_LR = 10.0
+
+
+def _check_lr(name: str, value: float) -> None:
+    if not 0 < float(value) <= MAX_LR:
+        raise ValueError(f"{name}={value!r}: use a learning rate in (0, {MAX_LR:g}]")

@@ -4,18 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mammo_ray.config.base import MAX_BATCH, MAX_SIDE, _check_choice, check_finite, from_mapping, load_yaml
+from mammo_ray.config.base import MAX_BATCH, MAX_SIDE, _check_choice, _check_lr, check_finite, from_mapping, load_yaml
 from mammo_ray.config.labels import LabelMap, as_label_map
-
-# The largest learning rate accepted. An LR range test sweeps up to 1 (lr-find's default end)
-# and SGD/AdamW diverge far below 10; a larger bound is a typo (1e300 overflowed in the
-# scheduler, after config.yaml was written), so it is refused up front, naming the field.
-MAX_LR = 10.0
-
-
-def _check_lr(name: str, value: float) -> None:
-    if not 0 < float(value) <= MAX_LR:
-        raise ValueError(f"{name}={value!r}: use a learning rate in (0, {MAX_LR:g}]")
 
 #: the backbones the model registry ships. Named here, below the model layer, so configs validate
 #: and ``--help`` lists them without importing torch; ``mammo_ray.models.registry`` adds any

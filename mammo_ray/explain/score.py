@@ -69,8 +69,7 @@ def run_score(inputs: list[str], checkpoint: str, out: str, opts: ScoreConfig | 
     threshold, source = threshold_of(opts, state)
     listing = list_archive(list(inputs), opts, out)
     ident = score_identity(checkpoint, hashlib.sha256(data).hexdigest(), state, opts, threshold, inputs)
-    resumed = check_output(out, ident, resume, file=SCORE_IDENTITY_FILE, keys=SCORE_IDENTITY_KEYS,
-                           overwrite=overwrite)
+    resumed = check_output(out, ident, resume, file=SCORE_IDENTITY_FILE, keys=SCORE_IDENTITY_KEYS, overwrite=overwrite)
     listed = {r["image_id"] for r in listing.records}
     done = done_ids(out, SCORES, ERROR_PARTS) & listed if resumed else set()
     todo = [r for r in listing.records if r["image_id"] not in done]
