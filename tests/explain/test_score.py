@@ -294,7 +294,7 @@ def _flipped_probabilities(loaded, batch, dims):
     px = pixels_from_bytes(list(batch["pixels"]), batch["height"], batch["width"], batch["dtype"])
     px = np.ascontiguousarray(np.flip(px, axis=dims)) if dims else px
     with torch.inference_mode():
-        return torch.sigmoid(loaded.model(to_model_input(px, loaded.spec, loaded.device)).squeeze(1)).numpy()
+        return torch.sigmoid(loaded.model(to_model_input(px, loaded.norm, loaded.device)).squeeze(1)).numpy()
 
 
 @pytest.mark.parametrize("tta, axes", [("hflip", [(2,)]), ("vflip", [(1,)]), ("flips", [(1,), (2,), (1, 2)])])

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from mammo_ray.config import TTA_MODES, PreprocessSpec
+from mammo_ray.config import TTA_MODES
 from mammo_ray.data.arrays import SplitArrays
 from mammo_ray.models.inference import TTA_VIEWS, predict
+from mammo_ray.models.normalization import Normalization
 
 
 def _arrays(pixels: np.ndarray) -> SplitArrays:
@@ -26,7 +27,7 @@ def model() -> torch.nn.Module:
 
 def test_tta_is_the_mean_over_the_flipped_views(model):
     pixels = np.random.default_rng(1).integers(0, 256, (5, 12, 10), dtype=np.uint8)
-    kw = dict(spec=PreprocessSpec(size=12), device=torch.device("cpu"), batch_size=2)
+    kw = dict(norm=Normalization(0.5, 0.25), device=torch.device("cpu"), batch_size=2)
 
     def plain(p):
         return predict(model, _arrays(np.ascontiguousarray(p)), **kw)
@@ -45,7 +46,7 @@ def test_tta_is_the_mean_over_the_flipped_views(model):
 
 def test_unknown_tta_is_refused_in_one_line(model):
     with pytest.raises(ValueError, match=r"^tta='rot90': use one of none, vflip, hflip, flips$"):
-        predict(model, _arrays(np.zeros((1, 12, 10), np.uint8)), spec=PreprocessSpec(size=12),
+        predict(model, _arrays(np.zeros((1, 12, 10), np.uint8)), norm=Normalization(0.5, 0.25),
                 device=torch.device("cpu"), tta="rot90")
     from mammo_ray.config import EvaluateConfig
 

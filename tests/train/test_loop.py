@@ -14,6 +14,7 @@ import torch
 from mammo_ray.cli import main
 from mammo_ray.config import TrainConfig
 from mammo_ray.models.checkpoint import load_checkpoint, model_from_checkpoint
+from mammo_ray.models.normalization import checkpoint_normalization
 from mammo_ray.train.data import load_training_data
 from mammo_ray.train.loop import fit, predict
 
@@ -51,8 +52,8 @@ def test_checkpoint_round_trip_weights_only(loaded, tmp_path):
     assert set(state["metrics"]) >= {"val_auc", "val_loss", "train_loss"}
     model = model_from_checkpoint(state)
     again = model_from_checkpoint(load_checkpoint(str(tmp_path / "best.pt")))
-    p1 = predict(model, val, spec=spec, device=torch.device("cpu"))
-    p2 = predict(again, val, spec=spec, device=torch.device("cpu"))
+    p1 = predict(model, val, norm=checkpoint_normalization(state), device=torch.device("cpu"))
+    p2 = predict(again, val, norm=checkpoint_normalization(state), device=torch.device("cpu"))
     np.testing.assert_array_equal(p1, p2)
     assert p1.shape == (len(val),) and ((p1 >= 0) & (p1 <= 1)).all()
 
