@@ -58,9 +58,9 @@ class DemoConfig:
     sweep: SweepConfig = LAPTOP_SWEEP
     ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
     n_boot: int = 500
-    #: the spec's std: 0.5 puts pixels in [-1, 1], the input range efficientnet_lite0's
-    #: weights were trained on (0.25, the spec default, is close to ImageNet mean/std scaling)
-    std: float = 0.5
+    #: an override of the spec's std; None (both sweeps start from ImageNet weights): the
+    #: weights' own normalisation ([-1, 1] for efficientnet_lite0, ImageNet's for resnet50/vgg19)
+    std: float | None = None
 
     @classmethod
     def laptop(cls, **over: Any) -> "DemoConfig":
@@ -68,8 +68,7 @@ class DemoConfig:
 
     @classmethod
     def full(cls, **over: Any) -> "DemoConfig":
-        return replace(cls(n=4000, n_external=600, height=1024, width=832, size=224, sweep=PAPER_SWEEP, n_boot=1000,
-                           std=0.25),
+        return replace(cls(n=4000, n_external=600, height=1024, width=832, size=224, sweep=PAPER_SWEEP, n_boot=1000),
                        **{k: v for k, v in over.items() if v is not None})
 
 

@@ -67,7 +67,8 @@ def read_spec(data_dir: str) -> PreprocessSpec:
     """The spec a preprocessed folder was made with, from its Parquet metadata.
 
     Raises:
-        ValueError: the folder has no Parquet files or they carry no spec.
+        ValueError: the folder has no Parquet files, they carry no spec, or a stored value is
+            out of range (one line naming the file and the field).
     """
     for split in SPLIT_DIRS:
         files = split_files(data_dir, split)
@@ -76,7 +77,15 @@ def read_spec(data_dir: str) -> PreprocessSpec:
             meta = pq.read_schema(inner, filesystem=fs).metadata or {}
             if SPEC_KEY not in meta:
                 raise ValueError(f"{files[0]}: no {SPEC_KEY.decode()} in the Parquet metadata: not a mammo_ray output")
-            return from_mapping(PreprocessSpec, json.loads(meta[SPEC_KEY]))
+            # the stored spec is checked as a flag is (finite, in range), and a refusal names
+            # the file it came from
+            try:
+                stored = json.loads(meta[SPEC_KEY])
+                if not isinstance(stored, dict):
+                    raise ValueError(f"expected a mapping, found {type(stored).__name__}")
+                return from_mapping(PreprocessSpec, stored)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{files[0]}: the spec in its Parquet metadata: {str(err).splitlines()[0]}") from None
     raise ValueError(f"{data_dir}: no Parquet files under any of {', '.join(SPLIT_DIRS)}")
 
 
