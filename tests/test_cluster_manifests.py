@@ -877,3 +877,226 @@ def test_secret_rules_catch_keys_in_text_and_yaml():
     assert _has(find_literal_secrets(job), "RAY_AUTH_TOKEN holds a literal value")
     assert find_literal_secrets({"env": [{"name": "AWS_SECRET_ACCESS_KEY",
                                           "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}) == []
+
+
+# ============================================================================= patient key, weights
+# Issue 26: the patient-key Secret the manifests read was never created, the launcher gave the
+# nodes no key (so each cluster made its own), and the manifests cached ImageNet weights on the
+# workers while `tune` reads them on its driver (the head).
+
+def readme_shell_lines(text: str) -> list[str]:
+    """The commands of the fenced code blocks of a Markdown text, continuation lines joined and
+    comment lines dropped (a commented ``--from-literal`` is no key)."""
+    lines: list[str] = []
+    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S):
+        pending = ""
+        for raw in block.splitlines():
+            line = raw.strip()
+            if line.startswith("#"):
+                continue
+            pending += " " + line.rstrip("\\").strip()
+            if not line.endswith("\\"):
+                lines.append(pending.strip())
+                pending = ""
+    return [line for line in lines if line]
+
+
+def secrets_created(text: str) -> dict[str, set[str]]:
+    """Secret name -> its keys, for every ``kubectl create secret generic`` of a README."""
+    created: dict[str, set[str]] = {}
+    for line in readme_shell_lines(text):
+        words = shlex.split(line, comments=True)
+        if words[:4] != ["kubectl", "create", "secret", "generic"] or len(words) < 5:
+            continue
+        keys = created.setdefault(words[4], set())
+        for w in words[5:]:
+            for flag in ("--from-literal=", "--from-file="):
+                if w.startswith(flag):
+                    value = w[len(flag):]
+                    keys.add(value.split("=", 1)[0] if "=" in value else os.path.basename(value))
+    return created
+
+
+def secret_refs(doc: Any, where: str = "") -> list[tuple[str, str, bool, str]]:
+    """(secret, key, optional, where) of every ``secretKeyRef`` in a manifest."""
+    found = []
+    if isinstance(doc, dict):
+        ref = doc.get("secretKeyRef")
+        if isinstance(ref, dict):
+            found.append((ref.get("name"), ref.get("key"), bool(ref.get("optional")), where))
+        for k, v in doc.items():
+            found += secret_refs(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            found += secret_refs(v, f"{where}[{i}]")
+    return found
+
+
+def check_secrets_created(docs: list[tuple[str, Any]], created: dict[str, set[str]]) -> list[str]:
+    """Every Secret key a manifest reads without ``optional: true`` is created by the README's
+    steps; otherwise the pod stays in CreateContainerConfigError."""
+    problems = []
+    for ident, doc in docs:
+        for name, key, optional, _ in secret_refs(doc):
+            if optional:
+                continue
+            if name not in created:
+                problems.append(f"{ident}: Secret {name} is read but cluster/README.md never creates it")
+            elif key not in created[name]:
+                problems.append(f"{ident}: Secret {name} has no key {key} in cluster/README.md's command")
+    return sorted(set(problems))
+
+
+#: where mammo_ray reads the patient key by default (XDG_CONFIG_HOME unset), as a launcher path
+DEFAULT_KEY_PATH = "~/.config/mammo-ray/patient.key"
+
+
+def check_patient_key_mount(cfg: dict[str, Any]) -> list[str]:
+    """The launcher copies one key file (the user's) to every node at the default key path."""
+    mounts = cfg.get("file_mounts") or {}
+    if DEFAULT_KEY_PATH not in mounts:
+        return [f"file_mounts does not copy the patient key file to {DEFAULT_KEY_PATH}: each node's driver "
+                "would create a key of its own"]
+    if os.path.expanduser(str(mounts[DEFAULT_KEY_PATH])) != os.path.expanduser(DEFAULT_KEY_PATH):
+        return [f"file_mounts copies {mounts[DEFAULT_KEY_PATH]} as the patient key: use your own key file, "
+                f"{DEFAULT_KEY_PATH}, so the laptop and every cluster share it"]
+    return []
+
+
+def test_every_secret_a_manifest_reads_is_created_in_the_readme():
+    created = secrets_created((CLUSTER / "README.md").read_text(encoding="utf-8"))
+    kube = [(i, doc) for i, k, doc in ALL if k in ("RayCluster", "RayJob")]
+    assert {"mammo-ray-s3", "mammo-ray-patient-key"} <= set(created)
+    assert created["mammo-ray-patient-key"] == {"MAMMO_RAY_PATIENT_KEY"}
+    refs = {name for _, doc in kube for name, *_ in secret_refs(doc)}
+    assert "mammo-ray-patient-key" in refs  # the check below has something to check
+    assert check_secrets_created(kube, created) == []
+
+
+def test_secret_rule_catches_a_missing_secret_or_key():
+    kube = [(i, doc) for i, k, doc in ALL if k in ("RayCluster", "RayJob")]
+    before = secrets_created("```bash\nkubectl create secret generic mammo-ray-s3 \\\n"
+                             "    --from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=...\n```\n")
+    assert _has(check_secrets_created(kube, before), "Secret mammo-ray-patient-key is read but cluster/README.md never "
+                                                      "creates it")
+    wrong_key = {**before, "mammo-ray-patient-key": {"patient.key"}}
+    assert _has(check_secrets_created(kube, wrong_key), "has no key MAMMO_RAY_PATIENT_KEY")
+
+
+def test_launcher_gives_every_node_the_one_key_file():
+    from mammo_ray.privacy import default_key_file
+
+    cfg = of_kind("launcher")[0].values[0]
+    assert check_patient_key_mount(cfg) == []
+    # the mounted path is the one mammo_ray reads when nothing else is set
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("XDG_CONFIG_HOME", "MAMMO_RAY_PATIENT_KEY_FILE"):
+            mp.delenv(k, raising=False)
+        assert str(default_key_file()) == os.path.expanduser(DEFAULT_KEY_PATH)
+    assert any("chmod 600 " + DEFAULT_KEY_PATH in c for c in cfg["setup_commands"])
+    broken = copy.deepcopy(cfg)
+    del broken["file_mounts"][DEFAULT_KEY_PATH]
+    assert _has(check_patient_key_mount(broken), "does not copy the patient key file")
+    broken["file_mounts"][DEFAULT_KEY_PATH] = "./patient.key"
+    assert _has(check_patient_key_mount(broken), "use your own key file")
+
+
+def _paper_weight_files() -> set[str]:
+    from mammo_ray.config import SweepConfig
+    from mammo_ray.models.weights import weights_url
+
+    sweep = SweepConfig.load(str(REPO / "jobs" / "sweep-paper.yaml"))
+    assert sweep.train.get("pretrained") == "imagenet"
+    return {weights_url(b).rsplit("/", 1)[1] for b in sweep.backbones}
+
+
+def check_weights_on_head(spec: dict[str, Any], files: set[str]) -> list[str]:
+    """The tune driver runs on the head and reads the ImageNet weights there: the head fetches
+    every file into a volume its Ray container mounts as TORCH_HOME; no worker fetches any."""
+    problems = []
+    head = spec["headGroupSpec"]["template"]["spec"]
+    inits = head.get("initContainers") or []
+    fetched = {f for c in inits for f in re.findall(r"[\w.-]+\.pth", json.dumps(c.get("command", [])))}
+    if fetched != files:
+        problems.append(f"head init containers fetch {sorted(fetched)}, the tune driver reads {sorted(files)}")
+    container = head["containers"][0]
+    torch_home = {e["name"]: e.get("value") for e in container.get("env", [])}.get("TORCH_HOME")
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    init_mounts = {m["mountPath"]: m["name"] for c in inits for m in c.get("volumeMounts", [])}
+    if torch_home not in mounts or init_mounts.get(torch_home) != mounts.get(torch_home):
+        problems.append(f"head TORCH_HOME {torch_home!r} is not the volume the init container fills")
+    for group in spec["workerGroupSpecs"]:
+        tmpl = group["template"]["spec"]
+        if any(re.search(r"\.pth", json.dumps(c)) for c in tmpl.get("initContainers") or []):
+            problems.append(f"{group['groupName']}: fetches ImageNet weights that no worker reads")
+    return problems
+
+
+def test_imagenet_weights_are_cached_where_tune_reads_them():
+    """Both clusters that run `tune` give its driver (the head) the weights, and workers none;
+    the launcher fills the head's cache with the driver's own resolve_weights."""
+    files = _paper_weight_files()
+    specs = [doc["spec"] for _, k, doc in ALL if k == "RayCluster"]
+    specs += [doc["spec"]["rayClusterSpec"] for _, k, doc in ALL
+              if k == "RayJob" and "jobs/tune.py" in doc["spec"]["entrypoint"]]
+    assert len(specs) == 2
+    for spec in specs:
+        assert check_weights_on_head(spec, files) == []
+    broken = copy.deepcopy(specs[0])
+    broken["workerGroupSpecs"][0]["template"]["spec"]["initContainers"] = \
+        broken["headGroupSpec"]["template"]["spec"].pop("initContainers")
+    assert _has(check_weights_on_head(broken, files), "head init containers fetch []")
+    assert _has(check_weights_on_head(broken, files), "fetches ImageNet weights that no worker reads")
+    cfg = of_kind("launcher")[0].values[0]
+    head = " ".join(cfg["head_setup_commands"])
+    assert "resolve_weights" in head and all(b in head for b in ("'resnet50'", "'vgg19'"))
+    assert not any(".pth" in c or "weights" in c for c in cfg.get("worker_setup_commands") or [])
+
+
+def test_one_key_file_gives_the_same_patient_keys_on_every_cluster(ray_local, phantom_dir, tmp_path, monkeypatch):
+    """The whole path: one key file; a launcher node reads it at the default path, a KubeRay
+    head as MAMMO_RAY_PATIENT_KEY from the Secret made with --from-file (newline included).
+    Both runs derive the same patient_key for every patient (and the same key id); a run with
+    another key file shares none."""
+    import pyarrow.parquet as pq
+
+    from mammo_ray.config import PreprocessConfig
+    from mammo_ray.data.pipeline import run_preprocess
+
+    files = sorted((phantom_dir / "benign").glob("*.png"))[:3] + sorted((phantom_dir / "malignant").glob("*.png"))[:3]
+    manifest = tmp_path / "in" / "labels.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("path,label,patient_id\n" + "".join(
+        f"{f.parent.name}/{f.name},{f.parent.name},P{i % 4}\n" for i, f in enumerate(files)))
+    for f in files:
+        (manifest.parent / f.parent.name).mkdir(exist_ok=True)
+        (manifest.parent / f.parent.name / f.name).write_bytes(f.read_bytes())
+    key_text = "0123456789abcdef" * 4 + "\n"  # as `openssl rand -hex 32 >` writes it
+
+    def keys(out) -> dict[str, str]:
+        table = pq.ParquetDataset(sorted(str(p) for p in out.rglob("*.parquet"))).read(columns=["image_id", "patient_key"])
+        return dict(zip(table["image_id"].to_pylist(), table["patient_key"].to_pylist()))
+
+    def run(name: str) -> tuple[dict[str, str], str]:
+        out = tmp_path / name
+        run_preprocess([str(manifest)], str(out), PreprocessConfig.load(size=32))
+        return keys(out), json.loads((out / "summary.json").read_text())["patient_key_id"]
+
+    monkeypatch.delenv("MAMMO_RAY_PATIENT_KEY", raising=False)
+    monkeypatch.delenv("MAMMO_RAY_PATIENT_KEY_FILE", raising=False)
+    node_home = tmp_path / "launcher-node" / ".config"  # file_mounts' copy at the default path
+    (node_home / "mammo-ray").mkdir(parents=True)
+    (node_home / "mammo-ray" / "patient.key").write_text(key_text)
+    (node_home / "mammo-ray" / "patient.key").chmod(0o600)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(node_home))
+    launcher, launcher_id = run("launcher")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "kuberay-head"))  # no key file there
+    monkeypatch.setenv("MAMMO_RAY_PATIENT_KEY", key_text)  # secretKeyRef of the --from-file Secret
+    kuberay, kuberay_id = run("kuberay")
+    assert len(launcher) == 6 and len(set(launcher.values())) == 4
+    assert kuberay == launcher and kuberay_id == launcher_id
+    assert not (tmp_path / "kuberay-head").exists()  # the head made no key of its own
+    monkeypatch.setenv("MAMMO_RAY_PATIENT_KEY", "fedcba9876543210" * 4)
+    other, other_id = run("other")
+    assert other.keys() == launcher.keys() and not set(other.values()) & set(launcher.values())
+    assert other_id != launcher_id

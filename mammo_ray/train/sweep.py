@@ -86,6 +86,11 @@ def resolve_start_weights(sweep: SweepConfig) -> dict[str, dict]:
     each backbone, and handed to the trials through ``tune.with_parameters`` (Ray's object
     store): the nodes of a cluster neither download nor need the file, and a bad file or an
     offline cache miss is one error before any trial starts, not one per trial.
+
+    Why the driver rather than each trial reading its node's cache: one download per sweep
+    instead of one per node (spot GPU workers come and go), and one hash check. The driver
+    runs on the head, so the cluster manifests (cluster/) fill the head's torch hub cache and
+    give the workers none; tests/test_cluster_manifests.py keeps the two in agreement.
     """
     train = TrainConfig.load(None, **dict(sweep.train), backbone=sweep.backbones[0])
     if train.pretrained is None and train.weights is None:
