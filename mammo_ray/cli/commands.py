@@ -36,9 +36,12 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--resize-mode", choices=RESIZE_MODES)
     p.add_argument("--orientation", choices=ORIENTATIONS)
     p.add_argument("--dtype", choices=OUTPUT_DTYPES)
-    p.add_argument("--mean", type=finite_float, help="normalization mean of [0, 1] pixels")
+    p.add_argument("--mean", type=finite_float,
+                   help="override the normalization mean of [0, 1] pixels, in [0, 1] (default: the weights' own: "
+                        "ImageNet's for torchvision weights, 0.5 for efficientnet_lite0; 0.5 for a random init)")
     p.add_argument("--std", type=finite_float,
-                   help="normalization std (0.5 for efficientnet_lite0, whose weights expect [-1, 1])")
+                   help="override the normalization std, in [0.01, 1] (default: the weights' own: ImageNet's for "
+                        "torchvision weights, 0.5 for efficientnet_lite0; 0.25 for a random init)")
     p.add_argument("--other-modality", choices=OTHER_MODALITY)
     p.add_argument("--ratios", type=finite_float, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--seed", type=int)

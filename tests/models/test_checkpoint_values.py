@@ -178,3 +178,27 @@ def test_every_command_refuses_before_any_work(good, tmp_path, images, capsys, c
     assert "Traceback" not in err and "ActorDiedError" not in err
     assert not out.exists()
     assert ray.is_initialized() == was_up  # no Ray started for a refused checkpoint
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("std", math.nan, r"std=nan: must be a finite number"),
+    ("mean", 7.0, r"mean=7\.0: must be a finite number in \[0, 1\]"),
+    ("size", [0, 99999], r"size=\(0, 99999\): use one int or \[height, width\]"),
+])
+def test_a_parquet_spec_is_checked_and_the_refusal_names_the_file(tmp_path, field, value, message):
+    """The spec in a preprocessed set's Parquet metadata is input too (train and evaluate read it)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mammo_ray.config import to_dict
+    from mammo_ray.data.parquet import SPEC_KEY, read_spec
+
+    (tmp_path / "train").mkdir()
+    spec = {**to_dict(PreprocessSpec(size=64)), field: value}
+    table = pa.table({"image_id": ["a"]}).replace_schema_metadata({SPEC_KEY: json.dumps(spec).encode()})
+    pq.write_table(table, tmp_path / "train" / "part-0.parquet")
+    with pytest.raises(ValueError, match=r"part-0\.parquet: the spec in its Parquet metadata: " + message) as info:
+        read_spec(str(tmp_path))
+    assert len(str(info.value).splitlines()) == 1
