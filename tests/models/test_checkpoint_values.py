@@ -25,7 +25,7 @@ def good(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     metrics = {"val_auc": 0.8, "val_auc_low": 0.7, "val_auc_high": 0.9, "val_threshold": 0.4, "val_loss": 0.5,
                "train_loss": 0.6, "lr": 1e-4, "seconds": 1.0}
-    save_checkpoint(str(path), model=build_model("simplecnn"), cfg=TrainConfig(backbone="simplecnn", freeze_ratio=0.25),
+    save_checkpoint(str(path), model=build_model("simplecnn"), cfg=TrainConfig(backbone="simplecnn", pretrained="none", freeze_ratio=0.25),
                     spec=PreprocessSpec(size=64), epoch=3, metrics=metrics,
                     extra={"history": [{"epoch": 1, **metrics}], "best_epoch": 3, "best_metrics": metrics})
     return path
@@ -99,7 +99,7 @@ def test_non_finite_metrics_are_stored_as_undefined(tmp_path):
     """Our own files never hold what the loader refuses: a diverged run's NaN loss is saved as
     None (undefined), as an AUC of one class is."""
     path = tmp_path / "last.pt"
-    save_checkpoint(str(path), model=build_model("simplecnn"), cfg=TrainConfig(backbone="simplecnn"),
+    save_checkpoint(str(path), model=build_model("simplecnn"), cfg=TrainConfig(backbone="simplecnn", pretrained="none"),
                     spec=PreprocessSpec(size=64), epoch=1, metrics={"val_loss": NAN, "val_auc": None},
                     extra={"history": [{"epoch": 1, "val_loss": INF}], "best_metrics": {"val_loss": NAN}})
     state = load_checkpoint(str(path))

@@ -43,7 +43,7 @@ def test_torchvision_backbones_declare_their_weights_transforms():
     (TrainConfig(backbone="efficientnet_lite0", pretrained="imagenet"), PreprocessSpec(), (0.5, 0.5, "weights"), False),
     (TrainConfig(backbone="resnet50", pretrained="imagenet"), PreprocessSpec(), (*IMAGENET_GRAY, "weights"), False),
     # a weights file of the backbone: its ImageNet normalisation
-    (TrainConfig(backbone="resnet18", weights="w.pt"), PreprocessSpec(), (*IMAGENET_GRAY, "weights"), False),
+    (TrainConfig(backbone="resnet18", pretrained="none", weights="w.pt"), PreprocessSpec(), (*IMAGENET_GRAY, "weights"), False),
     # the old default std 0.25 given explicitly to lite0's weights: applied, with a warning
     (TrainConfig(backbone="efficientnet_lite0", pretrained="imagenet"), PreprocessSpec(std=0.25),
      (0.5, 0.25, "spec"), True),
@@ -51,8 +51,8 @@ def test_torchvision_backbones_declare_their_weights_transforms():
     (TrainConfig(backbone="efficientnet_lite0", pretrained="imagenet"), PreprocessSpec(std=0.5), (0.5, 0.5, "weights"),
      False),
     # random init: the spec's values, else the default
-    (TrainConfig(backbone="simplecnn"), PreprocessSpec(), (*DEFAULT, "default"), False),
-    (TrainConfig(backbone="resnet18"), PreprocessSpec(mean=0.4), (0.4, DEFAULT[1], "spec"), False),
+    (TrainConfig(backbone="simplecnn", pretrained="none"), PreprocessSpec(), (*DEFAULT, "default"), False),
+    (TrainConfig(backbone="resnet18", pretrained="none"), PreprocessSpec(mean=0.4), (0.4, DEFAULT[1], "spec"), False),
 ])
 def test_resolve_normalization(cfg, spec, want, warns, caplog):
     with caplog.at_level(logging.WARNING, logger="mammo_ray.models.normalization"):
@@ -85,7 +85,7 @@ def test_training_from_a_weights_file_records_and_inference_applies_the_weights_
     torch.manual_seed(0)
     weights = tmp_path / "resnet18.pt"
     torch.save(build_backbone("resnet18").state_dict(), weights)
-    cfg = TrainConfig(backbone="resnet18", weights=str(weights), epochs=1, batch_size=8, max_batches=1, amp=False,
+    cfg = TrainConfig(backbone="resnet18", pretrained="none", weights=str(weights), epochs=1, batch_size=8, max_batches=1, amp=False,
                       device="cpu")
     fit(cfg, PreprocessSpec(size=32), _arrays(), _arrays(seed=1), out=str(tmp_path / "run"))
     state = load_checkpoint(str(tmp_path / "run" / "best.pt"))
@@ -111,7 +111,7 @@ def test_pretrained_lite0_trains_with_its_own_normalization(tmp_path, caplog):
 def _checkpoint(tmp_path, change=None) -> str:
     torch.manual_seed(0)
     path = tmp_path / "best.pt"
-    save_checkpoint(str(path), model=build_model("simplecnn"), cfg=TrainConfig(backbone="simplecnn"),
+    save_checkpoint(str(path), model=build_model("simplecnn"), cfg=TrainConfig(backbone="simplecnn", pretrained="none"),
                     spec=PreprocessSpec(size=64), epoch=1, metrics={"val_threshold": 0.5},
                     norm=Normalization(0.3, 0.6, "spec"))
     if change:
@@ -169,9 +169,9 @@ def test_score_and_cam_actors_apply_the_recorded_normalization(tmp_path, actor_b
 
 
 def test_resume_with_another_normalization_is_refused(tmp_path):
-    cfg = TrainConfig(backbone="simplecnn", epochs=1, batch_size=8, max_batches=1, device="cpu")
+    cfg = TrainConfig(backbone="simplecnn", pretrained="none", epochs=1, batch_size=8, max_batches=1, device="cpu")
     fit(cfg, PreprocessSpec(size=32), _arrays(), _arrays(seed=1), out=str(tmp_path))
-    more = TrainConfig(backbone="simplecnn", epochs=2, batch_size=8, max_batches=1, device="cpu")
+    more = TrainConfig(backbone="simplecnn", pretrained="none", epochs=2, batch_size=8, max_batches=1, device="cpu")
     with pytest.raises(ValueError, match=r"was trained with normalisation mean 0\.5, std 0\.25 \(from the default\), "
                                          r"this run would apply mean 0\.5, std 0\.5 \(from the spec\)"):
         fit(more, PreprocessSpec(size=32, std=0.5), _arrays(), _arrays(seed=1), out=str(tmp_path / "b"),
