@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import stat
 from typing import Iterator
 
 import pyarrow.fs as pafs
@@ -59,6 +60,73 @@ def to_uri(fs: pafs.FileSystem, inner: str, like: str) -> str:
         scheme = like.split("://", 1)[0]
         return f"{scheme}://{inner}"
     return inner
+
+
+#: one MB in the size bound's messages and ``--max-file-mb`` (2**20 bytes)
+MB = 1 << 20
+
+_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+          (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory"))
+
+
+class InputRefused(OSError):
+    """An input that is not read at all: not a regular file, or over the size bound. Its
+    message is the whole ``errors.csv`` reason."""
+
+
+def file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is ("FIFO", "character device"...)."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "special file")
+
+
+def check_input(mode: int, size: int, max_bytes: int) -> None:
+    """Raise :class:`InputRefused` unless ``mode`` is a regular file of at most ``max_bytes``."""
+    kind = file_kind(mode)
+    if kind:
+        raise InputRefused(f"not a regular file ({kind})")
+    if size > max_bytes:
+        raise InputRefused(f"file is {size / MB:.1f} MB, over the {max_bytes / MB:g} MB bound (--max-file-mb)")
+
+
+def read_input(path: str, max_bytes: int, *, head: int | None = None) -> bytes:
+    """Read one input file (local or URI) of at most ``max_bytes``, never more memory than that.
+
+    Local files are checked before opening (``stat`` after resolving links: a FIFO would block
+    ``open``), opened non-blocking, checked again on the open descriptor (``fstat``: the file may
+    have changed since it was listed) and read up to ``max_bytes + 1`` bytes, so a link to
+    ``/dev/zero`` or a file that grows cannot make the read run on.
+
+    Args:
+        head: read only the first ``head`` bytes (a header probe); the size bound is then not
+            applied, the regular-file check is.
+
+    Raises:
+        InputRefused: not a regular file, or larger than ``max_bytes``.
+        OSError: the file cannot be opened or read.
+    """
+    limit = max_bytes if head is None else head
+    bound = max_bytes if head is None else float("inf")
+    if is_uri(path) and not str(path).startswith("file://"):
+        fs, inner = resolve(path)
+        with fs.open_input_file(inner) as f:
+            check_input(stat.S_IFREG, f.size(), bound)
+            data = f.read(limit + 1)
+    else:
+        local = resolve(path)[1]
+        st = os.stat(local)
+        check_input(st.st_mode, st.st_size, bound)
+        fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            check_input(st.st_mode, st.st_size, bound)
+            data = f.read(limit + 1)
+    if head is not None:
+        return data[:head]
+    if len(data) > max_bytes:  # grew after the check
+        raise InputRefused(f"file is over the {max_bytes / MB:g} MB bound (--max-file-mb) (it grew while read)")
+    return data
 
 
 def read_bytes(path: str) -> bytes:

@@ -84,6 +84,7 @@ def _archive_args(p, d) -> None:
     p.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="the same as --tta none")
     p.add_argument("--resume", action="store_true", help="continue a killed or partial run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run of this stage in --out (only files it wrote)")
+    p.add_argument("--max-file-mb", type=int, help="input files larger than this many MB are errors, never read")
     p.add_argument("--unlabeled", action="store_true", default=None,
                    help="read no labels (labels are otherwise kept when present; an unknown word is unlabeled)")
     add_label_options(p)

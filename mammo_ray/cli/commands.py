@@ -46,6 +46,7 @@ def _add_preprocess(sub) -> None:
     p.add_argument("--ratios", type=finite_float, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-file-mb", type=int, help="input files larger than this many MB are errors, never read")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (only files it wrote)")
     p.add_argument("--patient-key-file", help="secret key file of the patient pseudonyms (default: "
                    "$MAMMO_RAY_PATIENT_KEY, else ~/.config/mammo-ray/patient.key, created on first use)")
@@ -65,7 +66,7 @@ def _run_preprocess(args) -> int:
         equalize=args.equalize, resize_mode=args.resize_mode, orientation=args.orientation,
         dtype=args.dtype, mean=args.mean, std=args.std, other_modality=args.other_modality,
         ratios=tuple(args.ratios) if args.ratios else None, seed=args.seed, batch_size=args.batch_size,
-        patient_key_file=args.patient_key_file, labels=label_overrides(args))
+        max_file_mb=args.max_file_mb, patient_key_file=args.patient_key_file, labels=label_overrides(args))
     summary = run_preprocess(args.inputs, args.out, cfg, overwrite=args.overwrite, address=args.address)
     print(json.dumps({k: summary[k] for k in ("inputs", "rows", "errors", "splits")}))
     print(f"inputs={summary['inputs']} rows={summary['rows']} errors={summary['errors']} -> {args.out}")

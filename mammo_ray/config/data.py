@@ -89,6 +89,8 @@ class PreprocessConfig:
 
     Attributes:
         min_side, max_pixels: sources outside these bounds are errors, not rows.
+        max_file_mb: files larger than this (MB of 2**20 bytes) are errors, never read;
+            ``--max-file-mb``.
         other_modality: DICOM whose Modality is not MG: ``warn`` keeps it with a warning
             column, ``refuse`` makes it an error.
         patient_key_file: the secret key file of the patient pseudonyms (``patient_key``, an
@@ -109,6 +111,11 @@ class PreprocessConfig:
     batch_size: int = 32
     min_side: int = 32
     max_pixels: int = 100_000_000
+    # an input file over this many MB (2**20 bytes) is refused unread. Full-field mammography
+    # DICOMs are 10-100 MB and a single frame at max_pixels is 200 MB uncompressed; tomosynthesis
+    # stacks (GBs) are multi-frame, which the decoder refuses anyway, so reading them would only
+    # take a worker's memory. Raise it with max_pixels for larger single frames.
+    max_file_mb: int = 512
     other_modality: str = "warn"
     patient_key_file: str | None = None
     labels: LabelMap = field(default_factory=LabelMap)
@@ -130,6 +137,8 @@ class PreprocessConfig:
             raise ValueError(f"min_side={self.min_side}, max_pixels={self.max_pixels}: need 1 <= min_side and min_side**2 <= max_pixels")
         if not 1 <= self.batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size={self.batch_size!r}: use an int in [1, {MAX_BATCH}]")
+        if isinstance(self.max_file_mb, bool) or not isinstance(self.max_file_mb, int) or not 1 <= self.max_file_mb <= 65536:
+            raise ValueError(f"max_file_mb={self.max_file_mb!r}: use an int in [1, 65536] (MB)")
         if self.max_pixels > 1_000_000_000:
             raise ValueError(f"max_pixels={self.max_pixels!r}: at most 1000000000 (a 1-gigapixel source)")
 

@@ -292,6 +292,7 @@ class ArchiveConfig:
     # unlabeled (counted in summary.json); unlabeled: ignore them altogether
     labels: LabelMap = field(default_factory=LabelMap)
     unlabeled: bool = False
+    max_file_mb: int = 512  # as PreprocessConfig.max_file_mb (checked there)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", as_label_map(self.labels))

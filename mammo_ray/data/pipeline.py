@@ -64,7 +64,10 @@ def process_record(rec: dict, cfg: PreprocessConfig, *, keep_source: bool = Fals
               "inversion_uncertain": False}
     t0 = time.perf_counter()
     try:
-        data = mio.read_bytes(rec["path"])
+        data = mio.read_input(rec["path"], cfg.max_file_mb * mio.MB)
+    except mio.InputRefused as exc:  # not a regular file, or over the bound: never read
+        status["reason"] = str(exc)
+        return None, status
     except Exception as exc:  # OSError, ArrowIOError...: the file is the problem, not the job
         status["reason"] = f"unreadable: {describe_exception(exc)}"
         return None, status
@@ -153,9 +156,8 @@ def probe_batch(batch: pd.DataFrame) -> pd.DataFrame:
     for path in batch["path"]:
         meta = {"patient_id": None, "exam_id": None, "laterality": None, "view": None}
         try:
-            fs, inner = mio.resolve(path)
-            with fs.open_input_file(inner) as f:
-                head = f.read(min(f.size(), 1 << 20))
+            # regular files only: a FIFO would block the probe (the processing pass reports it)
+            head = mio.read_input(path, 0, head=1 << 20)
             header = dicom_meta(read_dicom_header(head))
             header["exam_id"] = header.pop("study_uid", None)
             meta.update({k: v for k, v in header.items() if k in meta})

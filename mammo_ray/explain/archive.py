@@ -140,7 +140,7 @@ def plan_pool(opts: ArchiveConfig, spec, address: str | None, *, keep_sources: b
     # CPU-only: leave a CPU to the read/write tasks or the pool starves its own input
     workers = opts.workers or (max(1, int(gpus // gpw)) if gpw else max(1, cpus - 1))
     check_pool(workers, gpw, cpus, gpus, autoscaling=bool(address or os.environ.get("RAY_ADDRESS")))
-    cfg = PreprocessConfig(spec=spec, external=True, unlabeled=True)
+    cfg = PreprocessConfig(spec=spec, external=True, unlabeled=True, max_file_mb=opts.max_file_mb)
     check_fits(preprocess_task_bytes(size=cfg.spec.size, dtype=cfg.spec.dtype, batch_size=opts.prep_batch_size,
                                      max_pixels=cfg.max_pixels, keep_sources=keep_sources), largest_node_memory(),
                what=f"{what}: one read task ({opts.prep_batch_size} sources of up to {cfg.max_pixels} pixels"
