@@ -299,6 +299,8 @@ class ArchiveConfig:
         object.__setattr__(self, "tta", tta_mode(self.tta))
         _check_choice("tta", self.tta, TTA_MODES)
         check_finite(self)
+        if isinstance(self.max_file_mb, bool) or not isinstance(self.max_file_mb, int) or not 1 <= self.max_file_mb <= 65536:
+            raise ValueError(f"max_file_mb={self.max_file_mb!r}: use an int in [1, 65536] (MB)")
         for name, top in (("batch_size", MAX_BATCH), ("prep_batch_size", MAX_BATCH)):
             if not 1 <= int(getattr(self, name)) <= top:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use an int in [1, {top}]")

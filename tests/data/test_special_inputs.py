@@ -80,7 +80,11 @@ def test_read_input_checks_the_open_file(tmp_path):
 
 
 def test_max_file_mb_is_checked():
+    """The bound is refused up front in preprocess's config and in score/explain's."""
     from mammo_ray.config.data import PreprocessConfig
+    from mammo_ray.config.stages import ExplainConfig, ScoreConfig
 
-    with pytest.raises(ValueError, match=r"max_file_mb=0: use an int in \[1, 65536\]"):
-        PreprocessConfig(max_file_mb=0)
+    for cls in (PreprocessConfig, ScoreConfig, ExplainConfig):
+        with pytest.raises(ValueError, match=r"max_file_mb=0: use an int in \[1, 65536\]"):
+            cls(max_file_mb=0)
+        assert cls().max_file_mb == 512
