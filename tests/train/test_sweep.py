@@ -129,7 +129,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_local, train_dat
     thread.start()
     # patience 0: every trial runs all 8 epochs (early stopping would make the count data-dependent)
     summary = run_sweep(str(train_data_dir), str(out), small_sweep(epochs=8, freeze_ratios=(0.0,),
-                                                                  train={"optimizer": "adamw", "patience": 0}))
+                                                                  train={"optimizer": "adamw", "patience": 0, "pretrained": "none"}))
     thread.join(timeout=5)
     assert killed, "no trial worker was found to kill"
     rows = read_results(out)
@@ -205,7 +205,7 @@ def test_sweep_survives_losing_a_worker_node(ray_cluster, train_data_dir, tmp_pa
     thread = remove_node_when(cluster, lambda: bool(list((out / "tune" / "sweep").glob("*/checkpoint_000001"))),
                               a_trials_node, removed)
     summary = run_sweep(str(train_data_dir), str(out), small_sweep(epochs=8, freeze_ratios=(0.0,), max_failures=3,
-                                                                  train={"optimizer": "adamw", "patience": 0}))
+                                                                  train={"optimizer": "adamw", "patience": 0, "pretrained": "none"}))
     thread.join(timeout=5)
     assert removed, "no trial's node was found to remove"
     rows = read_results(out)
@@ -295,7 +295,7 @@ def test_start_weights_are_resolved_once_on_the_driver_and_shipped(ray_local, tr
     out = tmp_path / "sweep"
     summary = run_sweep(str(train_data_dir), str(out),
                         small_sweep(freeze_ratios=(1.0,), lr_bounds=((1e-4, 1e-3), (1e-3, 1e-2)), epochs=1,
-                                    train={"weights": str(path)}))
+                                    train={"pretrained": "none", "weights": str(path)}))
     assert summary["trials"] == 2 and summary["errors"] == 0, summary
     assert calls == ["simplecnn"] and not path.exists()
     trained = load_checkpoint(str(out / "best" / "overall" / "checkpoint.pt"))["model"]
