@@ -5,36 +5,53 @@ import functools
 import os
 import posixpath
 import stat
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import pyarrow.fs as pafs
 
-_URI_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "file://", "abfs://", "abfss://")
+from mammo_ray import stores
+
+T = TypeVar("T")
 
 
 def is_uri(path: str) -> bool:
-    """True for an object-store (or ``file://``) URI rather than a plain local path."""
-    return str(path).startswith(_URI_SCHEMES)
+    """True for an object-store (or ``file://``) URI rather than a plain local path.
+
+    Raises:
+        ValueError: a ``name://`` path whose scheme is not supported (naming the supported ones).
+    """
+    return stores.scheme_of(str(path)) is not None
 
 
 @functools.lru_cache(maxsize=32)
 def _filesystem_for(prefix: str, _env: tuple) -> pafs.FileSystem:
-    fs, _ = pafs.FileSystem.from_uri(prefix)
-    return fs
+    return stores.build(prefix)
 
 
 def _env_key() -> tuple:
-    # a cached filesystem is only reused while the endpoint and credentials it was built
-    # from are unchanged (Arrow reads them from the environment when it is created)
-    return tuple(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION",
-                                             "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS"))
+    # a cached filesystem is only reused while the endpoint, credentials and timeouts it was
+    # built from are unchanged (Arrow reads them from the environment when it is created)
+    return tuple(os.environ.get(k) for k in stores.STORE_ENVS)
+
+
+def on_store(path: str, fs: pafs.FileSystem, fn: Callable[[], T]) -> T:
+    """Run ``fn`` (an operation on ``fs``): local as it is; on a store, a failure becomes one
+    line naming ``path``, and GCS calls run under the store deadline (:mod:`mammo_ray.stores`)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return fn()
+    return stores.call(path, fn, bounded=stores.is_gcs(fs))
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """Return ``(filesystem, path inside it)`` for a local path or a URI.
 
     S3 endpoints and credentials come from the usual environment variables
-    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...), read by Arrow's S3 client.
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...), read by Arrow's S3 client; stores are
+    built with timeouts and bounded retries (:mod:`mammo_ray.stores`).
+
+    Raises:
+        ValueError: a scheme that is not supported.
+        RemoteStoreError: a store that does not answer while it is set up (one line).
     """
     path = str(path)
     if is_uri(path):
@@ -110,9 +127,12 @@ def read_input(path: str, max_bytes: int, *, head: int | None = None) -> bytes:
     bound = max_bytes if head is None else float("inf")
     if is_uri(path) and not str(path).startswith("file://"):
         fs, inner = resolve(path)
-        with fs.open_input_file(inner) as f:
-            check_input(stat.S_IFREG, f.size(), bound)
-            data = f.read(limit + 1)
+        f = on_store(path, fs, lambda: fs.open_input_file(inner))
+        try:
+            check_input(stat.S_IFREG, on_store(path, fs, f.size), bound)
+            data = on_store(path, fs, lambda: f.read(limit + 1))
+        finally:
+            f.close()
     else:
         local = resolve(path)[1]
         st = os.stat(local)
@@ -132,15 +152,19 @@ def read_input(path: str, max_bytes: int, *, head: int | None = None) -> bytes:
 def read_bytes(path: str) -> bytes:
     """Read a whole file (local or URI)."""
     fs, inner = resolve(path)
-    with fs.open_input_stream(inner) as f:
-        return f.read()
+
+    def get() -> bytes:
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+
+    return on_store(path, fs, get)
 
 
 def write_bytes(path: str, data: bytes) -> None:
     """Write a whole file (local or URI), creating parent folders; local writes are atomic."""
     fs, inner = resolve(path)
     parent = posixpath.dirname(inner) if is_uri(path) else os.path.dirname(inner)
-    fs.create_dir(parent, recursive=True)
+    on_store(path, fs, lambda: fs.create_dir(parent, recursive=True))
     if isinstance(fs, pafs.LocalFileSystem):
         # dot-prefixed: Parquet dataset readers (pyarrow, pandas, Spark) skip it if a kill leaves it
         tmp = os.path.join(parent, f".{os.path.basename(inner)}.tmp-{os.getpid()}")
@@ -152,23 +176,31 @@ def write_bytes(path: str, data: bytes) -> None:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
         return
-    with fs.open_output_stream(inner) as f:
-        f.write(data)
+
+    def put() -> None:
+        with fs.open_output_stream(inner) as f:
+            f.write(data)
+
+    on_store(path, fs, put)
 
 
 def makedirs(path: str) -> None:
     fs, inner = resolve(path)
-    fs.create_dir(inner, recursive=True)
+    on_store(path, fs, lambda: fs.create_dir(inner, recursive=True))
+
+
+def file_type(path: str) -> pafs.FileType:
+    """Arrow's type of ``path`` (``NotFound`` when absent); a store's failure is one line naming it."""
+    fs, inner = resolve(path)
+    return on_store(path, fs, lambda: fs.get_file_info(inner)).type
 
 
 def exists(path: str) -> bool:
-    fs, inner = resolve(path)
-    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+    return file_type(path) != pafs.FileType.NotFound
 
 
 def is_dir(path: str) -> bool:
-    fs, inner = resolve(path)
-    return fs.get_file_info(inner).type == pafs.FileType.Directory
+    return file_type(path) == pafs.FileType.Directory
 
 
 def list_files(path: str, report: dict | None = None) -> Iterator[tuple[str, int]]:
@@ -192,7 +224,7 @@ def list_files(path: str, report: dict | None = None) -> Iterator[tuple[str, int
         yield from sorted(_walk_local(os.path.abspath(path), report))
         return
     fs, inner = resolve(path)
-    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    infos = on_store(path, fs, lambda: fs.get_file_info(pafs.FileSelector(inner, recursive=True)))
     for info in sorted(infos, key=lambda i: i.path):
         if info.type != pafs.FileType.File:
             continue

@@ -12,7 +12,10 @@ logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 
-CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_")
+# the stores' timeouts and the GCS emulator travel with the credentials: a worker builds its
+# own filesystem (mammo_ray.stores) and must build it as the driver did
+CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "GCS_", "MAMMO_RAY_REMOTE_", "STORAGE_EMULATOR_HOST",
+                       "CLOUD_STORAGE_EMULATOR_ENDPOINT")
 
 
 def node_id() -> str:

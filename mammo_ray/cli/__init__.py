@@ -11,6 +11,7 @@ import sys
 
 from mammo_ray import __version__
 from mammo_ray.cli.commands import COMMANDS
+from mammo_ray.cli.options import check_path_schemes
 from mammo_ray.console import LOG_LEVELS, route_native_stderr, setup_logging
 
 __all__ = ["get_args_parser", "main"]
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line itself: Ray's native stderr lines go to the log file
         route_native_stderr(args.log_file)
     try:
+        check_path_schemes(args)  # up front: before the --out lock and before a stage lists anything
         with _held_out(args):
             code = COMMANDS[args.command][1](args)
         if not args.quiet:  # last, so an error stays the only line of a failed run

@@ -14,6 +14,7 @@ from dataclasses import replace
 from mammo_ray.config import (CLR_MODES, EQUALIZE_MODES, IMBALANCE, MAX_SIDE, NO_PRETRAINED, OPTIMIZERS, ORIENTATIONS,
                               OTHER_MODALITY, OUTPUT_DTYPES, PRETRAINED, RESIZE_MODES, SCHEDULERS, PreprocessConfig,
                               SweepConfig, TrainConfig, backbone_names)
+from mammo_ray import io as mio
 from mammo_ray.console import PROGRESS_EVERY_S, rounded, set_console_level
 from mammo_ray.outputs import check_out_location, finish_out, start_out
 from mammo_ray.cli.apply import _add_evaluate, _add_explain, _add_score, _run_evaluate, _run_explain, _run_score
@@ -258,7 +259,7 @@ def _run_tune(args) -> int:
         sweep = replace(sweep, train={**sweep.train, **train})
     summary = run_sweep(args.data, args.out, sweep, resume=args.resume, overwrite=args.overwrite, address=args.address,
                         confirm=lambda plan: _confirm_plan(plan, args.yes))
-    print(open(os.path.join(args.out, "table.md")).read() if not args.out.startswith(("s3://", "gs://")) else "")
+    print(open(os.path.join(args.out, "table.md")).read() if not mio.is_uri(args.out) else "")
     print(f"{summary['trials']} trials, {summary['errors']} errors; outputs in {args.out}")
     return 0 if summary["errors"] == 0 else 1
 

@@ -9,9 +9,28 @@ import math
 from dataclasses import fields
 from typing import Any
 
+from mammo_ray import stores
 from mammo_ray.config import LabelMap
 
 logger = logging.getLogger("mammo_ray")
+
+
+#: flags whose ``name://`` values are not files (a Ray address may be ``ray://host:port``)
+_NOT_PATHS = ("address",)
+
+
+def check_path_schemes(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a path or URI flag whose scheme is not supported.
+
+    Raises:
+        ValueError: naming the value and the supported schemes.
+    """
+    for name, value in vars(args).items():
+        if name in _NOT_PATHS:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str):
+                stores.scheme_of(item)
 
 
 def finite_float(text: str) -> float:

@@ -27,6 +27,8 @@ IMAGE_EXTENSIONS = (".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ".pgm", "
                     ".tif", ".tiff", "")
 DICOM_LIKE = (".dcm", ".dicom", ".dic", "")
 PATIENT_COLUMNS = ("patient_id", "source_patient_id")
+#: the largest CSV read (manifests, annotations): a million-row manifest is about 100 MB
+MAX_CSV_MB = 1024
 #: label words kept per job in summary.json's unknown_labels (the column is free text)
 MAX_UNKNOWN_LABELS, MAX_LABEL_CHARS = 20, 40
 
@@ -175,9 +177,13 @@ def read_csv_text(path: str, what: str) -> str:
     """A CSV file's text (UTF-8, BOM allowed).
 
     Raises:
-        ValueError: naming the file and the first byte that is not UTF-8.
+        ValueError: naming the file and the first byte that is not UTF-8; a FIFO or device
+            (reading one blocks or never ends) or a file over ``MAX_CSV_MB``.
     """
-    data = mio.read_bytes(path)
+    try:
+        data = mio.read_input(path, MAX_CSV_MB * mio.MB)
+    except mio.InputRefused as exc:
+        raise ValueError(f"{what} {path}: {str(exc).replace('--max-file-mb', 'a CSV')}") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -305,7 +311,7 @@ def _exist_many(paths: list[str]) -> list[bool]:
 
     fs, _ = mio.resolve(paths[0])
     inner = [mio.resolve(p)[1] for p in paths]
-    infos = fs.get_file_info(inner)
+    infos = mio.on_store(paths[0], fs, lambda: fs.get_file_info(inner))
     return [i.type == pafs.FileType.File for i in infos]
 
 

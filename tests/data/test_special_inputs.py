@@ -88,3 +88,15 @@ def test_max_file_mb_is_checked():
         with pytest.raises(ValueError, match=r"max_file_mb=0: use an int in \[1, 65536\]"):
             cls(max_file_mb=0)
         assert cls().max_file_mb == 512
+
+
+def test_a_manifest_that_is_a_fifo_is_refused_in_one_line(tmp_path):
+    """A ``.csv`` input is read by the driver: a FIFO there blocked the listing itself."""
+    fifo = tmp_path / "list.csv"
+    os.mkfifo(fifo)
+    code = ("from mammo_ray.data.inputs import discover\n"
+            "try:\n    discover([%r])\nexcept ValueError as exc:\n    print(exc)\n" % str(fifo))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, preexec_fn=_cap,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == f"manifest {fifo}: not a regular file (FIFO)"
