@@ -246,7 +246,20 @@ def _discover_manifest(manifest: str, unlabeled: bool, listing: Listing, labels_
         if ok:
             listing.records.append(rec)
         else:
-            listing.errors.append(_error(rec["path"], "file listed in the manifest not found"))
+            listing.errors.append(_error(rec["path"], _missing_reason(rec["path"])))
+
+
+def _missing_reason(path: str) -> str:
+    """Why a manifest row is not a file to read: absent, or there but not a regular file (Arrow
+    calls a FIFO or a device ``Unknown``, which is not "not found")."""
+    if not mio.is_uri(path):
+        try:
+            kind = mio.file_kind(os.stat(path).st_mode)  # links followed, as the worker's read does
+        except OSError:
+            kind = None
+        if kind:
+            return f"not a regular file ({kind})"
+    return "file listed in the manifest not found"
 
 
 def manifest_path(raw: str, root: str) -> tuple[str, str | None]:

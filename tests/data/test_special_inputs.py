@@ -100,3 +100,18 @@ def test_a_manifest_that_is_a_fifo_is_refused_in_one_line(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == f"manifest {fifo}: not a regular file (FIFO)"
+
+
+def test_manifest_rows_that_are_not_regular_files_say_so(tmp_path):
+    """A manifest row naming a FIFO or a link to a device is one error line saying what it is,
+    not "not found" (Arrow reports such a path as Unknown); listing only stats, never opens."""
+    from mammo_ray.data.inputs import discover
+
+    os.mkfifo(tmp_path / "pipe.png")
+    os.symlink("/dev/zero", tmp_path / "zero.dcm")
+    (tmp_path / "labels.csv").write_text("path,label\npipe.png,benign\nzero.dcm,malignant\ngone.png,benign\n")
+    listing = discover([str(tmp_path / "labels.csv")])
+    reasons = {os.path.basename(e["path"]): e["reason"] for e in listing.errors}
+    assert not listing.records
+    assert reasons == {"pipe.png": "not a regular file (FIFO)", "zero.dcm": "not a regular file (character device)",
+                       "gone.png": "file listed in the manifest not found"}
