@@ -28,7 +28,9 @@ def main(args) -> dict:
     from mammo_ray.config import PreprocessSpec
     from mammo_ray.models.registry import build_model
     from mammo_ray.data.arrays import SplitArrays
+    from mammo_ray.config import TrainConfig
     from mammo_ray.models.inference import predict
+    from mammo_ray.models.normalization import resolve_normalization
 
     if args.smoke_test:
         args.backbone, args.size, args.images = "simplecnn", 64, 32
@@ -36,16 +38,17 @@ def main(args) -> dict:
     arrays = SplitArrays(pixels=rng.integers(0, 256, (args.images, args.size, args.size), dtype=np.uint8),
                          labels=np.arange(args.images) % 2, image_ids=[str(i) for i in range(args.images)],
                          patient_keys=[None] * args.images, split="test")
-    spec = PreprocessSpec(size=args.size)
+    # random init: the normalisation training would resolve for it (the spec's default)
+    norm = resolve_normalization(TrainConfig(backbone=args.backbone, pretrained=None), PreprocessSpec(size=args.size))
     torch.manual_seed(0)
     model = build_model(args.backbone).eval().to(memory_format=torch.channels_last)
     device = torch.device("cpu")
-    predict(model, arrays, spec=spec, device=device, batch_size=args.batch_size)  # warm-up
+    predict(model, arrays, norm=norm, device=device, batch_size=args.batch_size)  # warm-up
     t0 = time.perf_counter()
-    batched = predict(model, arrays, spec=spec, device=device, batch_size=args.batch_size)
+    batched = predict(model, arrays, norm=norm, device=device, batch_size=args.batch_size)
     t_batched = time.perf_counter() - t0
     t0 = time.perf_counter()
-    single = predict(model, arrays, spec=spec, device=device, batch_size=1)
+    single = predict(model, arrays, norm=norm, device=device, batch_size=1)
     t_single = time.perf_counter() - t0
     result = {"benchmark": "evaluate", "backbone": args.backbone, "size": args.size, "images": args.images,
               "threads": torch.get_num_threads(), "batched_images_per_s": round(args.images / t_batched, 2),

@@ -85,9 +85,12 @@ def test_trained_model_cam_points_at_phantom_lesions(tmp_path):
     assert result.best_metrics["val_auc"] >= 0.9
     from mammo_ray.models.checkpoint import load_checkpoint, model_from_checkpoint
 
-    model = model_from_checkpoint(load_checkpoint(str(tmp_path / "best.pt")))
+    from mammo_ray.models.normalization import checkpoint_normalization
+
+    state = load_checkpoint(str(tmp_path / "best.pt"))
+    model, norm = model_from_checkpoint(state), checkpoint_normalization(state)  # what training applied
     idx = [i for i in range(300, 360) if labels[i] == 1]
-    x = torch.from_numpy(arr[idx]).unsqueeze(1).float().div(255).sub(spec.mean).div(spec.std)
+    x = torch.from_numpy(arr[idx]).unsqueeze(1).float().div(255).sub(norm.mean).div(norm.std)
     _, maps = score_and_cam(model, "simplecnn", x)
     scores = []
     for m, i in zip(maps, idx):
