@@ -55,7 +55,7 @@ SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("explain", ("explain.yaml",)),
     ("tune", ("sweep.yaml", "tune")),
     ("lr-find", ("lr_find.json",)),
-    ("train", ("best.pt", "last.pt", "config.yaml", "history.csv")),
+    ("train", ("best.pt", "last.pt", "config.yaml", "history.csv", "ray_train")),
     ("evaluate", ("report.md", "report.html")),
     ("demo", (".mammo-ray-demo",)),
     ("unknown", ("metrics.json", "summary.json")),

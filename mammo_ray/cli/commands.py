@@ -11,7 +11,7 @@ import shutil
 import sys
 from dataclasses import replace
 
-from mammo_ray.config import (CLR_MODES, EQUALIZE_MODES, IMBALANCE, MAX_SIDE, NO_PRETRAINED, OPTIMIZERS, ORIENTATIONS,
+from mammo_ray.config import (CLR_MODES, EQUALIZE_MODES, IMBALANCE, INGEST_MODES, MAX_SIDE, SHUFFLE_MODES, NO_PRETRAINED, OPTIMIZERS, ORIENTATIONS,
                               OTHER_MODALITY, OUTPUT_DTYPES, PRETRAINED, RESIZE_MODES, SCHEDULERS, PreprocessConfig,
                               SweepConfig, TrainConfig, backbone_names)
 from mammo_ray import io as mio
@@ -137,9 +137,27 @@ def _train_options(p, *, full: bool = True) -> None:
         p.add_argument("--step-size-epochs", type=finite_float, help="half a cyclic-LR cycle, in epochs")
         p.add_argument("--epochs", type=int)
         p.add_argument("--patience", type=int, help="early stopping on val AUC (0: off)")
-        p.add_argument("--max-batches", type=int, help="cap training batches per epoch (smoke runs)")
+        p.add_argument("--max-batches", type=int, help="cap optimizer steps per epoch (smoke runs)")
         p.add_argument("--resume", help="a last.pt to continue from")
+        _scale_options(p)
+        p.add_argument("--address", help="Ray address for --workers > 1 or a streamed ingest (default: $RAY_ADDRESS, "
+                                         "else a local Ray on 127.0.0.1)")
     add_defaults_to_help(p, TrainConfig())
+
+
+def _scale_options(p, *, sweep: bool = False) -> None:
+    """--workers and the ingest: train's flags, and tune's (per trial)."""
+    what = "each trial's" if sweep else "the run's"
+    p.add_argument("--workers", type=int, help=f"{what} data-parallel workers (DDP ranks on Ray Train; batch size is "
+                                               "per worker)")
+    p.add_argument("--cpus-per-worker", type=finite_float, help="CPUs each worker holds")
+    p.add_argument("--gpus-per-worker", type=finite_float, help="GPUs each worker holds (nccl when > 0, else gloo)")
+    p.add_argument("--ingest", choices=INGEST_MODES,
+                   help="memory: the split decoded into RAM once; stream: Ray Data streams its Parquet shards "
+                        "(O(batch) memory); auto: memory while it fits")
+    p.add_argument("--accumulate", type=int, help="micro-batches per optimizer step (gradient accumulation)")
+    p.add_argument("--shuffle", choices=SHUFFLE_MODES,
+                   help="a stream's per-epoch shuffle: local (file order + a seeded buffer) or full")
 
 
 def _start_weights(args) -> None:
@@ -165,6 +183,8 @@ def _run_train(args) -> int:
 
     cfg = _train_config(args)
     check_out_location(args.out, folders=[args.data])
+    if cfg.workers > 1 or _streams(cfg, args.data):
+        return _run_train_distributed(cfg, args)
     spec, train, val = load_training_data(args.data)
     logger.info("train %d images %s, val %d images %s", len(train), train.class_counts(), len(val), val.class_counts())
     start_out(args.out, "train", overwrite=args.overwrite, resume=bool(args.resume))
@@ -172,10 +192,32 @@ def _run_train(args) -> int:
     result = fit(cfg, spec, train, val, out=args.out, resume=args.resume, progress=tty,
                  progress_every_s=0.0 if tty else PROGRESS_EVERY_S)
     finish_out(args.out, "train")
-    best = result.best_metrics
-    print(f"best epoch {result.best_epoch}: val_auc {rounded(best.get('val_auc'))} "
+    return _print_train(args.out, result.best_epoch, result.best_metrics)
+
+
+def _streams(cfg, data_dir: str) -> bool:
+    """One worker streams when asked to, or (auto) when the splits would not fit in memory."""
+    if cfg.ingest != "auto":
+        return cfg.ingest == "stream"
+    from mammo_ray.train.ingest import choose_ingest, read_totals
+
+    spec, totals = read_totals(data_dir)
+    return choose_ingest(cfg, data_dir, spec, totals) == "stream"
+
+
+def _run_train_distributed(cfg, args) -> int:
+    from mammo_ray.train.launch import run_distributed_train
+
+    start_out(args.out, "train", overwrite=args.overwrite, resume=bool(args.resume))
+    result = run_distributed_train(cfg, args.data, args.out, resume=args.resume, address=args.address)
+    finish_out(args.out, "train")
+    return _print_train(args.out, result["best_epoch"], result["best_metrics"])
+
+
+def _print_train(out: str, best_epoch: int, best: dict) -> int:
+    print(f"best epoch {best_epoch}: val_auc {rounded(best.get('val_auc'))} "
           f"val_accuracy {rounded(best.get('val_accuracy'))}")
-    print(f"checkpoints: {os.path.join(args.out, 'best.pt')} {os.path.join(args.out, 'last.pt')}")
+    print(f"checkpoints: {os.path.join(out, 'best.pt')} {os.path.join(out, 'last.pt')}")
     return 0
 
 

@@ -12,6 +12,7 @@ from mammo_ray.config.base import (EXTERNAL, LABELS, MAX_BATCH, MAX_SIDE, SPLITS
 from mammo_ray.config.labels import LabelMap, as_label_map
 from mammo_ray.config.data import (EQUALIZE_MODES, INVERSION_MODES, ORIENTATIONS, OTHER_MODALITY, OUTPUT_DTYPES,
                                    RESIZE_MODES, PreprocessConfig, PreprocessSpec)
+from mammo_ray.config.scale import INGEST_MODES, SHUFFLE_MODES
 from mammo_ray.config.stages import (BUILTIN_BACKBONES, CAM_FOR_FORMS, CAM_METHODS, CLR_MODES, DEVICES, DISTRIBUTED_MODES, IMBALANCE,
                                      NO_PRETRAINED, OPTIMIZERS, PRETRAINED, SCHEDULERS, THRESHOLD_METHODS, TTA_MODES, ArchiveConfig,
                                      EvaluateConfig, ExplainConfig, ScoreConfig, SweepConfig, TrainConfig,
@@ -23,5 +24,5 @@ __all__ = [
     "OUTPUT_DTYPES", "RESIZE_MODES", "PreprocessConfig", "PreprocessSpec", "BUILTIN_BACKBONES", "CAM_FOR_FORMS", "CAM_METHODS",
     "CLR_MODES", "DEVICES", "DISTRIBUTED_MODES", "IMBALANCE", "NO_PRETRAINED", "OPTIMIZERS", "PRETRAINED", "SCHEDULERS",
     "THRESHOLD_METHODS", "TTA_MODES", "ArchiveConfig", "EvaluateConfig", "ScoreConfig", "parse_cam_for", "tta_mode", "ExplainConfig", "SweepConfig", "TrainConfig", "add_backbone_name",
-    "backbone_names", "LabelMap", "as_label_map",
+    "backbone_names", "LabelMap", "as_label_map", "INGEST_MODES", "SHUFFLE_MODES",
 ]

@@ -6,6 +6,7 @@ from typing import Any
 
 from mammo_ray.config.base import MAX_BATCH, MAX_SIDE, _check_choice, _check_lr, check_finite, from_mapping, load_yaml
 from mammo_ray.config.labels import LabelMap, as_label_map
+from mammo_ray.config.scale import check_workers, check_ingest, per_worker
 
 #: the backbones the model registry ships. Named here, below the model layer, so configs validate
 #: and ``--help`` lists them without importing torch; ``mammo_ray.models.registry`` adds any
@@ -54,7 +55,13 @@ class TrainConfig:
         step_size_epochs: half a cycle, in epochs (converted to batches per epoch).
         imbalance: ``weighted_loss`` (pos_weight = negatives/positives), ``balanced_sampler``, ``none``.
         patience: epochs without a better val AUC before stopping (0: never stop early).
-        max_batches: cap on training batches per epoch (smoke tests; 0 = no cap).
+        max_batches: cap on optimizer steps per epoch (smoke tests; 0 = no cap).
+        workers: data-parallel workers (DDP ranks) of the run; more than 1 runs on Ray Train.
+        cpus_per_worker, gpus_per_worker: what each worker holds on the Ray cluster.
+        ingest: ``memory``, ``stream`` (Ray Data, O(batch) memory) or ``auto`` (config/scale.py).
+        accumulate: micro-batches per optimizer step (the cyclic LR counts optimizer steps).
+        shuffle, shuffle_buffer: a stream's per-epoch shuffle (``local``: file order and a seeded
+            buffer of that many rows; ``full``: Ray Data's random_shuffle).
     """
 
     # The defaults are what the real-data runs (docs: runs 1-9 on 3,383 digital mammograms) found
@@ -89,9 +96,20 @@ class TrainConfig:
     device: str = "auto"
     max_batches: int = 0
     offline: bool = False
+    # scale (config/scale.py): data-parallel workers and their resources, the ingest, and
+    # gradient accumulation; batch_size is per worker, so a step holds batch x workers x accumulate
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    ingest: str = "auto"
+    accumulate: int = 1
+    shuffle: str = "local"
+    shuffle_buffer: int = 512
 
     def __post_init__(self) -> None:
         check_finite(self)
+        check_workers(self.workers, self.cpus_per_worker, self.gpus_per_worker)
+        check_ingest(self.ingest, self.shuffle, self.shuffle_buffer, self.accumulate, self.imbalance)
         names = backbone_names()
         if self.backbone not in names:
             raise ValueError(f"backbone={self.backbone!r}: use one of {', '.join(names)}")
@@ -156,8 +174,11 @@ class SweepConfig:
     num_samples: int = 1
     scheduler: str = "fifo"
     grace_period: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    cpus_per_trial: float | None = None
+    gpus_per_trial: float | None = None
+    workers: int = 1
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float | None = None
     max_failures: int = 2
     seed: int = 0
     train: dict = field(default_factory=dict)
@@ -205,19 +226,32 @@ class SweepConfig:
                           ("grace_period", 100_000)):
             if not 1 <= int(getattr(self, name)) <= top:
                 raise ValueError(f"{name}={getattr(self, name)!r}: use an int in [1, {top}]")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0 or self.max_failures < 0:
-            raise ValueError(f"cpus_per_trial={self.cpus_per_trial}, gpus_per_trial={self.gpus_per_trial}, "
+        cpus, gpus = self.cpus_per_trial, self.gpus_per_trial
+        if (cpus is not None and cpus <= 0) or (gpus is not None and gpus < 0) or self.max_failures < 0:
+            raise ValueError(f"cpus_per_trial={cpus}, gpus_per_trial={gpus}, "
                              f"max_failures={self.max_failures}: need cpus > 0, gpus >= 0, max_failures >= 0")
-        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+        if gpus is not None and gpus > 1 and gpus != int(gpus):
             # Ray packs fractions of one GPU, or whole GPUs: 1.5 GPUs is a trial Ray cannot place
-            raise ValueError(f"gpus_per_trial={self.gpus_per_trial:g}: use a fraction of one GPU (e.g. 0.25, 0.5) or a "
+            raise ValueError(f"gpus_per_trial={gpus:g}: use a fraction of one GPU (e.g. 0.25, 0.5) or a "
                              "whole number of GPUs (1, 2, ...)")
-        reserved = {"backbone", "freeze_ratio", "base_lr", "max_lr", "clr_mode", "epochs", "batch_size", "seed"}
+        check_workers(self.workers, self.worker_cpus, self.worker_gpus)  # also resolves the two spellings
+        reserved = {"backbone", "freeze_ratio", "base_lr", "max_lr", "clr_mode", "epochs", "batch_size", "seed",
+                    "workers", "cpus_per_worker", "gpus_per_worker"}
         bad = sorted(set(self.train) & reserved)
         if bad:
             raise ValueError(f"train: {', '.join(bad)} are sweep keys; set them at the top level of the sweep file")
         # unknown TrainConfig keys are refused here, before any trial starts
         TrainConfig.load(None, backbone=self.backbones[0], **dict(self.train))
+
+    @property
+    def worker_cpus(self) -> float:
+        """CPUs of each of a trial's workers (``--cpus-per-worker``, or ``--cpus-per-trial`` / workers)."""
+        return per_worker(self.workers, self.cpus_per_worker, self.cpus_per_trial, name="cpus", default=1.0)
+
+    @property
+    def worker_gpus(self) -> float:
+        """GPUs of each of a trial's workers (``--gpus-per-worker``, or ``--gpus-per-trial`` / workers)."""
+        return per_worker(self.workers, self.gpus_per_worker, self.gpus_per_trial, name="gpus", default=0.0)
 
     @property
     def grid_size(self) -> int:

@@ -1,8 +1,10 @@
-"""The training loop: selective freezing, CyclicLR stepped per batch, early stopping on val AUC,
-best/last checkpoints. ``train_one_epoch`` / ``evaluate`` / ``fit`` as in torchvision's references.
+"""The training loop: selective freezing, CyclicLR stepped per optimizer step, gradient
+accumulation, early stopping on val AUC, best/last checkpoints, on one rank or many (DDP).
+``train_one_epoch`` / ``evaluate`` / ``fit`` as in torchvision's references.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -14,7 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from mammo_ray import io as mio
@@ -38,12 +42,15 @@ from mammo_ray.models.inference import (
 )
 from mammo_ray.models.normalization import Normalization, checkpoint_normalization, resolve_normalization
 from mammo_ray.models.registry import build_model
-from mammo_ray.train.data import augment_batch, augment_params, epoch_order
+from mammo_ray.train.data import augment_batch, augment_params
+from mammo_ray.train.feed import MIN_BATCH, Batch, MemoryFeed, StreamFeed, optimizer_steps, with_lookahead
+from mammo_ray.train.ranks import SINGLE, Ranks
+from mammo_ray.train.ranks import current as current_ranks
 
 logger = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1",
-                  "lr", "seconds", "train_images_per_s")
+                  "lr", "seconds", "train_images_per_s", "train_images", "optimizer_steps")
 
 
 def build_training_model(cfg: TrainConfig, initial_state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
@@ -78,21 +85,39 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
         gamma=cfg.clr_gamma, cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)
 
 
-def make_loss(cfg: TrainConfig, train: SplitArrays, device: torch.device) -> torch.nn.Module:
-    counts = np.bincount(train.labels, minlength=2)
+def class_counts(train: SplitArrays | MemoryFeed | StreamFeed) -> np.ndarray:
+    """(benign, malignant) counts of the whole training split, whatever feeds it."""
+    if isinstance(train, SplitArrays):
+        return np.bincount(train.labels[train.labels >= 0], minlength=2)
+    return np.asarray(train.class_counts, dtype=np.int64)
+
+
+def make_loss(cfg: TrainConfig, train: SplitArrays | MemoryFeed | StreamFeed, device: torch.device) -> torch.nn.Module:
+    """BCE with logits; ``weighted_loss`` weighs positives by benign/malignant of the whole split
+    (the same weight on every rank)."""
+    counts = class_counts(train)
     pos_weight = None
     if cfg.imbalance == "weighted_loss":
         pos_weight = torch.tensor([counts[0] / max(counts[1], 1)], dtype=torch.float32, device=device)
     return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
 
-def _batch_input(arrays: SplitArrays, idx: np.ndarray, norm: Normalization, device: torch.device, *,
-                 channels_last: bool, augment: np.ndarray | None = None) -> torch.Tensor:
+def batch_input(pixels: np.ndarray, norm: Normalization, device: torch.device, *, channels_last: bool,
+                augment: np.ndarray | None = None) -> torch.Tensor:
     """A training batch: stored pixels -> [0, 1] -> (seeded augmentation) -> normalized."""
-    x = to_unit(arrays.pixels[idx], device)
+    x = to_unit(pixels, device)
     if augment is not None:
         x = augment_batch(x, augment)
     return normalize(x, norm, channels_last=channels_last)
+
+
+def as_feed(data: SplitArrays | MemoryFeed | StreamFeed) -> MemoryFeed | StreamFeed:
+    return MemoryFeed(data) if isinstance(data, SplitArrays) else data
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (what is frozen, saved and scored)."""
+    return model.module if isinstance(model, DDP) else model
 
 
 class _LogLines:
@@ -107,50 +132,115 @@ class _LogLines:
 _NO_TTY = _LogLines()
 
 
-def train_one_epoch(model: torch.nn.Module, train: SplitArrays, *, cfg: TrainConfig, spec: PreprocessSpec,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: torch.nn.Module,
-                    device: torch.device, epoch: int, scaler: torch.amp.GradScaler | None = None,
-                    progress: bool = False, progress_every_s: float = 0.0,
-                    norm: Normalization | None = None) -> dict[str, float]:
-    """One pass over the training split. Returns mean loss, images, seconds.
+@contextlib.contextmanager
+def _kept_buffers(model: torch.nn.Module, keep: bool):
+    """Restore BatchNorm's running statistics after a zero-weight step (a rank whose shard ended
+    early repeats a batch only to join the others' gradient all-reduce)."""
+    saved = [b.detach().clone() for b in model.buffers()] if keep else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            with torch.no_grad():
+                for b, s in zip(model.buffers(), saved):
+                    b.copy_(s)
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, scale: float) -> None:
+    """One optimizer step on gradients summed over the step's images (all ranks, all
+    micro-batches): scaled by ``world / images`` here, after DDP's all-reduce averaged them over
+    ranks, so the step is the mean over every image of the step, however they were split."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _dummy_batch(spec: PreprocessSpec) -> Batch:
+    """A zero-weight stand-in for a rank whose shard holds no image at all."""
+    h, w = spec.size
+    return Batch(np.zeros((MIN_BATCH, h, w), np.dtype(spec.dtype)), np.zeros(MIN_BATCH, np.int64), [""] * MIN_BATCH)
+
+
+def train_one_epoch(model: torch.nn.Module, train: SplitArrays | MemoryFeed | StreamFeed, *, cfg: TrainConfig,
+                    spec: PreprocessSpec, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    loss_fn: torch.nn.Module, device: torch.device, epoch: int,
+                    scaler: torch.amp.GradScaler | None = None, progress: bool = False,
+                    progress_every_s: float = 0.0, norm: Normalization | None = None,
+                    ranks: Ranks = SINGLE, trace: Callable[[int, list[str]], None] | None = None) -> dict[str, float]:
+    """One pass over the training split on this rank. Returns the mean loss and the images of
+    every rank, seconds, and images/s.
+
+    Each micro-batch's loss is a *sum* over its images; gradients accumulate over
+    ``cfg.accumulate`` micro-batches (DDP all-reduces only the last one's, ``no_sync`` the
+    rest) and are scaled to a mean over every image of the step (:func:`_optimizer_step`). The
+    cyclic LR steps once per optimizer step. Ranks agree each micro-batch on how many images
+    the step holds and whether any rank has more: one all-reduce of three numbers.
 
     ``progress``: tqdm's bar (a terminal); ``progress_every_s`` > 0: a logged progress line at
     most that often (a log file or CI, where tqdm draws nothing for a whole epoch). ``norm``:
-    the input normalisation (default: resolved from the starting weights and ``spec``)."""
+    the input normalisation (default: resolved from the starting weights and ``spec``).
+    ``trace``: called with (epoch, image ids) for each micro-batch this rank trains on.
+    """
+    feed, core = as_feed(train), unwrap(model)
     norm = norm or resolve_normalization(cfg, spec)
-    train_mode(model, cfg.backbone, cfg.freeze_ratio)
-    order = epoch_order(train.labels, seed=cfg.seed, epoch=epoch, balanced=cfg.imbalance == "balanced_sampler")
-    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on one image
-        batches = batches[:-1]
-    if cfg.max_batches:
-        batches = batches[:cfg.max_batches]
-    labels = torch.from_numpy(train.labels.astype(np.float32))
-    total, seen, t0 = 0.0, 0, time.perf_counter()
-    lines = Progress(f"epoch {epoch}/{cfg.epochs}", sum(len(b) for b in batches), interval=progress_every_s,
-                     stream=_NO_TTY) if progress_every_s > 0 else None
-    for idx in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress):
-        aug = augment_params([train.image_ids[i] for i in idx], seed=cfg.seed, epoch=epoch, hflip=cfg.hflip) if cfg.augment else None
-        x = _batch_input(train, idx, norm, device, channels_last=cfg.channels_last, augment=aug)
-        y = labels[idx].to(device, non_blocking=True)
-        with autocast(device, cfg.amp):
-            loss = loss_fn(model(x).squeeze(1).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        total += float(loss.detach()) * len(idx)
-        seen += len(idx)
-        if lines is not None:
-            lines.note = f"train_loss {total / seen:.4f}"
-            lines.update(len(idx))
+    train_mode(core, cfg.backbone, cfg.freeze_ratio)
+    pos_weight = getattr(loss_fn, "pos_weight", None)
+    batches = with_lookahead(feed.train_batches(epoch=epoch, seed=cfg.seed, batch_size=cfg.batch_size, ranks=ranks,
+                                                balanced=cfg.imbalance == "balanced_sampler"))
+    planned = optimizer_steps(feed.rows, cfg.batch_size, ranks.world, cfg.accumulate, cfg.max_batches)
+    lines = Progress(f"epoch {epoch}/{cfg.epochs}", planned * cfg.accumulate * cfg.batch_size * ranks.world,
+                     interval=progress_every_s, stream=_NO_TTY) if progress_every_s > 0 and ranks.main else None
+    bar = tqdm(total=planned, desc=f"epoch {epoch}", leave=False, disable=not (progress and ranks.main))
+    total = seen = step_images = 0.0
+    micro = steps = 0
+    last: Batch | None = None
+    optimizer.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    while True:
+        batch, more = next(batches, (None, False))
+        n_all, active, more_all = ranks.sum([len(batch) if batch is not None else 0, batch is not None, more], device)
+        if active == 0:
+            break
+        weight = 1.0 if batch is not None else 0.0
+        batch = batch if batch is not None else (last or _dummy_batch(spec))
+        last, micro, step_images = batch, micro + 1, step_images + n_all
+        sync = micro == cfg.accumulate or more_all == 0
+        aug = augment_params(batch.image_ids, seed=cfg.seed, epoch=epoch, hflip=cfg.hflip) if cfg.augment else None
+        x = batch_input(batch.pixels, norm, device, channels_last=cfg.channels_last, augment=aug)
+        y = torch.from_numpy(batch.labels.astype(np.float32)).to(device, non_blocking=True)
+        quiet = model.no_sync() if ranks.distributed and not sync else contextlib.nullcontext()
+        with quiet:  # gradients accumulate locally; DDP all-reduces on the step's last micro-batch
+            with _kept_buffers(core, keep=weight == 0.0), autocast(device, cfg.amp):
+                logits = model(x).squeeze(1).float()
+            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight, reduction="sum") * weight
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if weight:
+            total, seen = total + float(loss.detach()), seen + len(batch)
+            if trace is not None:
+                trace(epoch, list(batch.image_ids))
+            if lines is not None:
+                lines.note = f"train_loss {total / seen:.4f}"
+                lines.update(len(batch) * ranks.world)
+        if sync:
+            _optimizer_step(optimizer, scaler, ranks.world / step_images)
+            scheduler.step()
+            bar.update(1)
+            micro, steps, step_images = 0, steps + 1, 0.0
+            if cfg.max_batches and steps >= cfg.max_batches:
+                break
+    bar.close()
+    total, seen = ranks.sum([total, seen], device)
     seconds = time.perf_counter() - t0
-    return {"train_loss": total / max(seen, 1), "images": seen, "seconds": seconds,
+    return {"train_loss": total / max(seen, 1), "images": int(seen), "steps": steps, "seconds": seconds,
             "train_images_per_s": seen / seconds if seconds > 0 else 0.0}
 
 
@@ -167,14 +257,40 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | N
             "val_f1": m["f1"]}
 
 
-def evaluate(model: torch.nn.Module, arrays: SplitArrays, *, norm: Normalization, device: torch.device,
-             loss_fn: torch.nn.Module, cfg: TrainConfig) -> tuple[dict[str, float | None], np.ndarray]:
-    probs = predict(model, arrays, norm=norm, device=device, batch_size=cfg.eval_batch_size,
-                    channels_last=cfg.channels_last, amp=cfg.amp)
+def val_scores(model: torch.nn.Module, val: SplitArrays | MemoryFeed | StreamFeed, *, norm: Normalization,
+               device: torch.device, cfg: TrainConfig, ranks: Ranks = SINGLE) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image ids, labels, probabilities) of the whole validation split, on every rank.
+
+    Each rank scores its shard; the shards are gathered and ordered by image id, so the metrics
+    are computed once over every score: AUC is a ranking over all images and does not average
+    across shards.
+    """
+    core = unwrap(model)
+    ids: list[str] = []
+    labels, probs = [], []
+    for batch in as_feed(val).val_batches(batch_size=cfg.eval_batch_size, ranks=ranks):
+        ids += batch.image_ids
+        labels.append(batch.labels)
+        probs.append(predict(core, batch.as_arrays("val"), norm=norm, device=device, batch_size=cfg.eval_batch_size,
+                             channels_last=cfg.channels_last, amp=cfg.amp))
+    parts = ranks.gather((ids, np.concatenate(labels) if labels else np.zeros(0, np.int64),
+                          np.concatenate(probs) if probs else np.zeros(0, np.float32)))
+    all_ids = [i for part in parts for i in part[0]]
+    order = np.argsort(np.asarray(all_ids, dtype=object), kind="stable")
+    all_labels = np.concatenate([p[1] for p in parts])[order]
+    all_probs = np.concatenate([p[2] for p in parts])[order]
+    return [all_ids[i] for i in order], all_labels, all_probs
+
+
+def evaluate(model: torch.nn.Module, val: SplitArrays | MemoryFeed | StreamFeed, *, norm: Normalization,
+             device: torch.device, loss_fn: torch.nn.Module, cfg: TrainConfig,
+             ranks: Ranks = SINGLE) -> tuple[dict[str, float | None], np.ndarray]:
+    """Validation metrics over the whole split (:func:`val_scores`) and its probabilities by image id."""
+    _, labels, probs = val_scores(model, val, norm=norm, device=device, cfg=cfg, ranks=ranks)
     p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
     logits = torch.from_numpy(np.log(p / (1 - p))).float().to(device)
-    loss = float(loss_fn(logits, torch.from_numpy(arrays.labels.astype(np.float32)).to(device)))
-    return {"val_loss": loss, **binary_metrics(arrays.labels, probs)}, probs
+    loss = float(loss_fn(logits, torch.from_numpy(labels.astype(np.float32)).to(device)))
+    return {"val_loss": loss, **binary_metrics(labels, probs)}, probs
 
 
 @dataclass
@@ -191,63 +307,115 @@ def _score(metrics: dict[str, Any]) -> float:
     return metrics["val_auc"] if metrics.get("val_auc") is not None else -metrics["val_loss"]
 
 
-def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitArrays, *, out: str | None = None,
-        resume: str | None = None, on_epoch: Callable[[dict[str, Any], str | None], None] | None = None,
-        progress: bool = False, initial_state: dict[str, torch.Tensor] | None = None,
-        progress_every_s: float = 0.0) -> FitResult:
+def check_ranks(train: MemoryFeed | StreamFeed, val: MemoryFeed | StreamFeed, ranks: Ranks) -> None:
+    """Refuse a worker count the split cannot feed: every rank trains on at least 2 images (one
+    BatchNorm batch) and scores at least one validation image.
+
+    Raises:
+        ValueError: one line naming the rows, the workers, and the most workers that fit.
+    """
+    if train.rows < MIN_BATCH * ranks.world:
+        raise ValueError(f"workers={ranks.world}: the train split has {train.rows} images, fewer than "
+                         f"{MIN_BATCH} per worker; use --workers {max(1, train.rows // MIN_BATCH)} or fewer")
+    if val.rows < ranks.world:
+        raise ValueError(f"workers={ranks.world}: the val split has {val.rows} images, which leaves a worker with no "
+                         f"validation rows; use --workers {max(1, val.rows)} or fewer")
+
+
+def parallel_model(cfg: TrainConfig, device: torch.device, ranks: Ranks,
+                   initial_state: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model the loop steps, the model inside it): frozen by ratio *before* the DDP wrap, so
+    frozen parameters never enter DDP's reducer (it registers ``requires_grad`` ones only).
+
+    Wrapped by hand rather than with ``ray.train.torch.prepare_model``: the same loop runs in
+    one process and under ``torch.multiprocessing`` (the equivalence tests), where no Ray Train
+    context exists; ``prepare_model`` does this same wrap.
+    """
+    core = build_training_model(cfg, initial_state).to(device)
+    if cfg.channels_last:
+        core = core.to(memory_format=torch.channels_last)
+    if not ranks.distributed:
+        return core, core
+    return DDP(core, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True), core
+
+
+def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays | MemoryFeed | StreamFeed,
+        val: SplitArrays | MemoryFeed | StreamFeed, *, out: str | None = None, resume: str | None = None,
+        on_epoch: Callable[[dict[str, Any], str | None], None] | None = None, progress: bool = False,
+        initial_state: dict[str, torch.Tensor] | None = None, progress_every_s: float = 0.0,
+        ranks: Ranks | None = None, device: torch.device | None = None,
+        trace: Callable[[int, list[str]], None] | None = None) -> FitResult:
     """Train with early stopping on val AUC; write ``best.pt``, ``last.pt``, ``history.csv``,
     ``metrics.json`` and ``config.yaml`` to ``out`` (when given).
 
+    The one training loop: ``train``, every trial of ``tune`` and every worker of a
+    data-parallel trial run this function. Under a process group (Ray Train's workers) each
+    rank trains on its share of every step (``train/feed.py``) with gradients all-reduced by DDP,
+    scores its share of val, and every rank computes the same metrics from the gathered scores,
+    so early stopping agrees; rank 0 alone writes files.
+
     Args:
+        train, val: splits in memory (:class:`SplitArrays` or :class:`MemoryFeed`) or this rank's
+            Ray Data shards (:class:`StreamFeed`).
         resume: a ``last.pt`` to continue from (same backbone and freezing ratio).
-        on_epoch: called after each epoch with the epoch's metrics and ``out`` (Ray Tune
-            reports and checkpoints from there).
+        on_epoch: called on every rank after each epoch with the epoch's metrics and ``out``
+            (Ray Train and Tune report and checkpoint from there).
         initial_state: starting weights resolved by the caller (see :func:`build_training_model`).
         progress, progress_every_s: tqdm's bar, or a logged line at most every that many seconds
             (see :func:`train_one_epoch`).
+        ranks: this process's rank (default: the process group joined, or one process).
+        device: where to train (default: ``cfg.device`` resolved; Ray Train passes the worker's GPU).
+        trace: called with (epoch, image ids) for every micro-batch this rank trains on.
 
-    Raises ValueError for a resume checkpoint of another backbone or freezing ratio.
+    Raises:
+        ValueError: a resume checkpoint of another backbone, freezing ratio or normalisation; a
+            worker count the split cannot feed (:func:`check_ranks`).
     """
-    device = resolve_device(cfg.device)
+    ranks = ranks or current_ranks()
+    device = device or resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     norm = resolve_normalization(cfg, spec)
     state = _resume_state(resume, cfg, norm) if resume else None
-    model = build_training_model(cfg, initial_state).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    steps = min(max(1, len(train) // cfg.batch_size), cfg.max_batches or len(train))
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps)
+    train, val = as_feed(train), as_feed(val)
+    check_ranks(train, val, ranks)
+    model, core = parallel_model(cfg, device, ranks, initial_state)
+    optimizer = make_optimizer(core, cfg)
+    scheduler = make_scheduler(optimizer, cfg, optimizer_steps(train.rows, cfg.batch_size, ranks.world,
+                                                               cfg.accumulate, cfg.max_batches))
     loss_fn = make_loss(cfg, train, device)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported() else None
-    start_epoch, history, best_epoch, best_metrics = _restore(state, model, optimizer, scheduler)
+    start_epoch, history, best_epoch, best_metrics = _restore(state, core, optimizer, scheduler)
     best_score = _score(best_metrics) if best_metrics else -math.inf
+    out = out if ranks.main else None  # rank 0 writes; the others train, score and report
     _write_config(out, cfg, spec, norm)
     stale, stopped = 0, False
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         tr = train_one_epoch(model, train, cfg=cfg, spec=spec, optimizer=optimizer, scheduler=scheduler,
                              loss_fn=loss_fn, device=device, epoch=epoch, scaler=scaler, progress=progress,
-                             progress_every_s=progress_every_s, norm=norm)
-        vm, _ = evaluate(model, val, norm=norm, device=device, loss_fn=loss_fn, cfg=cfg)
+                             progress_every_s=progress_every_s, norm=norm, ranks=ranks, trace=trace)
+        vm, _ = evaluate(model, val, norm=norm, device=device, loss_fn=loss_fn, cfg=cfg, ranks=ranks)
         row = {"epoch": epoch, "train_loss": tr["train_loss"], **vm, "lr": lr, "seconds": tr["seconds"],
-               "train_images_per_s": tr["train_images_per_s"]}
+               "train_images_per_s": tr["train_images_per_s"], "train_images": tr["images"],
+               "optimizer_steps": tr["steps"]}
         history.append(row)
         improved = _score(vm) > best_score
         if improved:
             best_score, best_epoch, best_metrics, stale = _score(vm), epoch, dict(row), 0
         else:
             stale += 1
-        _log_epoch(row, cfg, improved)
+        if ranks.main:
+            _log_epoch(row, cfg, improved)
         stopped = cfg.patience > 0 and stale >= cfg.patience and epoch < cfg.epochs
         if out:
-            _save_epoch(out, model, cfg, spec, norm, row, optimizer, scheduler, improved=improved,
+            _save_epoch(out, core, cfg, spec, norm, row, optimizer, scheduler, improved=improved,
                         extra={"history": history, "best_epoch": best_epoch, "best_metrics": best_metrics})
         if on_epoch is not None:
             on_epoch({**row, "best_epoch": best_epoch, "best_val_auc": best_metrics.get("val_auc")}, out)
         if stopped:
-            logger.info("early stop: val AUC did not improve for %d epochs (best %s at epoch %d)",
-                        cfg.patience, best_metrics.get("val_auc"), best_epoch)
+            if ranks.main:
+                logger.info("early stop: val AUC did not improve for %d epochs (best %s at epoch %d)",
+                            cfg.patience, best_metrics.get("val_auc"), best_epoch)
             break
     _write_metrics(out, best_epoch, best_metrics, stopped, len(history))
     return FitResult(best_epoch=best_epoch, best_metrics=best_metrics, history=history, stopped_early=stopped, out=out)

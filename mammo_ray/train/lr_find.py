@@ -16,7 +16,7 @@ from mammo_ray.config import PreprocessSpec, TrainConfig
 from mammo_ray.models.normalization import resolve_normalization
 from mammo_ray.train.data import SplitArrays, augment_params, epoch_order
 from mammo_ray.train.loop import (
-    _batch_input,
+    batch_input,
     build_training_model,
     make_loss,
     make_optimizer,
@@ -70,7 +70,7 @@ def lr_range_test(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays, *,
             for g in optimizer.param_groups:
                 g["lr"] = lr
             aug = augment_params([train.image_ids[j] for j in idx], seed=cfg.seed, epoch=epoch) if cfg.augment else None
-            x = _batch_input(train, idx, norm, device, channels_last=cfg.channels_last, augment=aug)
+            x = batch_input(train.pixels[idx], norm, device, channels_last=cfg.channels_last, augment=aug)
             loss = loss_fn(model(x).squeeze(1).float(), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
