@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -168,6 +169,51 @@ def quiet_ray(file_handler: logging.Handler | None = None, *, quiet: bool | None
         if not lg.propagate and file_handler not in lg.handlers:
             lg.addHandler(file_handler)  # a logger that does not propagate reaches the root's file only this way
         lg.setLevel(logging.INFO)  # Ray's INFO (operator progress, trial events) reaches the file
+
+
+#: lines Ray's workers print that say nothing a user can act on (to the log file instead):
+#: the C++ core's warning for every actor whose constructor arguments live in the object store
+#: (ray-project/ray#53727: Ray Train's PreemptionWatcher, Ray Data's actor pools); Ray Data's
+#: notice that its bars are off and its per-epoch "execution finished" lines from the split
+#: coordinators that feed Ray Train's workers; the raylet's note that fractional-CPU actors
+#: started more worker processes than it expected
+WORKER_NOISE = re.compile("|".join((
+    r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store",
+    r"Progress bars disabled\. To enable",
+    r"Dataset \S+ execution finished in [0-9.]+ seconds",
+    r"PYTHON worker processes have been started on node",
+)))
+
+
+class _WorkerLines:
+    """Ray's printer of worker output on the driver, less :data:`WORKER_NOISE` (to the log file)."""
+
+    def __init__(self, printer: Any) -> None:
+        self.printer = printer
+
+    def __call__(self, data: dict) -> None:
+        lines = data.get("lines") or []
+        kept = [line for line in lines if not WORKER_NOISE.search(line)]
+        for line in lines:
+            if line not in kept:
+                logging.getLogger("mammo_ray.ray_workers").debug("%s", line)
+        if kept or not lines:
+            self.printer({**data, "lines": kept})
+
+
+def filter_worker_lines() -> None:
+    """Drop :data:`WORKER_NOISE` from the worker output Ray prints on the driver's console.
+
+    Ray offers no option for this: its printer is a handler named ``ray_print_logs`` on a
+    dispatcher of its private ``ray_logging`` module, wrapped here (a no-op when that changes).
+    """
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, _WorkerLines(h) if name == "ray_print_logs" and not isinstance(h, _WorkerLines)
+                                else h) for name, h in dispatcher.handlers]
 
 
 #: off a terminal, long loops (a training epoch) log a progress line at most this often

@@ -79,8 +79,9 @@ def _check_full(cfg: DemoConfig) -> None:
     from mammo_ray.models.registry import expected_weights_file
 
     gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.sweep.gpus_per_trial and gpus < cfg.sweep.gpus_per_trial:
-        raise ValueError(f"--full runs the paper's sweep with gpus_per_trial={cfg.sweep.gpus_per_trial:g}, but the "
+    need = cfg.sweep.workers * cfg.sweep.worker_gpus
+    if need and gpus < need:
+        raise ValueError(f"--full runs the paper's sweep with {need:g} GPU(s) per trial, but the "
                          f"Ray cluster has {gpus:g} GPU(s): run it on a GPU node (or drop --full)")
     if cfg.sweep.train.get("pretrained"):
         from mammo_ray.models.weights import offline_from_env

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from mammo_ray.console import quiet_ray
+from mammo_ray.console import filter_worker_lines, quiet_ray
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +64,16 @@ def remote_args(paths: list[str]) -> dict:
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-             quiet: bool = True) -> None:
+             quiet: bool = True, dashboard: bool = True) -> None:
     """Initialise Ray once per process (no-op when already connected).
 
     Args:
         address: a cluster address (``auto``, ``ray://...``, ``host:port``); defaults to
             ``$RAY_ADDRESS``; without either a local Ray starts on loopback.
         num_cpus, num_gpus: resources of a local Ray (ignored when connecting).
+        dashboard: start a local Ray's dashboard (on 127.0.0.1; 0.7 s more at start): Ray
+            Train's placement-group cleaner asks the State API, which the dashboard serves,
+            whether its controller lives, and warns every few seconds when it cannot.
     """
     import ray
 
@@ -81,6 +84,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     quiet_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = dict(include_dashboard=False, log_to_driver=True)
+    if dashboard and not address:
+        kwargs.update(include_dashboard=True, dashboard_host=LOOPBACK)
     creds = credential_env()
     if creds:
         # object-store credentials/endpoint of the driver reach every worker of this job
@@ -90,6 +95,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     if address:
         logger.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
+        filter_worker_lines()
         return
     # Local Ray: every component on loopback, nothing listening on the machine's address.
     # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set by mammo_ray/__init__ before ray is imported.)
@@ -104,3 +110,4 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     # pick up from /tmp/ray (which would also refuse _system_config)
     ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=num_cpus, num_gpus=num_gpus,
              _system_config={"task_oom_retries": TASK_RETRIES}, **kwargs)
+    filter_worker_lines()

@@ -261,8 +261,11 @@ def _add_tune(sub) -> None:
     p.add_argument("--batch-size", type=int, help="images per training batch")
     p.add_argument("--num-samples", type=int, help="trials per grid point (seeds, or draws of sampled ranges)")
     p.add_argument("--scheduler", choices=SCHEDULERS, help="fifo: every trial runs its epochs; asha: stops weak ones")
-    p.add_argument("--cpus-per-trial", type=finite_float, help="CPUs each trial holds")
-    p.add_argument("--gpus-per-trial", type=finite_float, help="may be fractional (e.g. 0.5: two trials per GPU)")
+    p.add_argument("--cpus-per-trial", type=finite_float, help="CPUs each trial holds (all its workers; default 1 "
+                                                               "per worker)")
+    p.add_argument("--gpus-per-trial", type=finite_float, help="may be fractional (e.g. 0.5: two one-worker trials per "
+                                                               "GPU); with --workers, split among them")
+    _scale_options(p, sweep=True)
     p.add_argument("--max-failures", type=int, help="retries of a failed trial from its last checkpoint")
     # every trial's shared training options (the sweep file's `train:`); defaults: TrainConfig's
     p.add_argument("--pretrained", choices=PRETRAINED + (NO_PRETRAINED,),
@@ -290,12 +293,14 @@ def _run_tune(args) -> int:
     over = {"backbones": args.backbones, "freeze_ratios": args.freeze_ratios, "lr_bounds": args.lr_bounds,
             "clr_modes": args.clr_modes, "epochs": args.epochs, "batch_size": args.batch_size,
             "num_samples": args.num_samples, "scheduler": args.scheduler, "cpus_per_trial": args.cpus_per_trial,
-            "gpus_per_trial": args.gpus_per_trial, "max_failures": args.max_failures}
+            "gpus_per_trial": args.gpus_per_trial, "max_failures": args.max_failures, "workers": args.workers,
+            "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker}
     over = {k: (tuple(v) if isinstance(v, list) else v) for k, v in over.items()}
     sweep = SweepConfig.load(args.config, **over)
     _start_weights(args)
     train = {"pretrained": args.pretrained, "weights": args.weights, "optimizer": args.optimizer,
-             "patience": args.patience, "step_size_epochs": args.step_size_epochs, "offline": args.offline or None}
+             "patience": args.patience, "step_size_epochs": args.step_size_epochs, "offline": args.offline or None,
+             "ingest": args.ingest, "accumulate": args.accumulate, "shuffle": args.shuffle}
     train = {k: v for k, v in train.items() if v is not None}
     if train:
         sweep = replace(sweep, train={**sweep.train, **train})

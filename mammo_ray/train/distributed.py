@@ -15,6 +15,7 @@ Tune guide does.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -25,16 +26,16 @@ from typing import Any
 
 import ray
 import ray.train
+from ray import LoggingConfig
+from ray.data import DataContext
 from ray.train import DataConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from mammo_ray.config import TRAIN, VAL, PreprocessSpec, TrainConfig
+from mammo_ray.console import ray_verbose
 from mammo_ray.train.ingest import SplitTotals, split_dataset
 
 logger = logging.getLogger(__name__)
-
-TRACE_ENV = "MAMMO_RAY_TRACE_DIR"  # tests: each rank appends the image ids it trains on here
-
 
 @dataclass
 class Launch:
@@ -46,6 +47,11 @@ class Launch:
             must agree on every rank, whatever its shard holds).
         start: an ObjectRef of the starting state dict (resolved on the driver), or None.
         resume: an ObjectRef of a ``last.pt``'s bytes to continue from (``train --resume``).
+        trace_dir: a folder every rank appends the image ids it trains on to, one file per
+            epoch and rank (the exactly-once and determinism tests read them), or None.
+        log_level: rank 0's level for mammo_ray's records, which Ray prints on the driver's
+            console (``train``: INFO, an epoch line each epoch; a sweep's trials: WARNING, the
+            sweep's progress line says it); the other ranks log warnings only.
     """
 
     cfg: TrainConfig
@@ -56,6 +62,8 @@ class Launch:
     arrays: Any = None
     start: Any = None
     resume: Any = None
+    trace_dir: str | None = None
+    log_level: str = "INFO"
     extra_metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,9 +82,13 @@ class EveryRowOnce(DataConfig):
         output: list[dict[str, Any]] = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             ds = ds.copy(ds)
-            options = DataConfig.default_ingest_options()
+            # the driver's options (Ray's default ingest options set a deprecated field)
+            options = copy.deepcopy(DataContext.get_current().execution_options)
             options.preserve_order = True
             ds.context.execution_options = options
+            # one bar per operator per epoch from every split coordinator, on the driver's console
+            ds.context.enable_progress_bars = False
+            ds.context.print_on_execution_start = False
             for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
                 output[i][name] = split
         return output
@@ -117,8 +129,7 @@ def _placement(device: Any) -> dict[str, Any]:
             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "device": str(device)}
 
 
-def _tracer(rank: int):
-    folder = os.environ.get(TRACE_ENV)
+def _tracer(folder: str | None, rank: int):
     if not folder:
         return None
 
@@ -135,9 +146,16 @@ def worker_loop(config: dict[str, Any]) -> None:
     from mammo_ray.train.loop import fit
     from mammo_ray.train.ranks import current
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one INFO line per checkpoint per epoch
+    from ray.train.v2._internal.execution import context as train_context
+
+    # Ray Train logs every report of every rank at INFO, under a logger named by its file path
+    # (logging.getLogger(__file__)), not under "ray.train": quieted by that name
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     launch: Launch = config["launch"]
     ranks, device = current(), ray.train.torch.get_device()
+    # rank 0 logs the run's lines (train); the others would repeat them
+    logging.getLogger("mammo_ray").setLevel(launch.log_level if ranks.main else logging.WARNING)
     train, val = _feeds(launch)
     work = tempfile.mkdtemp(prefix="mammo-rank-")
     resume = _restore(work, launch)
@@ -155,7 +173,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     try:
         fit(launch.cfg, launch.spec, train, val, out=work, resume=resume, on_epoch=on_epoch, ranks=ranks,
             device=device, initial_state=ray.get(launch.start) if launch.start is not None else None,
-            trace=_tracer(ranks.rank))
+            trace=_tracer(launch.trace_dir, ranks.rank))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -177,6 +195,9 @@ def make_trainer(launch: Launch, *, name: str, storage_path: str, max_failures: 
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks or [],
+                                       # Train's own INFO lines (resources requested, worker group
+                                       # started, process group set up) only with -v
+                                       logging_config=LoggingConfig(log_level="INFO" if ray_verbose() else "WARNING"),
                                        failure_config=ray.train.FailureConfig(max_failures=max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets=datasets, dataset_config=EveryRowOnce() if datasets else None)

@@ -122,3 +122,20 @@ def read_totals(data_dir: str) -> tuple[PreprocessSpec, dict[str, SplitTotals]]:
             raise ValueError(f"{data_dir}: no {split}/ split with Parquet files (run `mammo-ray preprocess` without "
                              "--external)")
     return read_spec(data_dir), {s: split_totals(data_dir, s) for s in (TRAIN, VAL)}
+
+
+def probe_rows(launch: Any, rows: int = 96) -> Any:
+    """Training rows for a plan's probe: the in-memory split, or (streamed) the first ``rows``
+    of the split's first file, so a split too large for memory is not read to time two steps."""
+    import ray
+
+    from mammo_ray.data.arrays import SplitArrays
+
+    if launch.arrays is not None:
+        return ray.get(launch.arrays)[0]
+    fs, inner = mio.resolve(split_files(launch.data_dir, TRAIN)[0])
+    with fs.open_input_file(inner) as fh:
+        table = pq.ParquetFile(fh).read_row_group(0, columns=COLUMNS).slice(0, rows)
+    batch = decode_batch(table)
+    return SplitArrays(pixels=batch["pixels"], labels=batch["label"], image_ids=list(batch["image_id"]),
+                       patient_keys=[None] * table.num_rows, split=TRAIN)

@@ -218,8 +218,9 @@ def train_one_epoch(model: torch.nn.Module, train: SplitArrays | MemoryFeed | St
         x = batch_input(batch.pixels, norm, device, channels_last=cfg.channels_last, augment=aug)
         y = torch.from_numpy(batch.labels.astype(np.float32)).to(device, non_blocking=True)
         quiet = model.no_sync() if ranks.distributed and not sync else contextlib.nullcontext()
-        with quiet:  # gradients accumulate locally; DDP all-reduces on the step's last micro-batch
-            with _kept_buffers(core, keep=weight == 0.0), autocast(device, cfg.amp):
+        # gradients accumulate locally (no_sync); DDP all-reduces on the step's last micro-batch
+        with quiet, _kept_buffers(core, keep=weight == 0.0):
+            with autocast(device, cfg.amp):
                 logits = model(x).squeeze(1).float()
             loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight, reduction="sum") * weight
             (scaler.scale(loss) if scaler is not None else loss).backward()

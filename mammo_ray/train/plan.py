@@ -42,6 +42,7 @@ def probe_seconds_per_image(cfg: TrainConfig, spec: PreprocessSpec, train: Split
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, max(1, len(train) // cfg.batch_size))
+    cfg = dataclasses.replace(cfg, accumulate=1)  # the probe times single steps, in one process
     loss_fn = make_loss(cfg, train, device)
     kw = dict(spec=spec, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, device=device, epoch=1)
     train_one_epoch(model, train, cfg=dataclasses.replace(cfg, max_batches=1), **kw)  # warm-up: allocations
@@ -49,25 +50,33 @@ def probe_seconds_per_image(cfg: TrainConfig, spec: PreprocessSpec, train: Split
     return timed["seconds"] / max(timed["images"], 1)
 
 
-def sweep_plan(sweep: SweepConfig, first: TrainConfig, spec: PreprocessSpec, train: SplitArrays, val: SplitArrays, *,
-               gpus: float, initial_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+def sweep_plan(sweep: SweepConfig, first: TrainConfig, spec: PreprocessSpec, sample: SplitArrays,
+               totals: dict[str, Any], *, gpus: float,
+               initial_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """The plan: ``{"trials", "epochs", "seconds_per_image", "estimate_s", "gpus", "line"}``.
 
     Args:
-        first: the first trial's training config (its model is probed).
-        gpus: the cluster's GPUs; on GPUs, trials that fit side by side divide the time.
+        first: the first trial's training config (its model is probed, in one process).
+        sample: training rows to probe on (the split, or its first rows when it streams).
+        totals: each split's rows (``train.ingest.SplitTotals``).
+        gpus: the cluster's GPUs; on GPUs, trials that fit side by side divide the time, and
+            a trial's workers divide its own.
     """
     trials = sweep.grid_size * sweep.num_samples
-    per_image = probe_seconds_per_image(first, spec, train, initial_state=initial_state)
-    images = len(train) if not first.max_batches else min(len(train), first.max_batches * first.batch_size)
-    per_trial = sweep.epochs * (images + EVAL_SHARE * len(val)) * per_image
+    n_train, n_val = totals["train"].rows, totals["val"].rows
+    per_image = probe_seconds_per_image(first, spec, sample, initial_state=initial_state)
+    images = n_train if not first.max_batches else min(n_train, first.max_batches * first.batch_size * sweep.workers)
+    per_trial = sweep.epochs * (images + EVAL_SHARE * n_val) * per_image
     side_by_side = 1
-    if gpus and sweep.gpus_per_trial:
-        side_by_side = max(1, min(trials, math.floor(gpus / sweep.gpus_per_trial)))
+    trial_gpus = sweep.workers * sweep.worker_gpus
+    if gpus and trial_gpus:
+        # on GPUs, a trial's workers each take their share; on CPUs they share the probe's cores
+        per_trial /= sweep.workers
+        side_by_side = max(1, min(trials, math.floor(gpus / trial_gpus)))
     # on CPUs, trials side by side share the cores the probe used alone: no speed-up assumed
     estimate = trials * per_trial / side_by_side
     line = (f"plan: {trials} trials x {sweep.epochs} epochs ({sweep.grid_size} grid points x {sweep.num_samples} "
-            f"samples), {len(train)} train / {len(val)} val images; estimate {_duration(estimate)} "
+            f"samples), {n_train} train / {n_val} val images; estimate {_duration(estimate)} "
             f"({per_image * 1000:.0f} ms per training image, timed on {PROBE_STEPS} steps of "
             f"{first.backbone} at batch {first.batch_size})")
     return {"trials": trials, "epochs": sweep.epochs, "seconds_per_image": per_image, "estimate_s": estimate,

@@ -1,22 +1,26 @@
 """Ray Tune sweeps: one trial = one backbone x freezing ratio x cyclic-LR bounds (x mode).
 
-The preprocessed splits are loaded once on the driver and shipped to trials through the
-object store (``tune.with_parameters``), not re-read by every trial. Trials checkpoint
-every epoch (``last.pt`` + ``best.pt``); a failed trial restarts from its last checkpoint
-(``FailureConfig``) and an interrupted sweep continues with ``--resume``.
+Each trial is a Ray Train run of ``workers`` data-parallel workers (``train/distributed.py``),
+launched from a Tune function trainable as Ray's Train + Tune guide does. The splits are
+decoded once on the driver and put in the object store (``ingest=memory``), or streamed to
+every trial's workers by Ray Data (``ingest=stream``), never re-read per trial. Workers
+checkpoint every epoch (``last.pt`` + ``best.pt``); a dead worker is restarted by Train from
+the last checkpoint, a dead trial driver by Tune (both ``max_failures``), and an interrupted
+sweep continues with ``--resume``.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
-import math
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -27,13 +31,13 @@ from ray.tune.schedulers import ASHAScheduler
 from mammo_ray import io as mio
 from mammo_ray.config import SweepConfig, TrainConfig, from_mapping, to_dict
 from mammo_ray.models.checkpoint import load_checkpoint
-from mammo_ray.models.inference import resolve_device
 from mammo_ray.models.weights import resolve_weights
 from mammo_ray.outputs import check_out_location, finish_out, start_out
 from mammo_ray.console import LogWriter, Progress, ray_verbose
 from mammo_ray.ray_utils import init_ray
-from mammo_ray.train.data import load_training_data
-from mammo_ray.train.loop import fit
+from mammo_ray.train.distributed import Launch, make_trainer
+from mammo_ray.train.ingest import probe_rows, read_totals
+from mammo_ray.train.launch import check_cluster, prepare_launch
 from mammo_ray.train.plan import sweep_plan
 from mammo_ray.train.sweep_report import (
     RESULT_FIELDS,
@@ -48,6 +52,8 @@ from mammo_ray.train.sweep_report import (
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "sweep"
+DRIVER_CPU = 0.01
+RUNS = "runs"  # the trials' Ray Train runs, beside Tune's experiment under OUT/tune
 
 
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
@@ -72,11 +78,8 @@ def trial_train_config(config: dict[str, Any], sweep: SweepConfig) -> TrainConfi
     return TrainConfig.load(None, **dict(sweep.train), backbone=config["backbone"],
                             freeze_ratio=float(config["freeze_ratio"]), clr_mode=config["clr_mode"],
                             base_lr=float(base_lr), max_lr=float(max_lr), epochs=sweep.epochs,
-                            batch_size=sweep.batch_size, seed=sweep.seed)
-
-
-def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: (float("nan") if v is None else v) for k, v in metrics.items()}
+                            batch_size=sweep.batch_size, seed=sweep.seed, workers=sweep.workers,
+                            cpus_per_worker=sweep.worker_cpus, gpus_per_worker=sweep.worker_gpus)
 
 
 def resolve_start_weights(sweep: SweepConfig) -> dict[str, dict]:
@@ -106,61 +109,53 @@ def _first_sample(sweep: SweepConfig) -> dict[str, float]:
     return {"base_lr": math.sqrt(math.prod(sweep.base_lr_range)), "max_lr": math.sqrt(math.prod(sweep.max_lr_range))}
 
 
-def train_trial(config: dict[str, Any], *, data: tuple, sweep_dict: dict[str, Any],
-                start_weights: dict[str, dict] | None = None) -> None:
-    """The Tune function trainable (Ray 2.60 API: ``ray.tune.report`` / ``get_checkpoint``)."""
-    node_id = ray.get_runtime_context().get_node_id()
-    # one "Checkpoint successfully created" INFO line per trial per epoch floods the driver's
-    # console; Tune's own progress table already says where checkpoints are
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+def trial_driver(config: dict[str, Any], *, launch: Launch, sweep_dict: dict[str, Any], runs: str,
+                 starts: dict[str, Any] | None = None) -> None:
+    """The Tune function trainable of a trial, as Ray's Train + Tune guide has it: it builds the
+    trial's ``TorchTrainer`` (``sweep.workers`` workers running the one training loop) and waits
+    for it; the workers' reports reach Tune through ``TuneReportCallback`` (ASHA, the progress
+    line and ``results.csv`` read them there).
 
-    cfg = trial_train_config(config, from_mapping(SweepConfig, sweep_dict))
-    # which GPUs Ray gave this trial (it also sets CUDA_VISIBLE_DEVICES to them), and when it
-    # started: results.csv shows placement, and the scheduling tests check packing with them
-    placement = {"gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "started_at": time.time(),
-                 "device": str(resolve_device(cfg.device))}
-    spec, train, val = data
-    work = tempfile.mkdtemp(prefix="mammo-trial-")
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        restored = checkpoint.to_directory(tempfile.mkdtemp(prefix="mammo-restored-"))
-        for name in ("last.pt", "best.pt"):
-            if os.path.exists(os.path.join(restored, name)):
-                shutil.copy(os.path.join(restored, name), os.path.join(work, name))
-        shutil.rmtree(restored, ignore_errors=True)
-        resume = os.path.join(work, "last.pt")
-        logger.info("trial restored from its checkpoint (epoch in %s)", resume)
+    The Train run is named by the trial id under ``runs`` (``OUT/tune/runs``, absolute: the
+    trial's process runs in a folder of Tune's): a trial Tune restarts (its
+    driver failed, or ``tune --resume``) finds the run's checkpoints under the same name and
+    continues from the last one; a worker that dies is restarted by Train from it.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-    def on_epoch(metrics: dict[str, Any], out: str | None) -> None:
-        # fit() has just written last.pt/best.pt into `out`: Tune persists that folder as the
-        # epoch's checkpoint (one copy, into the storage path; no staging copy of our own).
-        # metrics carry best_val_auc (the trial's best epoch so far, kept across a restore): what
-        # Tune ranks by ("Current best trial" on the console, ASHA's rungs), not the last epoch's
-        tune.report(_finite({**metrics, "restored": resume is not None, "node_id": node_id, **placement}),
-                    checkpoint=tune.Checkpoint.from_directory(out))
-
-    try:
-        fit(cfg, spec, train, val, out=work, resume=resume, on_epoch=on_epoch,
-            initial_state=(start_weights or {}).get(cfg.backbone))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    sweep = from_mapping(SweepConfig, sweep_dict)
+    cfg = replace(trial_train_config(config, sweep), ingest=launch.ingest)
+    trial = replace(launch, cfg=cfg, start=(starts or {}).get(cfg.backbone), log_level="WARNING",
+                    extra_metrics={"started_at": time.time()})
+    trial_id = tune.get_context().get_trial_id()
+    make_trainer(trial, name=f"trial-{trial_id}", storage_path=runs,
+                 max_failures=sweep.max_failures, callbacks=[TuneReportCallback()]).fit()
 
 
-def check_resources(sweep: SweepConfig) -> None:
-    """Refuse a trial size that no node of the cluster can host (before any trial starts)."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    max_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
-    max_gpu = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
-    if sweep.gpus_per_trial > max_gpu:
-        raise ValueError(f"gpus_per_trial={sweep.gpus_per_trial}: no node has that many GPUs "
-                         f"(largest node: {max_gpu:g} GPU{'s' if max_gpu != 1 else ''})")
-    if sweep.cpus_per_trial > max_cpu:
-        raise ValueError(f"cpus_per_trial={sweep.cpus_per_trial}: no node has that many CPUs (largest node: {max_cpu:g})")
+def max_concurrent(sweep: SweepConfig, *, stream: bool) -> int:
+    """Trials whose workers fit the cluster at once (Ray's Train + Tune guide: limit the trial
+    drivers to what the limiting resource holds, or the rest wait, each holding a process).
+    A streamed ingest keeps one CPU for Ray Data's reads."""
+    res = ray.cluster_resources()
+    fits = [math.floor((res.get("CPU", 0) - (1 if stream else 0)) / (sweep.workers * sweep.worker_cpus))]
+    if sweep.worker_gpus:
+        fits.append(math.floor(res.get("GPU", 0) / (sweep.workers * sweep.worker_gpus)))
+    return max(1, min(fits))
 
 
 def storage_path(out: str) -> str:
     return mio.join(out, "tune") if mio.is_uri(out) else os.path.join(os.path.abspath(out), "tune")
+
+
+def _launch(data_dir: str, sweep: SweepConfig) -> tuple[Launch, dict[str, Any]]:
+    """The sweep's shared launch (splits in the object store once, or streamed) and each
+    backbone's starting weights, put in the object store once."""
+    base = TrainConfig.load(None, **dict(sweep.train), backbone=sweep.backbones[0], workers=sweep.workers,
+                            cpus_per_worker=sweep.worker_cpus, gpus_per_worker=sweep.worker_gpus)
+    launch = prepare_launch(base, data_dir)
+    check_cluster(sweep.workers, sweep.worker_cpus, sweep.worker_gpus, stream=launch.ingest == "stream")
+    starts = {b: ray.put(state) for b, state in resolve_start_weights(sweep).items()}
+    return launch, starts
 
 
 def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = False, overwrite: bool = False,
@@ -176,30 +171,35 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
         ``{"trials": n, "results": rows, "best": {...}}``.
 
     Raises:
-        ValueError: bad data, a resume path without a sweep, trials larger than any node.
+        ValueError: bad data, a resume path without a sweep, workers larger than any node or
+            the cluster.
     """
     check_out_location(out, folders=[data_dir])
     path = mio.join(storage_path(out), EXPERIMENT)
     if resume and not tune.Tuner.can_restore(path):
         raise ValueError(f"--resume {out}: holds no sweep to resume (no Tune experiment at {path})")
-    spec, train, val = load_training_data(data_dir)
+    read_totals(data_dir)  # a missing split is one line before Ray starts
     init_ray(address)
-    check_resources(sweep)
-    start_weights = resolve_start_weights(sweep)  # before anything is written: a bad file stops here
+    launch, starts = _launch(data_dir, sweep)
     if confirm is not None and not resume:
         first = trial_train_config({k: v["grid_search"][0] for k, v in param_space(sweep).items()
                                     if isinstance(v, dict)} | _first_sample(sweep), sweep)
-        confirm(sweep_plan(sweep, first, spec, train, val, gpus=ray.cluster_resources().get("GPU", 0),
-                           initial_state=start_weights.get(first.backbone)))
+        confirm(sweep_plan(sweep, first, launch.spec, probe_rows(launch), launch.totals,
+                           gpus=ray.cluster_resources().get("GPU", 0),
+                           initial_state=ray.get(starts[first.backbone]) if first.backbone in starts else None))
     start_out(out, "tune", overwrite=overwrite, resume=resume)  # refuses an --out holding a run (also a sweep)
     if not resume:  # the sweep's own file: `--resume` reads it back, outputs describe themselves
         mio.write_bytes(mio.join(out, "sweep.yaml"), yaml.safe_dump(to_dict(sweep), sort_keys=False).encode())
-    logger.info("sweep: %d grid points x %d samples on %s; train %d, val %d images", sweep.grid_size,
-                sweep.num_samples, ", ".join(sweep.backbones), len(train), len(val))
+    logger.info("sweep: %d grid points x %d samples on %s; %d worker(s) per trial, ingest %s; train %d, val %d images",
+                sweep.grid_size, sweep.num_samples, ", ".join(sweep.backbones), sweep.workers, launch.ingest,
+                launch.totals["train"].rows, launch.totals["val"].rows)
+    # the trial's function only drives its Train run (its workers hold the CPUs and GPUs), so it
+    # asks for a token CPU share (Tune refuses a trial of no resources at all);
+    # max_concurrent_trials keeps the drivers to the trials whose workers fit
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, data=(spec, train, val), sweep_dict=to_dict(sweep),
-                             start_weights=start_weights),
-        {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
+        tune.with_parameters(trial_driver, launch=launch, sweep_dict=to_dict(sweep), starts=starts,
+                             runs=mio.join(storage_path(out), RUNS)),
+        {"cpu": DRIVER_CPU})
     if resume:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -209,16 +209,13 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
                                       grace_period=min(sweep.grace_period, sweep.epochs), reduction_factor=2)
         tuner = tune.Tuner(
             trainable, param_space=param_space(sweep),
-            # reuse_actors: a trial that ends hands its process (its resources) to the next one
-            # instead of a new actor importing torch, torchvision and timm again (~10 s of CPU
-            # each on a small node); train_trial keeps no state between trials.
             tune_config=tune.TuneConfig(metric="best_val_auc", mode="max", num_samples=sweep.num_samples,
-                                        scheduler=scheduler, reuse_actors=True),
+                                        scheduler=scheduler,
+                                        max_concurrent_trials=max_concurrent(sweep, stream=launch.ingest == "stream")),
             run_config=tune.RunConfig(
                 name=EXPERIMENT, storage_path=storage_path(out), verbose=1 if ray_verbose() else 0,
                 callbacks=[SweepProgress(sweep.grid_size * sweep.num_samples)],
-                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures)))
     grid = _fit_or_explain(tuner, data_dir, out, address)
     summary = write_outputs(grid, out, sweep)
     finish_out(out, "tune")
@@ -278,10 +275,16 @@ def _fit_or_explain(tuner, data_dir: str, out: str, address: str | None = None):
                                f"`{shlex.join(command)}`") from exc
 
 
-def _best_state(result) -> tuple[dict[str, Any] | None, str | None]:
-    if result.checkpoint is None:
+def _best_state(result, out: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The trial's ``best.pt`` from its Train run's last checkpoint (``TuneReportCallback`` puts
+    the checkpoint's path among the metrics; the path is on the storage ``out`` lives on)."""
+    from ray.train import Checkpoint
+
+    where = (result.metrics or {}).get("checkpoint_path")
+    if not where:
         return None, None
-    with result.checkpoint.as_directory() as d:
+    fs, _ = mio.resolve(storage_path(out))
+    with Checkpoint(where, filesystem=fs).as_directory() as d:
         best = os.path.join(d, "best.pt")
         if not os.path.exists(best):
             return None, None
@@ -298,7 +301,7 @@ def write_outputs(grid, out: str, sweep: SweepConfig) -> dict[str, Any]:
     for result in grid:
         config = result.config or {}
         metrics = result.metrics or {}
-        state, local = _best_state(result)
+        state, local = _best_state(result, out)
         best = (state or {}).get("metrics", {})
         trial_id = metrics.get("trial_id") or os.path.basename(result.path)
         base_lr, max_lr = config.get("lr_bounds") or (config.get("base_lr"), config.get("max_lr"))
@@ -310,6 +313,7 @@ def write_outputs(grid, out: str, sweep: SweepConfig) -> dict[str, Any]:
             **{k: best.get(k) for k in ("val_auc", "val_auc_low", "val_auc_high", "val_accuracy", "val_precision",
                                          "val_recall", "val_f1", "val_loss")},
             "time_s": metrics.get("time_total_s"), "restored": bool(metrics.get("restored", False)),
+            "workers": metrics.get("workers"), "placement": metrics.get("placement"),
             "node_id": metrics.get("node_id"), "gpu_ids": metrics.get("gpu_ids"), "device": metrics.get("device"),
             "started_at": metrics.get("started_at"), "finished_at": metrics.get("timestamp"), "checkpoint": local,
         })

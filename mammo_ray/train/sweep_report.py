@@ -14,7 +14,7 @@ from mammo_ray import io as mio
 
 RESULT_FIELDS = ("trial_id", "backbone", "freeze_ratio", "base_lr", "max_lr", "clr_mode", "status", "epochs_run",
                  "best_epoch", "val_auc", "val_auc_low", "val_auc_high", "val_accuracy", "val_precision", "val_recall",
-                 "val_f1", "val_loss", "time_s", "restored", "node_id", "gpu_ids", "device", "started_at",
+                 "val_f1", "val_loss", "time_s", "restored", "workers", "placement", "node_id", "gpu_ids", "device", "started_at",
                  "finished_at", "checkpoint")
 
 
