@@ -206,10 +206,11 @@ def _streams(cfg, data_dir: str) -> bool:
 
 
 def _run_train_distributed(cfg, args) -> int:
-    from mammo_ray.train.launch import run_distributed_train
+    from mammo_ray.train.launch import execute_train, prepare_train
 
+    launch = prepare_train(cfg, args.data, resume=args.resume, address=args.address)  # refusals before --out
     start_out(args.out, "train", overwrite=args.overwrite, resume=bool(args.resume))
-    result = run_distributed_train(cfg, args.data, args.out, resume=args.resume, address=args.address)
+    result = execute_train(launch, args.out)
     finish_out(args.out, "train")
     return _print_train(args.out, result["best_epoch"], result["best_metrics"])
 

@@ -108,16 +108,18 @@ def train_storage(out: str) -> str:
     return mio.join(out, "ray_train") if mio.is_uri(out) else os.path.join(os.path.abspath(out), "ray_train")
 
 
-def run_distributed_train(cfg: TrainConfig, data_dir: str, out: str, *, resume: str | None = None,
-                          address: str | None = None) -> dict[str, Any]:
-    """``mammo-ray train`` on Ray Train: ``cfg.workers`` workers, the chosen ingest, and the same
-    files in ``out`` as the in-process run (``best.pt``, ``last.pt``, ``history.csv``,
-    ``config.yaml``, ``metrics.json``), copied from the run's last checkpoint.
+def prepare_train(cfg: TrainConfig, data_dir: str, *, resume: str | None = None, address: str | None = None,
+                  trace_dir: str | None = None) -> Launch:
+    """Everything ``train`` on Ray Train checks and ships before ``--out`` is touched: Ray
+    started or joined, the workers' size against the cluster, the splits' totals and ingest,
+    the starting weights resolved once here (the workers never download).
 
-    Returns:
-        ``{"best_epoch", "best_metrics", "history", "stopped_early", "ingest"}``.
+    Args:
+        trace_dir: where every rank records the image ids it trains on (see ``Launch``).
+
+    Raises:
+        ValueError: one line naming the bad value and what would fit.
     """
-    from mammo_ray.models.checkpoint import load_checkpoint
     from mammo_ray.models.weights import resolve_weights
     from mammo_ray.ray_utils import init_ray
 
@@ -126,9 +128,24 @@ def run_distributed_train(cfg: TrainConfig, data_dir: str, out: str, *, resume: 
     start = None
     if cfg.pretrained is not None or cfg.weights is not None:
         start = resolve_weights(cfg.backbone, pretrained=cfg.pretrained, weights_path=cfg.weights, offline=cfg.offline)
-    launch = prepare_launch(cfg, data_dir, start_state=start, resume=resume)
-    if launch.ingest == "stream" and cfg.ingest != "stream":
+    launch = replace(prepare_launch(cfg, data_dir, start_state=start, resume=resume), trace_dir=trace_dir)
+    if launch.ingest == "stream" and cfg.ingest != "stream":  # auto chose to stream: Ray Data needs its CPU
         check_cluster(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker, stream=True)
+    return launch
+
+
+def execute_train(launch: Launch, out: str) -> dict[str, Any]:
+    """Run a prepared ``train`` on Ray Train and write the in-process run's files to ``out``
+    (``best.pt``, ``last.pt``, ``history.csv``, ``config.yaml``, ``metrics.json``), copied
+    from the run's last checkpoint.
+
+    Returns:
+        ``{"best_epoch", "best_metrics", "history", "stopped_early", "ingest", "restored",
+        "placement"}`` (``restored``: the worker group was restarted from a checkpoint).
+    """
+    from mammo_ray.models.checkpoint import load_checkpoint
+
+    cfg = launch.cfg
     logger.info("train on Ray Train: %d worker(s) x %g CPU %g GPU, ingest %s, train %d val %d images",
                 cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker, launch.ingest, launch.totals[TRAIN].rows,
                 launch.totals[VAL].rows)
@@ -145,5 +162,13 @@ def run_distributed_train(cfg: TrainConfig, data_dir: str, out: str, *, resume: 
     summary = {"best_epoch": int(state.get("best_epoch", 0)), "best": dict(state.get("best_metrics", {})),
                "stopped_early": len(history) < cfg.epochs and bool(history), "epochs_run": len(history)}
     mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(summary, indent=2).encode())
+    metrics = result.metrics or {}
     return {"best_epoch": summary["best_epoch"], "best_metrics": summary["best"], "history": history,
-            "stopped_early": summary["stopped_early"], "ingest": launch.ingest}
+            "stopped_early": summary["stopped_early"], "ingest": launch.ingest,
+            "restored": bool(metrics.get("restored")), "placement": metrics.get("placement")}
+
+
+def run_distributed_train(cfg: TrainConfig, data_dir: str, out: str, *, resume: str | None = None,
+                          address: str | None = None, trace_dir: str | None = None) -> dict[str, Any]:
+    """``mammo-ray train`` on Ray Train (:func:`prepare_train`, then :func:`execute_train`)."""
+    return execute_train(prepare_train(cfg, data_dir, resume=resume, address=address, trace_dir=trace_dir), out)

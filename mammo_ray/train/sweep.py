@@ -52,7 +52,9 @@ from mammo_ray.train.sweep_report import (
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "sweep"
-DRIVER_CPU = 0.01
+#: a trial driver needs no CPU (its workers hold them), but Tune refuses a trial of no
+#: resources at all: it asks for one byte of memory, so a worker may take every CPU of a node
+DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
 RUNS = "runs"  # the trials' Ray Train runs, beside Tune's experiment under OUT/tune
 
 
@@ -193,13 +195,12 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
     logger.info("sweep: %d grid points x %d samples on %s; %d worker(s) per trial, ingest %s; train %d, val %d images",
                 sweep.grid_size, sweep.num_samples, ", ".join(sweep.backbones), sweep.workers, launch.ingest,
                 launch.totals["train"].rows, launch.totals["val"].rows)
-    # the trial's function only drives its Train run (its workers hold the CPUs and GPUs), so it
-    # asks for a token CPU share (Tune refuses a trial of no resources at all);
-    # max_concurrent_trials keeps the drivers to the trials whose workers fit
+    # the trial's function only drives its Train run (DRIVER_RESOURCES); max_concurrent_trials
+    # keeps the drivers to the trials whose workers fit
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, launch=launch, sweep_dict=to_dict(sweep), starts=starts,
                              runs=mio.join(storage_path(out), RUNS)),
-        {"cpu": DRIVER_CPU})
+        DRIVER_RESOURCES)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:

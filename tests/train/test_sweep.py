@@ -89,10 +89,17 @@ def test_four_trial_sweep_writes_every_output(ray_local, train_data_dir, tmp_pat
 
 
 def _trial_workers() -> list[int]:
-    """This session's Tune trial workers (never another Ray's on the same machine)."""
+    """This session's Ray Train workers of the trials (never another Ray's on the same machine)."""
     from tests.conftest import own_processes
 
-    return sorted({pid for name in ("train_trial", "ImplicitFunc") for pid in own_processes("ray::", name)})
+    return sorted(own_processes("ray::", "RayTrainWorker"))
+
+
+def _checkpointed_trials(out: Path) -> list[Path]:
+    """The trials' Tune folders whose Train run holds a checkpoint (under OUT/tune/runs)."""
+    runs = out / "tune" / "runs"
+    return [t for t in (out / "tune" / "sweep").glob("trial_driver_*")
+            if any(runs.glob(f"trial-{t.name.split('_')[2]}_{t.name.split('_')[3]}/checkpoint_*"))]
 
 
 def _results_logged(trial_dir) -> int:
@@ -116,7 +123,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_local, train_dat
             # before the driver has processed that report (a loaded CI machine lagged): the
             # driver's own result.json holding a third result proves an earlier checkpoint registered.
             # (any checkpoint folder: with num_to_keep=2, checkpoint_000001 goes once _000003 exists)
-            trials = [t for t in (out / "tune" / "sweep").glob("train_trial_*") if any(t.glob("checkpoint_*"))]
+            trials = _checkpointed_trials(out)
             if len(trials) >= 2 and all(_results_logged(t) >= 3 for t in trials):
                 pids = _trial_workers()
                 if pids:
@@ -202,7 +209,7 @@ def test_sweep_survives_losing_a_worker_node(ray_cluster, train_data_dir, tmp_pa
     def a_trials_node():
         return next((n for n in (node_of_pid(workers, pid) for pid in _trial_workers()) if n is not None), None)
 
-    thread = remove_node_when(cluster, lambda: bool(list((out / "tune" / "sweep").glob("*/checkpoint_000001"))),
+    thread = remove_node_when(cluster, lambda: len(list((out / "tune" / "runs").glob("*/checkpoint_*"))) >= 2,
                               a_trials_node, removed)
     summary = run_sweep(str(train_data_dir), str(out), small_sweep(epochs=8, freeze_ratios=(0.0,), max_failures=3,
                                                                   train={"optimizer": "adamw", "patience": 0, "pretrained": "none"}))
@@ -219,7 +226,14 @@ def test_sweep_survives_losing_a_worker_node(ray_cluster, train_data_dir, tmp_pa
     ("backbones: [simplecnn]\nfreeze_ratio: [0.5]\n", [], "unknown SweepConfig key(s) freeze_ratio"),
     ("backbones: [simplecnn]\nfreeze_ratios: []\n", [], "freeze_ratios: the grid is empty"),
     ("backbones: [simplecnn]\nlr_bounds: [[0.01, 0.001]]\n", [], "lr_bounds: [0.01, 0.001] needs 0 < base_lr < max_lr"),
-    ("backbones: [simplecnn]\n", ["--gpus-per-trial", "1"], "gpus_per_trial=1.0: no node has that many GPUs"),
+    ("backbones: [simplecnn]\n", ["--gpus-per-trial", "1"], "gpus_per_worker=1: no node has that many GPUs"),
+    ("backbones: [simplecnn]\n", ["--workers", "0"], "workers=0: use a whole number of data-parallel workers"),
+    ("backbones: [simplecnn]\n", ["--workers", "3"], "workers=3 x cpus_per_worker=1 needs 3 CPUs, but the cluster has 2"),
+    ("backbones: [simplecnn]\n", ["--workers", "2", "--gpus-per-worker", "1"],
+     "workers=2 x gpus_per_worker=1"),
+    ("backbones: [simplecnn]\n", ["--accumulate", "0"], "accumulate=0: use a whole number"),
+    ("backbones: [simplecnn]\n", ["--workers", "2", "--cpus-per-trial", "4", "--cpus-per-worker", "1"],
+     "cpus_per_trial=4 and cpus_per_worker=1 with workers=2 disagree"),
     ("backbones: [simplecnn]\n", ["--resume"], "holds no sweep to resume"),
 ])
 def test_bad_sweeps_are_refused_before_any_trial(yaml_text, argv, needle, ray_local, train_data_dir, tmp_path, capsys):
@@ -229,7 +243,7 @@ def test_bad_sweeps_are_refused_before_any_trial(yaml_text, argv, needle, ray_lo
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
-    assert not list((tmp_path / "out").glob("tune/sweep/*/checkpoint_*"))
+    assert not list((tmp_path / "out").glob("tune/runs/*/checkpoint_*"))
 
 
 def test_asha_scheduler_sweep_finishes(ray_local, train_data_dir, tmp_path):
@@ -264,7 +278,7 @@ def test_sweep_storage_on_s3(s3_server, train_data_dir):
         for name in ("results.csv", "table.md", "auc_vs_freezing.png", "best/overall/checkpoint.pt",
                      "best/simplecnn-r0.5/checkpoint.pt"):
             assert f"sweeps/one/{name}" in keys, name
-        assert any("/checkpoint_000001/last.pt" in k for k in keys)
+        assert any(k.startswith("sweeps/one/tune/runs/") and k.endswith("/last.pt") for k in keys), sorted(keys)
     finally:
         ray.shutdown()
 
