@@ -6,6 +6,7 @@ test split and on a film set from another site; Grad-CAM on the film set's annot
     python benchmarks/realdata.py [--size 224] [--epochs 5] [--out /tmp/realdata]
     python benchmarks/realdata.py --epochs 3 --freeze-ratios 0.5 --seeds 0 1 2   # 3 pairs, 20 min
     python benchmarks/realdata.py --size 320 --resize-mode stretch --seeds 0 1 2 --random-seeds 0  # 1 baseline
+    python benchmarks/realdata.py --freeze-ratios 0.5 --epochs 2 --random-seeds --ingest stream  # Ray Data
     python benchmarks/realdata.py --smoke-test          # seconds, on phantoms (CI)
 
 Data (never copied into the repository; docs/benchmarks.md says where to get both): ``--data``,
@@ -64,6 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="evaluate's test-time augmentation (run 7: vflip lifted every seed's test AUC by 0.003-0.029)")
     p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--ingest", default="memory", choices=("memory", "stream"),
+                   help="how the trials' workers get the splits (stream: Ray Data; one CPU is left to its reads)")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel workers per trial")
     p.add_argument("--smoke-test", action="store_true")
     return p
 
@@ -139,11 +143,11 @@ def main(args) -> dict:
 
     def sweep(name: str, ratios: list[float], pretrained: str | None, seed: int) -> dict:
         t = time.perf_counter()
-        train = {"optimizer": "adamw", "step_size_epochs": 1.0, "patience": 0}
+        train = {"optimizer": "adamw", "step_size_epochs": 1.0, "patience": 0, "ingest": args.ingest}
         train["pretrained"] = pretrained or "none"  # random init named: the default is ImageNet
         cfg = SweepConfig(backbones=(args.backbone,), freeze_ratios=tuple(ratios), lr_bounds=((base_lr, max_lr),),
-                          epochs=args.epochs, batch_size=args.batch_size, cpus_per_trial=args.cpus, train=train,
-                          seed=seed)
+                          epochs=args.epochs, batch_size=args.batch_size, workers=args.workers,
+                          cpus_per_trial=args.cpus - (1 if args.ingest == "stream" else 0), train=train, seed=seed)
         result = run_sweep(data, os.path.join(out, name), cfg)
         times[name] = time.perf_counter() - t
         return result
@@ -181,7 +185,8 @@ def main(args) -> dict:
     paired = paired_gaps(rows, best_ratio, data, os.path.join(out, "evaluate"))
     result = {
         "benchmark": "realdata", "smoke_test": args.smoke_test, "backbone": args.backbone, "size": args.size,
-        "epochs": args.epochs, "lr": [base_lr, max_lr], "std": args.std,
+        "epochs": args.epochs, "lr": [base_lr, max_lr], "std": args.std, "ingest": args.ingest,
+        "workers": args.workers,
         "resize_mode": args.resize_mode, "tta": args.tta, "ratios": [0.7, 0.15, 0.15],
         "images": {"rows": pre["rows"], "errors": pre["errors"], "splits": pre["splits"], "film_rows": film["rows"]},
         "best_freeze_ratio": best_ratio, "rows": rows,

@@ -188,8 +188,9 @@ def make_trainer(launch: Launch, *, name: str, storage_path: str, max_failures: 
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if gpu else {})}
     datasets = None
     if launch.ingest == "stream":
-        datasets = {TRAIN: split_dataset(launch.data_dir, TRAIN, seed=cfg.seed, shuffle=cfg.shuffle),
-                    VAL: split_dataset(launch.data_dir, VAL, seed=cfg.seed)}
+        datasets = {TRAIN: split_dataset(launch.data_dir, TRAIN, seed=cfg.seed, shuffle=cfg.shuffle,
+                                         block_rows=cfg.batch_size),
+                    VAL: split_dataset(launch.data_dir, VAL, seed=cfg.seed, block_rows=cfg.eval_batch_size)}
     return TorchTrainer(
         worker_loop, train_loop_config={"launch": launch},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=gpu, resources_per_worker=resources),

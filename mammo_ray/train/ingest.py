@@ -93,19 +93,26 @@ def decode_batch(batch: pa.Table) -> dict[str, Any]:
             "pixels": pixels}
 
 
-def split_dataset(data_dir: str, split: str, *, seed: int, shuffle: str = "local") -> Any:
+def split_dataset(data_dir: str, split: str, *, seed: int, shuffle: str = "local", block_rows: int = 32) -> Any:
     """A Ray Dataset of one split: Parquet read (file order shuffled per epoch for ``train``,
-    seeded), pixels decoded in the pipeline, and for ``shuffle='full'`` a global random shuffle."""
+    seeded), pixels decoded in the pipeline, and for ``shuffle='full'`` a global random shuffle.
+
+    Blocks of ``block_rows`` rows (a training batch): Ray Train's split hands whole blocks to
+    workers, so a split read as one block (a few small files are read by one task) would
+    reach one worker only.
+    """
     import ray
     from ray.data import FileShuffleConfig
 
     files = split_files(data_dir, split)
     fs, _ = mio.resolve(files[0])
+    spec = read_spec(data_dir)
     # FileShuffleConfig reseeds after each execution by default: a new file order every epoch,
     # the same sequence of orders for the same seed
     order = FileShuffleConfig(seed=seed) if split == TRAIN else None
     ds = ray.data.read_parquet([mio.resolve(f)[1] for f in files], filesystem=fs, columns=COLUMNS, shuffle=order)
-    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    ds.context.target_max_block_size = max(1, block_rows) * resources.image_bytes(spec.size, spec.dtype)
+    ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=max(1, block_rows), zero_copy_batch=True)
     if split == TRAIN and shuffle == "full":
         ds = ds.random_shuffle()
     return ds

@@ -191,3 +191,21 @@ def test_sharded_validation_auc_equals_one_process(tmp_path):
     for m in sharded:
         assert m["val_auc"] == pytest.approx(single["val_auc"], abs=1e-12)
         assert m["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
+
+
+def test_non_square_16_bit_rows_train_end_to_end_with_accumulation(tmp_path):
+    """Rows as `preprocess --size 48 32 --dtype uint16` writes them train in one process, with
+    2 micro-batches per optimizer step: the LR schedule counts optimizer steps, not batches."""
+    rng = np.random.default_rng(0)
+    n = 40
+    labels = (np.arange(n) % 2).astype(np.int64)
+    pixels = (rng.integers(0, 40000, size=(n, 48, 32)) + labels[:, None, None] * 20000).astype(np.uint16)
+    train = SplitArrays(pixels=pixels, labels=labels, image_ids=[f"t{i}" for i in range(n)], patient_keys=[None] * n,
+                        split="train")
+    val = SplitArrays(pixels=pixels[:12], labels=labels[:12], image_ids=[f"v{i}" for i in range(12)],
+                      patient_keys=[None] * 12, split="val")
+    spec = PreprocessSpec(size=(48, 32), dtype="uint16")
+    result = fit(config(accumulate=2, max_batches=0, epochs=1), spec, train, val, out=str(tmp_path))
+    row = result.history[0]
+    assert row["train_images"] == n and row["optimizer_steps"] == 3  # 5 micro-batches of 8 -> 3 steps
+    assert load_checkpoint(str(tmp_path / "best.pt"))["spec"]["size"] == [48, 32]
