@@ -62,6 +62,8 @@ class TrainConfig:
         accumulate: micro-batches per optimizer step (the cyclic LR counts optimizer steps).
         shuffle, shuffle_buffer: a stream's per-epoch shuffle (``local``: file order and a seeded
             buffer of that many rows; ``full``: Ray Data's random_shuffle).
+        activation_checkpointing: recompute each trainable unit's activations in the backward
+            pass (``models/recompute.py``): about half the memory, a third more compute.
     """
 
     # The defaults are what the real-data runs (docs: runs 1-9 on 3,383 digital mammograms) found
@@ -105,6 +107,7 @@ class TrainConfig:
     accumulate: int = 1
     shuffle: str = "local"
     shuffle_buffer: int = 512
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check_finite(self)

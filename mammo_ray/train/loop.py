@@ -41,6 +41,7 @@ from mammo_ray.models.inference import (
     to_unit,
 )
 from mammo_ray.models.normalization import Normalization, checkpoint_normalization, resolve_normalization
+from mammo_ray.models.recompute import checkpoint_units
 from mammo_ray.models.registry import build_model
 from mammo_ray.train.data import augment_batch, augment_params
 from mammo_ray.train.feed import MIN_BATCH, Batch, MemoryFeed, StreamFeed, optimizer_steps, with_lookahead
@@ -333,6 +334,8 @@ def parallel_model(cfg: TrainConfig, device: torch.device, ranks: Ranks,
     context exists; ``prepare_model`` does this same wrap.
     """
     core = build_training_model(cfg, initial_state).to(device)
+    if cfg.activation_checkpointing:
+        checkpoint_units(core, cfg.backbone)
     if cfg.channels_last:
         core = core.to(memory_format=torch.channels_last)
     if not ranks.distributed:

@@ -7,6 +7,7 @@ same group Ray Train's ``TorchTrainer`` sets up for its workers), running
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 import socket
 from pathlib import Path
 
@@ -209,3 +210,14 @@ def test_non_square_16_bit_rows_train_end_to_end_with_accumulation(tmp_path):
     row = result.history[0]
     assert row["train_images"] == n and row["optimizer_steps"] == 3  # 5 micro-batches of 8 -> 3 steps
     assert load_checkpoint(str(tmp_path / "best.pt"))["spec"]["size"] == [48, 32]
+
+
+@pytest.mark.parametrize("backbone,ratio", [("resnet18", 0.25), ("simplecnn", 0.0)])
+def test_activation_checkpointing_changes_memory_not_the_result(backbone, ratio, tmp_path):
+    """Recomputed activations give the same weights and BatchNorm statistics after 3 steps (the
+    recomputation leaves the running statistics alone: they move once per step, not twice)."""
+    train, val = synthetic(48, "train", 8), synthetic(16, "val", 9)
+    plain = config(backbone=backbone, freeze_ratio=ratio, max_batches=3)
+    fit(plain, SPEC, train, val, out=str(tmp_path / "plain"))
+    fit(replace(plain, activation_checkpointing=True), SPEC, train, val, out=str(tmp_path / "ckpt"))
+    assert_same_weights(weights(tmp_path / "plain"), weights(tmp_path / "ckpt"), buffers=True)
