@@ -161,3 +161,8 @@ class StreamFeed:
                                          prefetch_batches=1, **shuffle):
             yield Batch(np.asarray(b["pixels"]), np.asarray(b["label"], dtype=np.int64),
                         [str(i) for i in b["image_id"]])
+
+
+def as_feed(data: SplitArrays | MemoryFeed | StreamFeed) -> MemoryFeed | StreamFeed:
+    """A split in memory as a :class:`MemoryFeed`; a feed as it is."""
+    return MemoryFeed(data) if isinstance(data, SplitArrays) else data

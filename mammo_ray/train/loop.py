@@ -1,57 +1,40 @@
 """The training loop: selective freezing, CyclicLR stepped per optimizer step, gradient
 accumulation, early stopping on val AUC, best/last checkpoints, on one rank or many (DDP).
-``train_one_epoch`` / ``evaluate`` / ``fit`` as in torchvision's references.
+``train_one_epoch`` (``step.py``) / ``evaluate`` (``validate.py``) / ``fit`` as in
+torchvision's references; what a run writes is ``records.py``.
 """
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
-import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
 
-from mammo_ray import io as mio
-from mammo_ray.config import PreprocessSpec, TrainConfig, to_dict
-from mammo_ray.console import Progress
+from mammo_ray.config import PreprocessSpec, TrainConfig
 from mammo_ray.data.arrays import SplitArrays
-from mammo_ray.metrics import binary_metrics as set_metrics
-from mammo_ray.metrics import choose_threshold, delong_auc_ci
-from mammo_ray.models.checkpoint import (
-    checkpoint_config,
-    load_checkpoint,
-    save_checkpoint,
-)
-from mammo_ray.models.freezing import freeze_units, train_mode, trainable_parameters
-from mammo_ray.models.inference import (
-    autocast,
-    normalize,
-    predict,
-    resolve_device,
-    to_unit,
-)
+from mammo_ray.models.checkpoint import checkpoint_config, load_checkpoint
+from mammo_ray.models.freezing import freeze_units, trainable_parameters
+from mammo_ray.models.inference import predict, resolve_device
 from mammo_ray.models.normalization import Normalization, checkpoint_normalization, resolve_normalization
 from mammo_ray.models.recompute import checkpoint_units
 from mammo_ray.models.registry import build_model
-from mammo_ray.train.data import augment_batch, augment_params
-from mammo_ray.train.feed import MIN_BATCH, Batch, MemoryFeed, StreamFeed, optimizer_steps, with_lookahead
-from mammo_ray.train.ranks import SINGLE, Ranks
+from mammo_ray.train.feed import MIN_BATCH, MemoryFeed, StreamFeed, as_feed, optimizer_steps
+from mammo_ray.train.ranks import Ranks
 from mammo_ray.train.ranks import current as current_ranks
+from mammo_ray.train.records import HISTORY_FIELDS, log_epoch, save_epoch, write_config, write_metrics
+from mammo_ray.train.step import batch_input, train_one_epoch
+from mammo_ray.train.validate import binary_metrics, evaluate, val_scores
 
 logger = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1",
-                  "lr", "seconds", "train_images_per_s", "train_images", "optimizer_steps")
+# the loop's parts keep answering to their old home (callers and tests import them from here)
+__all__ = ["FitResult", "HISTORY_FIELDS", "batch_input", "binary_metrics", "build_training_model", "check_ranks",
+           "class_counts", "evaluate", "fit", "make_loss", "make_optimizer", "make_scheduler", "parallel_model",
+           "predict", "train_one_epoch", "val_scores"]
 
 
 def build_training_model(cfg: TrainConfig, initial_state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
@@ -101,198 +84,6 @@ def make_loss(cfg: TrainConfig, train: SplitArrays | MemoryFeed | StreamFeed, de
     if cfg.imbalance == "weighted_loss":
         pos_weight = torch.tensor([counts[0] / max(counts[1], 1)], dtype=torch.float32, device=device)
     return torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-
-
-def batch_input(pixels: np.ndarray, norm: Normalization, device: torch.device, *, channels_last: bool,
-                augment: np.ndarray | None = None) -> torch.Tensor:
-    """A training batch: stored pixels -> [0, 1] -> (seeded augmentation) -> normalized."""
-    x = to_unit(pixels, device)
-    if augment is not None:
-        x = augment_batch(x, augment)
-    return normalize(x, norm, channels_last=channels_last)
-
-
-def as_feed(data: SplitArrays | MemoryFeed | StreamFeed) -> MemoryFeed | StreamFeed:
-    return MemoryFeed(data) if isinstance(data, SplitArrays) else data
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a ``DistributedDataParallel`` wrapper (what is frozen, saved and scored)."""
-    return model.module if isinstance(model, DDP) else model
-
-
-class _LogLines:
-    """The progress lines' stream beside tqdm: never a terminal, so Progress logs a line every
-    interval instead of redrawing one (tqdm owns the terminal)."""
-
-    @staticmethod
-    def isatty() -> bool:
-        return False
-
-
-_NO_TTY = _LogLines()
-
-
-@contextlib.contextmanager
-def _kept_buffers(model: torch.nn.Module, keep: bool):
-    """Restore BatchNorm's running statistics after a zero-weight step (a rank whose shard ended
-    early repeats a batch only to join the others' gradient all-reduce)."""
-    saved = [b.detach().clone() for b in model.buffers()] if keep else None
-    try:
-        yield
-    finally:
-        if saved is not None:
-            with torch.no_grad():
-                for b, s in zip(model.buffers(), saved):
-                    b.copy_(s)
-
-
-def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, scale: float) -> None:
-    """One optimizer step on gradients summed over the step's images (all ranks, all
-    micro-batches): scaled by ``world / images`` here, after DDP's all-reduce averaged them over
-    ranks, so the step is the mean over every image of the step, however they were split."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _dummy_batch(spec: PreprocessSpec) -> Batch:
-    """A zero-weight stand-in for a rank whose shard holds no image at all."""
-    h, w = spec.size
-    return Batch(np.zeros((MIN_BATCH, h, w), np.dtype(spec.dtype)), np.zeros(MIN_BATCH, np.int64), [""] * MIN_BATCH)
-
-
-def train_one_epoch(model: torch.nn.Module, train: SplitArrays | MemoryFeed | StreamFeed, *, cfg: TrainConfig,
-                    spec: PreprocessSpec, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    loss_fn: torch.nn.Module, device: torch.device, epoch: int,
-                    scaler: torch.amp.GradScaler | None = None, progress: bool = False,
-                    progress_every_s: float = 0.0, norm: Normalization | None = None,
-                    ranks: Ranks = SINGLE, trace: Callable[[int, list[str]], None] | None = None) -> dict[str, float]:
-    """One pass over the training split on this rank. Returns the mean loss and the images of
-    every rank, seconds, and images/s.
-
-    Each micro-batch's loss is a *sum* over its images; gradients accumulate over
-    ``cfg.accumulate`` micro-batches (DDP all-reduces only the last one's, ``no_sync`` the
-    rest) and are scaled to a mean over every image of the step (:func:`_optimizer_step`). The
-    cyclic LR steps once per optimizer step. Ranks agree each micro-batch on how many images
-    the step holds and whether any rank has more: one all-reduce of three numbers.
-
-    ``progress``: tqdm's bar (a terminal); ``progress_every_s`` > 0: a logged progress line at
-    most that often (a log file or CI, where tqdm draws nothing for a whole epoch). ``norm``:
-    the input normalisation (default: resolved from the starting weights and ``spec``).
-    ``trace``: called with (epoch, image ids) for each micro-batch this rank trains on.
-    """
-    feed, core = as_feed(train), unwrap(model)
-    norm = norm or resolve_normalization(cfg, spec)
-    train_mode(core, cfg.backbone, cfg.freeze_ratio)
-    pos_weight = getattr(loss_fn, "pos_weight", None)
-    batches = with_lookahead(feed.train_batches(epoch=epoch, seed=cfg.seed, batch_size=cfg.batch_size, ranks=ranks,
-                                                balanced=cfg.imbalance == "balanced_sampler"))
-    planned = optimizer_steps(feed.rows, cfg.batch_size, ranks.world, cfg.accumulate, cfg.max_batches)
-    lines = Progress(f"epoch {epoch}/{cfg.epochs}", planned * cfg.accumulate * cfg.batch_size * ranks.world,
-                     interval=progress_every_s, stream=_NO_TTY) if progress_every_s > 0 and ranks.main else None
-    bar = tqdm(total=planned, desc=f"epoch {epoch}", leave=False, disable=not (progress and ranks.main))
-    total = seen = step_images = 0.0
-    micro = steps = 0
-    last: Batch | None = None
-    optimizer.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    while True:
-        batch, more = next(batches, (None, False))
-        n_all, active, more_all = ranks.sum([len(batch) if batch is not None else 0, batch is not None, more], device)
-        if active == 0:
-            break
-        weight = 1.0 if batch is not None else 0.0
-        batch = batch if batch is not None else (last or _dummy_batch(spec))
-        last, micro, step_images = batch, micro + 1, step_images + n_all
-        sync = micro == cfg.accumulate or more_all == 0
-        aug = augment_params(batch.image_ids, seed=cfg.seed, epoch=epoch, hflip=cfg.hflip) if cfg.augment else None
-        x = batch_input(batch.pixels, norm, device, channels_last=cfg.channels_last, augment=aug)
-        y = torch.from_numpy(batch.labels.astype(np.float32)).to(device, non_blocking=True)
-        quiet = model.no_sync() if ranks.distributed and not sync else contextlib.nullcontext()
-        # gradients accumulate locally (no_sync); DDP all-reduces on the step's last micro-batch
-        with quiet, _kept_buffers(core, keep=weight == 0.0):
-            with autocast(device, cfg.amp):
-                logits = model(x).squeeze(1).float()
-            loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight, reduction="sum") * weight
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        if weight:
-            total, seen = total + float(loss.detach()), seen + len(batch)
-            if trace is not None:
-                trace(epoch, list(batch.image_ids))
-            if lines is not None:
-                lines.note = f"train_loss {total / seen:.4f}"
-                lines.update(len(batch) * ranks.world)
-        if sync:
-            _optimizer_step(optimizer, scaler, ranks.world / step_images)
-            scheduler.step()
-            bar.update(1)
-            micro, steps, step_images = 0, steps + 1, 0.0
-            if cfg.max_batches and steps >= cfg.max_batches:
-                break
-    bar.close()
-    total, seen = ranks.sum([total, seen], device)
-    seconds = time.perf_counter() - t0
-    return {"train_loss": total / max(seen, 1), "images": int(seen), "steps": steps, "seconds": seconds,
-            "train_images_per_s": seen / seconds if seconds > 0 else 0.0}
-
-
-def binary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
-    """Loss-free validation metrics, by the same definitions evaluation uses (``mammo_ray.metrics``):
-    an undefined value (AUC with one class, precision with no positive prediction) is None,
-    not 0. ``val_auc_low``/``val_auc_high``: DeLong's 95% interval (images as independent)."""
-    m = set_metrics(labels, probs, threshold=0.5)
-    ci = delong_auc_ci(labels, probs) or {}
-    # the Youden threshold on val travels in the checkpoint: explain's predicted labels use it
-    return {"val_auc": m["roc_auc"], "val_auc_low": ci.get("low"), "val_auc_high": ci.get("high"),
-            "val_threshold": float(choose_threshold(labels, probs)["threshold"]),
-            "val_accuracy": m["accuracy"], "val_precision": m["precision"], "val_recall": m["recall"],
-            "val_f1": m["f1"]}
-
-
-def val_scores(model: torch.nn.Module, val: SplitArrays | MemoryFeed | StreamFeed, *, norm: Normalization,
-               device: torch.device, cfg: TrainConfig, ranks: Ranks = SINGLE) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(image ids, labels, probabilities) of the whole validation split, on every rank.
-
-    Each rank scores its shard; the shards are gathered and ordered by image id, so the metrics
-    are computed once over every score: AUC is a ranking over all images and does not average
-    across shards.
-    """
-    core = unwrap(model)
-    ids: list[str] = []
-    labels, probs = [], []
-    for batch in as_feed(val).val_batches(batch_size=cfg.eval_batch_size, ranks=ranks):
-        ids += batch.image_ids
-        labels.append(batch.labels)
-        probs.append(predict(core, batch.as_arrays("val"), norm=norm, device=device, batch_size=cfg.eval_batch_size,
-                             channels_last=cfg.channels_last, amp=cfg.amp))
-    parts = ranks.gather((ids, np.concatenate(labels) if labels else np.zeros(0, np.int64),
-                          np.concatenate(probs) if probs else np.zeros(0, np.float32)))
-    all_ids = [i for part in parts for i in part[0]]
-    order = np.argsort(np.asarray(all_ids, dtype=object), kind="stable")
-    all_labels = np.concatenate([p[1] for p in parts])[order]
-    all_probs = np.concatenate([p[2] for p in parts])[order]
-    return [all_ids[i] for i in order], all_labels, all_probs
-
-
-def evaluate(model: torch.nn.Module, val: SplitArrays | MemoryFeed | StreamFeed, *, norm: Normalization,
-             device: torch.device, loss_fn: torch.nn.Module, cfg: TrainConfig,
-             ranks: Ranks = SINGLE) -> tuple[dict[str, float | None], np.ndarray]:
-    """Validation metrics over the whole split (:func:`val_scores`) and its probabilities by image id."""
-    _, labels, probs = val_scores(model, val, norm=norm, device=device, cfg=cfg, ranks=ranks)
-    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
-    logits = torch.from_numpy(np.log(p / (1 - p))).float().to(device)
-    loss = float(loss_fn(logits, torch.from_numpy(labels.astype(np.float32)).to(device)))
-    return {"val_loss": loss, **binary_metrics(labels, probs)}, probs
 
 
 @dataclass
@@ -378,51 +169,97 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays | MemoryFeed 
     ranks = ranks or current_ranks()
     device = device or resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    norm = resolve_normalization(cfg, spec)
-    state = _resume_state(resume, cfg, norm) if resume else None
     train, val = as_feed(train), as_feed(val)
     check_ranks(train, val, ranks)
+    run = _prepare(cfg, spec, train, ranks, device, initial_state)
+    state = _resume_state(resume, cfg, run.norm) if resume else None
+    start_epoch, history, best_epoch, best_metrics = _restore(state, run.core, run.optimizer, run.scheduler)
+    best = _Best(history, best_epoch, best_metrics, patience=cfg.patience)
+    out = out if ranks.main else None  # rank 0 writes; the others train, score and report
+    write_config(out, cfg, spec, run.norm)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        row = _epoch(run, train, val, epoch, cfg=cfg, spec=spec, device=device, ranks=ranks, trace=trace,
+                     progress=progress, progress_every_s=progress_every_s)
+        improved = best.record(row)
+        if ranks.main:
+            log_epoch(row, cfg, improved)
+        if out:
+            save_epoch(out, run.core, cfg, spec, run.norm, row, run.optimizer, run.scheduler, improved=improved,
+                       extra={"history": best.history, "best_epoch": best.epoch, "best_metrics": best.metrics})
+        if on_epoch is not None:
+            on_epoch({**row, "best_epoch": best.epoch, "best_val_auc": best.metrics.get("val_auc")}, out)
+        if best.stops(epoch, cfg.epochs, log=ranks.main):
+            break
+    write_metrics(out, best.epoch, best.metrics, best.stopped, len(best.history))
+    return FitResult(best_epoch=best.epoch, best_metrics=best.metrics, history=best.history,
+                     stopped_early=best.stopped, out=out)
+
+
+def _epoch(run: "_Run", train: MemoryFeed | StreamFeed, val: MemoryFeed | StreamFeed, epoch: int, *,
+           cfg: TrainConfig, spec: PreprocessSpec, device: torch.device, ranks: Ranks,
+           trace: Callable[[int, list[str]], None] | None, progress: bool, progress_every_s: float) -> dict[str, Any]:
+    """One epoch's training pass and validation: its history row."""
+    lr = run.optimizer.param_groups[0]["lr"]
+    tr = train_one_epoch(run.model, train, cfg=cfg, spec=spec, optimizer=run.optimizer, scheduler=run.scheduler,
+                         loss_fn=run.loss_fn, device=device, epoch=epoch, scaler=run.scaler, progress=progress,
+                         progress_every_s=progress_every_s, norm=run.norm, ranks=ranks, trace=trace)
+    vm, _ = evaluate(run.model, val, norm=run.norm, device=device, loss_fn=run.loss_fn, cfg=cfg, ranks=ranks)
+    return {"epoch": epoch, "train_loss": tr["train_loss"], **vm, "lr": lr, "seconds": tr["seconds"],
+            "train_images_per_s": tr["train_images_per_s"], "train_images": tr["images"], "optimizer_steps": tr["steps"]}
+
+
+@dataclass
+class _Run:
+    """What a rank trains with: the (DDP-wrapped) model, the model inside, and its optimizer,
+    cyclic LR, loss, AMP scaler and input normalisation."""
+
+    model: torch.nn.Module
+    core: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: torch.nn.Module
+    scaler: torch.amp.GradScaler | None
+    norm: Normalization
+
+
+def _prepare(cfg: TrainConfig, spec: PreprocessSpec, train: MemoryFeed | StreamFeed, ranks: Ranks,
+             device: torch.device, initial_state: dict[str, torch.Tensor] | None) -> _Run:
     model, core = parallel_model(cfg, device, ranks, initial_state)
     optimizer = make_optimizer(core, cfg)
-    scheduler = make_scheduler(optimizer, cfg, optimizer_steps(train.rows, cfg.batch_size, ranks.world,
-                                                               cfg.accumulate, cfg.max_batches))
-    loss_fn = make_loss(cfg, train, device)
+    steps = optimizer_steps(train.rows, cfg.batch_size, ranks.world, cfg.accumulate, cfg.max_batches)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported() else None
-    start_epoch, history, best_epoch, best_metrics = _restore(state, core, optimizer, scheduler)
-    best_score = _score(best_metrics) if best_metrics else -math.inf
-    out = out if ranks.main else None  # rank 0 writes; the others train, score and report
-    _write_config(out, cfg, spec, norm)
-    stale, stopped = 0, False
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        tr = train_one_epoch(model, train, cfg=cfg, spec=spec, optimizer=optimizer, scheduler=scheduler,
-                             loss_fn=loss_fn, device=device, epoch=epoch, scaler=scaler, progress=progress,
-                             progress_every_s=progress_every_s, norm=norm, ranks=ranks, trace=trace)
-        vm, _ = evaluate(model, val, norm=norm, device=device, loss_fn=loss_fn, cfg=cfg, ranks=ranks)
-        row = {"epoch": epoch, "train_loss": tr["train_loss"], **vm, "lr": lr, "seconds": tr["seconds"],
-               "train_images_per_s": tr["train_images_per_s"], "train_images": tr["images"],
-               "optimizer_steps": tr["steps"]}
-        history.append(row)
-        improved = _score(vm) > best_score
-        if improved:
-            best_score, best_epoch, best_metrics, stale = _score(vm), epoch, dict(row), 0
-        else:
-            stale += 1
-        if ranks.main:
-            _log_epoch(row, cfg, improved)
-        stopped = cfg.patience > 0 and stale >= cfg.patience and epoch < cfg.epochs
-        if out:
-            _save_epoch(out, core, cfg, spec, norm, row, optimizer, scheduler, improved=improved,
-                        extra={"history": history, "best_epoch": best_epoch, "best_metrics": best_metrics})
-        if on_epoch is not None:
-            on_epoch({**row, "best_epoch": best_epoch, "best_val_auc": best_metrics.get("val_auc")}, out)
-        if stopped:
-            if ranks.main:
-                logger.info("early stop: val AUC did not improve for %d epochs (best %s at epoch %d)",
-                            cfg.patience, best_metrics.get("val_auc"), best_epoch)
-            break
-    _write_metrics(out, best_epoch, best_metrics, stopped, len(history))
-    return FitResult(best_epoch=best_epoch, best_metrics=best_metrics, history=history, stopped_early=stopped, out=out)
+    return _Run(model=model, core=core, optimizer=optimizer, scheduler=make_scheduler(optimizer, cfg, steps),
+                loss_fn=make_loss(cfg, train, device), scaler=scaler, norm=resolve_normalization(cfg, spec))
+
+
+@dataclass
+class _Best:
+    """The run's history, its best epoch so far (by :func:`_score`) and early stopping's count
+    of epochs without a better one (``patience`` 0: never stop)."""
+
+    history: list[dict[str, Any]]
+    epoch: int
+    metrics: dict[str, Any]
+    patience: int
+    stale: int = 0
+    stopped: bool = False
+
+    def record(self, row: dict[str, Any]) -> bool:
+        """Add an epoch's row; True when it is the best so far."""
+        self.history.append(row)
+        if _score(row) > (_score(self.metrics) if self.metrics else -math.inf):
+            self.epoch, self.metrics, self.stale = int(row["epoch"]), dict(row), 0
+            return True
+        self.stale += 1
+        return False
+
+    def stops(self, epoch: int, epochs: int, *, log: bool = True) -> bool:
+        """Whether to stop after ``epoch`` (logged once, by the rank that ``log``s)."""
+        self.stopped = self.patience > 0 and self.stale >= self.patience and epoch < epochs
+        if self.stopped and log:
+            logger.info("early stop: val AUC did not improve for %d epochs (best %s at epoch %d)",
+                        self.patience, self.metrics.get("val_auc"), self.epoch)
+        return self.stopped
 
 
 def _resume_state(resume: str, cfg: TrainConfig, norm: Normalization) -> dict[str, Any]:
@@ -455,45 +292,3 @@ def _restore(state: dict[str, Any] | None, model: torch.nn.Module, optimizer: to
             dict(state.get("best_metrics", {})))
 
 
-def _write_metrics(out: str | None, best_epoch: int, best: dict[str, Any], stopped: bool, epochs_run: int) -> None:
-    if not out:  # fit without an output folder (a probe, a test): nothing written
-        return
-    mio.write_bytes(mio.join(out, "metrics.json"), json.dumps(
-        {"best_epoch": best_epoch, "best": best, "stopped_early": stopped, "epochs_run": epochs_run}, indent=2).encode())
-
-
-def _write_config(out: str | None, cfg: TrainConfig, spec: PreprocessSpec, norm: Normalization) -> None:
-    """config.yaml: what the run was asked for, and the normalisation it resolved."""
-    if not out:
-        return
-    mio.write_bytes(mio.join(out, "config.yaml"),
-                    yaml.safe_dump({"train": to_dict(cfg), "spec": to_dict(spec), "normalization": norm.to_dict()},
-                                   sort_keys=False).encode())
-
-
-def _log_epoch(row: dict[str, Any], cfg: TrainConfig, improved: bool) -> None:
-    auc = "n/a" if row["val_auc"] is None else f"{row['val_auc']:.4f}"
-    logger.info("epoch %d/%d train_loss %.4f val_loss %.4f val_auc %s val_acc %.3f lr %.2e %.1f img/s%s",
-                row["epoch"], cfg.epochs, row["train_loss"], row["val_loss"], auc, row["val_accuracy"], row["lr"],
-                row["train_images_per_s"], " *" if improved else "")
-
-
-def _save_epoch(out: str, model: torch.nn.Module, cfg: TrainConfig, spec: PreprocessSpec, norm: Normalization,
-                row: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, *, improved: bool,
-                extra: dict[str, Any]) -> None:
-    """best.pt (when the epoch improved), last.pt (with optimizer/scheduler for --resume), history.csv."""
-    metrics = {k: v for k, v in row.items() if k != "epoch"}
-    if improved:
-        save_checkpoint(mio.join(out, "best.pt"), model=model, cfg=cfg, spec=spec, norm=norm, epoch=row["epoch"],
-                        metrics=metrics, extra={"best_epoch": row["epoch"]})
-    save_checkpoint(mio.join(out, "last.pt"), model=model, cfg=cfg, spec=spec, norm=norm, epoch=row["epoch"],
-                    metrics=metrics, optimizer=optimizer, scheduler=scheduler, extra=extra)
-    _write_history(out, extra["history"])
-
-
-def _write_history(out: str, history: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(HISTORY_FIELDS), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(history)
-    mio.write_bytes(mio.join(out, "history.csv"), buf.getvalue().encode())

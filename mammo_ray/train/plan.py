@@ -16,7 +16,8 @@ import torch
 from mammo_ray.config import PreprocessSpec, SweepConfig, TrainConfig
 from mammo_ray.models.inference import resolve_device
 from mammo_ray.data.arrays import SplitArrays
-from mammo_ray.train.loop import build_training_model, make_loss, make_optimizer, make_scheduler, train_one_epoch
+from mammo_ray.train.loop import build_training_model, make_loss, make_optimizer, make_scheduler
+from mammo_ray.train.step import train_one_epoch
 
 logger = logging.getLogger(__name__)
 

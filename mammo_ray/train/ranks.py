@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass(frozen=True)
@@ -61,3 +62,8 @@ def current() -> Ranks:
     if dist.is_available() and dist.is_initialized():
         return Ranks(rank=dist.get_rank(), world=dist.get_world_size())
     return SINGLE
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (what is frozen, saved and scored)."""
+    return model.module if isinstance(model, DDP) else model

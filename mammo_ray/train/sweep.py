@@ -195,6 +195,14 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
     logger.info("sweep: %d grid points x %d samples on %s; %d worker(s) per trial, ingest %s; train %d, val %d images",
                 sweep.grid_size, sweep.num_samples, ", ".join(sweep.backbones), sweep.workers, launch.ingest,
                 launch.totals["train"].rows, launch.totals["val"].rows)
+    grid = _fit_or_explain(_tuner(sweep, launch, starts, out, resume=resume), data_dir, out, address)
+    summary = write_outputs(grid, out, sweep)
+    finish_out(out, "tune")
+    return summary
+
+
+def _tuner(sweep: SweepConfig, launch: Launch, starts: dict[str, Any], out: str, *, resume: bool) -> tune.Tuner:
+    """The sweep's Tuner, or the interrupted one restored from ``OUT/tune/sweep`` (``--resume``)."""
     # the trial's function only drives its Train run (DRIVER_RESOURCES); max_concurrent_trials
     # keeps the drivers to the trials whose workers fit
     trainable = tune.with_resources(
@@ -202,25 +210,21 @@ def run_sweep(data_dir: str, out: str, sweep: SweepConfig, *, resume: bool = Fal
                              runs=mio.join(storage_path(out), RUNS)),
         DRIVER_RESOURCES)
     if resume:
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        scheduler = None
-        if sweep.scheduler == "asha":
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
-                                      grace_period=min(sweep.grace_period, sweep.epochs), reduction_factor=2)
-        tuner = tune.Tuner(
-            trainable, param_space=param_space(sweep),
-            tune_config=tune.TuneConfig(metric="best_val_auc", mode="max", num_samples=sweep.num_samples,
-                                        scheduler=scheduler,
-                                        max_concurrent_trials=max_concurrent(sweep, stream=launch.ingest == "stream")),
-            run_config=tune.RunConfig(
-                name=EXPERIMENT, storage_path=storage_path(out), verbose=1 if ray_verbose() else 0,
-                callbacks=[SweepProgress(sweep.grid_size * sweep.num_samples)],
-                failure_config=tune.FailureConfig(max_failures=sweep.max_failures)))
-    grid = _fit_or_explain(tuner, data_dir, out, address)
-    summary = write_outputs(grid, out, sweep)
-    finish_out(out, "tune")
-    return summary
+        return tune.Tuner.restore(mio.join(storage_path(out), EXPERIMENT), trainable=trainable,
+                                  resume_unfinished=True, resume_errored=True)
+    scheduler = None
+    if sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=sweep.epochs,
+                                  grace_period=min(sweep.grace_period, sweep.epochs), reduction_factor=2)
+    return tune.Tuner(
+        trainable, param_space=param_space(sweep),
+        tune_config=tune.TuneConfig(metric="best_val_auc", mode="max", num_samples=sweep.num_samples,
+                                    scheduler=scheduler,
+                                    max_concurrent_trials=max_concurrent(sweep, stream=launch.ingest == "stream")),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT, storage_path=storage_path(out), verbose=1 if ray_verbose() else 0,
+            callbacks=[SweepProgress(sweep.grid_size * sweep.num_samples)],
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures)))
 
 
 class SweepProgress(tune.Callback):

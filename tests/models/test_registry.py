@@ -63,7 +63,7 @@ def test_unknown_backbone_names_the_allowed_ones():
 
 
 def test_duplicate_registration_raises(monkeypatch):
-    import mammo_ray.config.stages as stages
+    import mammo_ray.config.training as stages
     from mammo_ray.config import TrainConfig
 
     monkeypatch.setattr(registry, "BACKBONES", dict(registry.BACKBONES))

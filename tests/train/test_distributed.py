@@ -25,17 +25,36 @@ def traced(folder: Path, epoch: int) -> list[list[str]]:
     return [f.read_text().split() for f in files]
 
 
-def test_two_streamed_workers_see_every_image_once_and_repeat_exactly(ray_local, train_data_dir, tmp_path):
-    """`--workers 2 --ingest stream`: Ray Data shards the split across 2 gloo ranks. Every
-    training image is trained on once per epoch by one rank; a second run with the same seed
-    and worker count reads the same order and ends with the same weights; the val AUC the run
-    recorded (each rank scored its shard) equals one process's AUC of the saved checkpoint."""
-    from mammo_ray.train.loop import evaluate, make_loss
-    from mammo_ray.models.normalization import checkpoint_normalization
-    from mammo_ray.models.registry import build_model
+@pytest.fixture(scope="module")
+def tall_data(ray_local, tmp_path_factory) -> Path:
+    """80 phantoms preprocessed to non-square 16-bit rows (80 x 64, uint16), as full-field
+    mammograms are stored: what the streamed path must train end to end."""
+    from mammo_ray.config import PreprocessConfig
+    from mammo_ray.data.pipeline import run_preprocess
+    from mammo_ray.data.synth import write_phantoms
 
+    raw = tmp_path_factory.mktemp("tall-phantoms")
+    write_phantoms(str(raw), 80, seed=5, height=200, width=160)
+    out = tmp_path_factory.mktemp("tall-data") / "data"
+    summary = run_preprocess([str(raw)], str(out), PreprocessConfig.load(size=(80, 64), dtype="uint16",
+                                                                         ratios=(0.6, 0.3, 0.1)))
+    assert summary["rows"] == 80
+    return out
+
+
+def test_two_streamed_workers_see_every_image_once_and_repeat_exactly(tall_data, tmp_path):
+    """`--workers 2 --ingest stream` on non-square 16-bit rows: Ray Data shards the split across
+    2 gloo ranks. Every training image is trained on once per epoch by one rank; a second run
+    with the same seed and worker count reads the same order and ends with the same weights;
+    the val AUC the run recorded (each rank scored its shard) equals one process's AUC of the
+    saved checkpoint."""
+    from mammo_ray.models.checkpoint import model_from_checkpoint
+    from mammo_ray.models.normalization import checkpoint_normalization
+    from mammo_ray.train.loop import evaluate, make_loss
+
+    train_data_dir = tall_data
     cfg = TrainConfig(backbone="simplecnn", pretrained="none", workers=2, cpus_per_worker=0.5, ingest="stream",
-                      epochs=2, batch_size=16, patience=0, shuffle_buffer=64, device="cpu")
+                      epochs=2, batch_size=8, patience=0, shuffle_buffer=16, device="cpu")
     ids = sorted(load_split(str(train_data_dir), "train").image_ids)
     runs = []
     for name in ("a", "b"):
@@ -54,7 +73,8 @@ def test_two_streamed_workers_see_every_image_once_and_repeat_exactly(ray_local,
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
     best = load_checkpoint(str(tmp_path / "a" / "best.pt"))
-    model = build_model("simplecnn", state_dict=best["model"])
+    model = model_from_checkpoint(best)
+    assert best["spec"]["size"] == [80, 64] and best["spec"]["dtype"] == "uint16"
     val = load_split(str(train_data_dir), "val")
     single, _ = evaluate(model, val, norm=checkpoint_normalization(best), device=torch.device("cpu"),
                          loss_fn=make_loss(cfg, val, torch.device("cpu")), cfg=cfg)
