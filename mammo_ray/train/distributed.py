@@ -181,7 +181,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 def make_trainer(launch: Launch, *, name: str, storage_path: str, max_failures: int = 2,
                  callbacks: list[Any] | None = None) -> TorchTrainer:
     """The ``TorchTrainer`` of one run: ``launch.cfg.workers`` workers of the configured size,
-    gloo or nccl, the streamed datasets when ``launch.ingest == 'stream'``, checkpoints kept 2
+    the streamed datasets when ``launch.ingest == 'stream'``, checkpoints kept 2
     deep under ``storage_path/name`` and ``max_failures`` restarts of the worker group."""
     cfg = launch.cfg
     gpu = cfg.gpus_per_worker > 0
@@ -194,7 +194,9 @@ def make_trainer(launch: Launch, *, name: str, storage_path: str, max_failures: 
     return TorchTrainer(
         worker_loop, train_loop_config={"launch": launch},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        # gloo for the group Train sets up, on CPUs and GPUs alike; the gradients get an nccl
+        # group where the model is on CUDA (train/ranks.py: gradient_group says why)
+        torch_config=TorchConfig(backend="gloo"),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks or [],
                                        # Train's own INFO lines (resources requested, worker group
                                        # started, process group set up) only with -v

@@ -23,7 +23,7 @@ from mammo_ray.models.normalization import Normalization, checkpoint_normalizati
 from mammo_ray.models.recompute import checkpoint_units
 from mammo_ray.models.registry import build_model
 from mammo_ray.train.feed import MIN_BATCH, MemoryFeed, StreamFeed, as_feed, optimizer_steps
-from mammo_ray.train.ranks import Ranks
+from mammo_ray.train.ranks import Ranks, gradient_group
 from mammo_ray.train.ranks import current as current_ranks
 from mammo_ray.train.records import HISTORY_FIELDS, log_epoch, save_epoch, write_config, write_metrics
 from mammo_ray.train.step import batch_input, train_one_epoch
@@ -131,7 +131,8 @@ def parallel_model(cfg: TrainConfig, device: torch.device, ranks: Ranks,
         core = core.to(memory_format=torch.channels_last)
     if not ranks.distributed:
         return core, core
-    return DDP(core, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True), core
+    return DDP(core, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+               process_group=gradient_group(ranks, device)), core
 
 
 def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays | MemoryFeed | StreamFeed,

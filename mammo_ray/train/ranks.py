@@ -2,9 +2,11 @@
 
 One process (``train --workers 1`` in-process, or any test) is :data:`SINGLE`: world size 1,
 no ``torch.distributed`` group, every collective a no-op. Under Ray Train's ``TorchTrainer``
-each worker has joined a process group (gloo on CPU, nccl on GPU) before the loop starts, and
-:func:`current` reads rank and world size from it, so the loop never asks Ray which rank it is
-and runs the same under ``torch.multiprocessing`` in the equivalence tests.
+each worker has joined a gloo process group before the loop starts (the loop's own small
+collectives run on the CPU), and :func:`current` reads rank and world size from it, so the loop
+never asks Ray which rank it is and runs the same under ``torch.multiprocessing`` in the
+equivalence tests. On GPUs, DDP's gradient all-reduce gets an nccl group of its own
+(:func:`gradient_group`).
 """
 from __future__ import annotations
 
@@ -32,14 +34,16 @@ class Ranks:
     def distributed(self) -> bool:
         return self.world > 1
 
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
-        """The element-wise sum of a short vector over all ranks (every rank gets it)."""
+    def sum(self, values: list[float]) -> list[float]:
+        """The element-wise sum of a short vector over all ranks (every rank gets it).
+
+        On the CPU, through the default (gloo) group: a few numbers a micro-batch, whatever
+        device the model is on (nccl would need them on the GPU and a sync with it)."""
         if not self.distributed:
             return [float(v) for v in values]
-        # nccl reduces CUDA tensors only; gloo CPU ones: the tensor lives where the model does
-        t = torch.tensor(values, dtype=torch.float64, device=device)
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return [float(v) for v in t.cpu()]
+        return [float(v) for v in t]
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank (small objects: scores, ids)."""
@@ -48,10 +52,6 @@ class Ranks:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
-
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank when ``flag`` is true on any rank (an early stop, a refusal)."""
-        return self.sum([1.0 if flag else 0.0], device)[0] > 0
 
 
 SINGLE = Ranks()
@@ -67,3 +67,18 @@ def current() -> Ranks:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a ``DistributedDataParallel`` wrapper (what is frozen, saved and scored)."""
     return model.module if isinstance(model, DDP) else model
+
+
+def gradient_group(ranks: Ranks, device: torch.device) -> Any:
+    """The process group DDP all-reduces gradients in: a new nccl group on CUDA, else the
+    default (gloo) one (None).
+
+    Why not nccl as ``TorchTrainer``'s backend, as Ray chooses when GPUs are requested: nccl
+    cannot even be constructed in a process without CUDA, and a worker given a GPU whose CUDA
+    does not work (or a logical GPU, as the scheduling tests use) falls back to the CPU
+    (``models.inference.resolve_device``); the default group stays gloo, and the gradients take
+    nccl exactly where the model is on a GPU. Every rank calls this (a collective).
+    """
+    if not ranks.distributed or device.type != "cuda":
+        return None
+    return dist.new_group(backend="nccl")

@@ -87,13 +87,13 @@ def _dummy_batch(spec: PreprocessSpec) -> Batch:
     return Batch(np.zeros((MIN_BATCH, h, w), np.dtype(spec.dtype)), np.zeros(MIN_BATCH, np.int64), [""] * MIN_BATCH)
 
 
-def _agree(batches: Any, last: Batch | None, spec: PreprocessSpec, ranks: Ranks,
-           device: torch.device) -> tuple[Batch, float, float, float] | None:
+def _agree(batches: Any, last: Batch | None, spec: PreprocessSpec,
+           ranks: Ranks) -> tuple[Batch, float, float, float] | None:
     """This rank's next micro-batch and what every rank agrees on, in one all-reduce: (batch,
     weight, images of this micro-step on all ranks, ranks with more to come), or None when no
     rank has a batch left. A rank whose shard has ended repeats its last batch at weight 0."""
     batch, more = next(batches, (None, False))
-    n_all, active, more_all = ranks.sum([len(batch) if batch is not None else 0, batch is not None, more], device)
+    n_all, active, more_all = ranks.sum([len(batch) if batch is not None else 0, batch is not None, more])
     if active == 0:
         return None
     if batch is None:
@@ -154,7 +154,7 @@ def train_one_epoch(model: torch.nn.Module, train: SplitArrays | MemoryFeed | St
     last: Batch | None = None
     optimizer.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    while (agreed := _agree(batches, last, spec, ranks, device)) is not None:
+    while (agreed := _agree(batches, last, spec, ranks)) is not None:
         batch, weight, n_all, more_all = agreed
         last, micro, step_images = batch, micro + 1, step_images + n_all
         sync = micro == cfg.accumulate or more_all == 0
@@ -175,7 +175,7 @@ def train_one_epoch(model: torch.nn.Module, train: SplitArrays | MemoryFeed | St
             if cfg.max_batches and steps >= cfg.max_batches:
                 break
     bar.close()
-    total, seen = ranks.sum([total, seen], device)
+    total, seen = ranks.sum([total, seen])
     seconds = time.perf_counter() - t0
     return {"train_loss": total / max(seen, 1), "images": int(seen), "steps": steps, "seconds": seconds,
             "train_images_per_s": seen / seconds if seconds > 0 else 0.0}

@@ -26,13 +26,15 @@ def traced(folder: Path, epoch: int) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def tall_data(ray_local, tmp_path_factory) -> Path:
+def tall_data(_ray_session, tmp_path_factory) -> Path:
     """80 phantoms preprocessed to non-square 16-bit rows (80 x 64, uint16), as full-field
     mammograms are stored: what the streamed path must train end to end."""
     from mammo_ray.config import PreprocessConfig
     from mammo_ray.data.pipeline import run_preprocess
     from mammo_ray.data.synth import write_phantoms
+    from mammo_ray.ray_utils import init_ray
 
+    init_ray(num_cpus=2)  # as train_data_dir: the session's local Ray, when no test has started it yet
     raw = tmp_path_factory.mktemp("tall-phantoms")
     write_phantoms(str(raw), 80, seed=5, height=200, width=160)
     out = tmp_path_factory.mktemp("tall-data") / "data"
@@ -42,7 +44,7 @@ def tall_data(ray_local, tmp_path_factory) -> Path:
     return out
 
 
-def test_two_streamed_workers_see_every_image_once_and_repeat_exactly(tall_data, tmp_path):
+def test_two_streamed_workers_see_every_image_once_and_repeat_exactly(ray_local, tall_data, tmp_path):
     """`--workers 2 --ingest stream` on non-square 16-bit rows: Ray Data shards the split across
     2 gloo ranks. Every training image is trained on once per epoch by one rank; a second run
     with the same seed and worker count reads the same order and ends with the same weights;
