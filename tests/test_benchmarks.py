@@ -14,7 +14,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 RATIO_KEYS = {"preprocess": "ray_vs_loop", "train": None, "tune": None, "evaluate": None,
-              "explain": "cam_vs_naive", "realdata": None}
+              "explain": "cam_vs_naive", "realdata": None, "train_scale": "stream_vs_memory_min"}
 
 
 def _bench(name: str):
@@ -70,6 +70,16 @@ def test_benchmark_smoke_test_prints_json(name, ray_local, tmp_path, monkeypatch
         assert json.loads((Path(result["out"]) / "evaluate" / "metrics.json").read_text())["tta"] == "vflip"
     if name == "explain":
         assert result["max_abs_diff_vs_naive_maps"] < 1e-4 and result["job_images_per_s"] > 0
+    if name == "train_scale":  # every ratio of the issue, each from real Ray Train runs of this process
+        for ratio in result["targets"]:
+            assert result[ratio] > 0, ratio
+        assert set(result["stream_vs_memory"]) == {"64"} and set(result["freeze_speedup"]) == {"2"}
+        assert set(result["peak_memory_ratio"]) == {"driver", "train_worker"}
+        # a configuration two figures share ran once: stream N and 4N, memory 2 workers at 0.5 and 0, 1 worker
+        assert len(result["runs"]) == 5 and {r["ingest"] for r in result["runs"]} == {"memory", "stream"}
+        for run in result["runs"]:  # the sampler found the run's Ray Train workers among this process's Ray
+            assert run["peak_memory"]["train_worker_processes"] >= run["workers"]
+            assert run["peak_memory"]["train_worker"]["rss_mb"] > 0 and run["images_per_s"] > 0
 
 
 def test_benchmark_script_runs_as_a_script(tmp_path):
