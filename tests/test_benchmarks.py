@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,8 @@ def test_gpu_script_dry_run_checks_every_step():
                        cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     lines = dict(line.split(": ", 1) for line in r.stdout.strip().splitlines() if ": " in line)
-    for name in ("train-resnet50-amp", "train-vgg19-fp32", "explain", "tune"):
+    for name in ("train-resnet50-amp", "train-vgg19-fp32", "explain", "tune", "realdata-preprocess-640",
+                 "realdata-tune-640", "realdata-evaluate-640", "ddp-tune", "train-scale"):
         assert lines.get(name) == "ok", r.stdout
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
@@ -121,6 +123,53 @@ def test_gpu_script_dry_run_checks_every_step():
     assert "do not parse" in gpu.check(bad)
     tune = next(s for s in gpu.steps("/tmp/x") if s["name"] == "tune")
     assert "--gpus-per-trial" in tune["argv"] and tune["argv"][tune["argv"].index("--gpus-per-trial") + 1] == "0.25"
+
+    def flag(step: dict, name: str) -> str:
+        return step["argv"][step["argv"].index(name) + 1]
+
+    # the DDP and streamed steps: one worker per GPU of the machine (1 in a dry run)
+    for gpus in (1, 4):
+        plan = {s["name"]: s for s in gpu.steps("/tmp/x", gpus=gpus, cpus=16)}
+        assert flag(plan["ddp-tune"], "--workers") == flag(plan["train-scale"], "--workers") == str(gpus)
+        assert flag(plan["ddp-tune"], "--ingest") == "stream" and flag(plan["ddp-tune"], "--gpus-per-worker") == "1"
+        assert float(flag(plan["realdata-tune-640"], "--gpus-per-trial")) == min(1.0, gpus / 5)
+    real = {s["name"]: s for s in gpu.steps("/tmp/x", shared=Path("/nowhere"))}
+    assert flag(real["realdata-preprocess-640"], "--size") == "640"
+    assert flag(real["realdata-tune-640"], "--backbones") == "efficientnet_lite0"
+    assert flag(real["realdata-tune-640"], "--pretrained") == "imagenet"
+    assert flag(real["realdata-evaluate-640"], "--n-boot") == "1000"
+    assert "--data" not in real["train-scale"]["argv"] and "scale-preprocess-224" not in real  # synthetic rows
+    assert all(real[f"realdata-{s}-full"]["optional"] for s in ("preprocess", "tune", "evaluate"))
+
+
+def test_gpu_script_skips_steps_past_the_deadline(tmp_path, monkeypatch):
+    """The GPU run's bookkeeping, on stand-in steps: a step past its budget is stopped (exit 124)
+    and its dependants skipped; a step that would not fit before the deadline, an optional step
+    whose whole budget does not fit, and a real-data step without the shared data are skipped
+    with the reason; the JSON records each."""
+    gpu = _bench("gpu")
+    py = sys.executable
+
+    def step(name, code, budget, **extra):
+        return {"name": name, "kind": "cli", "argv": [py, "-c", code], "budget_s": budget, **extra}
+
+    plan = [step("quick", "pass", 30), step("stuck", "import time; time.sleep(60)", 2),
+            step("after-stuck", "pass", 30, needs=["stuck"]), step("big", "pass", 300, min_s=200),
+            step("extra", "pass", 60, optional=True), step("real", "pass", 30, needs_data=True),
+            step("last", "pass", 30)]
+    monkeypatch.setattr(gpu, "steps", lambda work, **kw: plan)
+    monkeypatch.setenv("MAMMO_RAY_SHARED_DATA", str(tmp_path / "no-shared"))
+    out = tmp_path / "gpu.json"
+    t0 = time.perf_counter()
+    code = gpu.main(gpu.get_args_parser().parse_args(["--deadline", "50", "--out", str(out)]))
+    assert time.perf_counter() - t0 < 40 and code == 1  # the stuck step failed the run
+    got = {r["name"]: r for r in json.loads(out.read_text())["steps"]}
+    assert got["quick"]["returncode"] == 0 and got["last"]["returncode"] == 0
+    assert got["stuck"]["returncode"] == 124 and got["stuck"]["timed_out"]
+    assert got["after-stuck"]["skipped"] == "needs stuck, which failed"
+    assert "before the deadline" in got["big"]["skipped"] and "before the deadline" in got["extra"]["skipped"]
+    assert "no breast-cancer-detection-640/labels.csv" in got["real"]["skipped"]
+    assert gpu.shared_data() == (tmp_path / "no-shared").resolve()
 
 
 def test_realdata_trial_plan_pairs_each_baseline_with_its_seed():
