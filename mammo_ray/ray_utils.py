@@ -101,6 +101,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set by mammo_ray/__init__ before ray is imported.)
     # Token auth guards a cluster reachable by others; a loopback-only Ray has no such peer.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # One machine is never preempted, and its Ray exports no metrics anyone scrapes: Ray Train's
+    # preemption watcher and metrics actors would be two more processes started per training
+    # run (each trial of a sweep). Set before the local Ray starts, so its workers inherit them.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     from mammo_ray.resources import TASK_RETRIES
 
     # Ray retries a task its memory monitor killed forever by default (task_oom_retries=-1):

@@ -192,7 +192,7 @@ def test_demo_full_needs_a_gpu_and_says_so(ray_local, tmp_path, capsys):
     """In this process, on the session's CPU-only Ray: refused in one line before any work."""
     assert main(["demo", "--full", "--out", str(tmp_path / "d")]) == 2
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("mammo-ray demo: error:")]
-    assert lines and "gpus_per_trial=1, but the Ray cluster has 0 GPU(s)" in lines[0]
+    assert lines and "with 1 GPU(s) per trial, but the Ray cluster has 0 GPU(s)" in lines[0]
     assert not (tmp_path / "d" / "phantoms").exists()  # refused before any work
 
 

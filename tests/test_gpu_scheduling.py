@@ -116,7 +116,12 @@ def test_gpus_without_cuda_fall_back_to_cpu_with_one_warning(ray_gpus):
 
 def test_unplaceable_gpu_requests_are_refused_in_one_line_before_any_trial(ray_gpus, train_data_dir, trained_checkpoint,
                                                                           phantom_dir, tmp_path, capsys):
-    for gpus, needle in (("8", "gpus_per_trial=8.0: no node has that many GPUs (largest node: 2 GPUs)"),
+    code = main(["tune", "--data", str(train_data_dir), "--out", str(tmp_path / "w3"), "--backbones", "simplecnn",
+                 "--workers", "3", "--gpus-per-worker", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "workers=3 x gpus_per_worker=1 = 3 GPUs, but the cluster has 2; use --workers 2 or fewer" in err, err
+    for gpus, needle in (("8", "gpus_per_worker=8: no node has that many GPUs (largest node: 2)"),
                          ("1.5", "gpus_per_trial=1.5: use a fraction of one GPU")):
         out = tmp_path / f"s{gpus}"
         code = main(["tune", "--data", str(train_data_dir), "--out", str(out), "--backbones", "simplecnn",

@@ -154,8 +154,10 @@ def _launch(data_dir: str, sweep: SweepConfig) -> tuple[Launch, dict[str, Any]]:
     backbone's starting weights, put in the object store once."""
     base = TrainConfig.load(None, **dict(sweep.train), backbone=sweep.backbones[0], workers=sweep.workers,
                             cpus_per_worker=sweep.worker_cpus, gpus_per_worker=sweep.worker_gpus)
+    check_cluster(sweep.workers, sweep.worker_cpus, sweep.worker_gpus, stream=base.ingest == "stream")
     launch = prepare_launch(base, data_dir)
-    check_cluster(sweep.workers, sweep.worker_cpus, sweep.worker_gpus, stream=launch.ingest == "stream")
+    if launch.ingest == "stream" and base.ingest != "stream":  # auto chose to stream: Ray Data needs its CPU
+        check_cluster(sweep.workers, sweep.worker_cpus, sweep.worker_gpus, stream=True)
     starts = {b: ray.put(state) for b, state in resolve_start_weights(sweep).items()}
     return launch, starts
 
