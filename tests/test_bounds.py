@@ -78,9 +78,12 @@ def test_training_split_larger_than_memory_refused(train_data_dir, tmp_path, mon
     import mammo_ray.resources as res
 
     monkeypatch.setattr(res, "available_memory", lambda: 1_000_000)  # a 1 MB machine
-    assert main(["train", "--data", str(train_data_dir), "--out", str(tmp_path / "m"), "--backbone", "simplecnn"]) == 2
+    # --ingest memory is refused with the need (auto would stream it: tests/train/test_distributed.py)
+    assert main(["train", "--data", str(train_data_dir), "--out", str(tmp_path / "m"), "--backbone", "simplecnn",
+                 "--pretrained", "none", "--ingest", "memory"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs about" in err and "976.6 KB is available" in err, err
+    assert not (tmp_path / "m").exists()
 
 
 def test_check_fits_and_spec_caps():

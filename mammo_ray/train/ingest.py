@@ -79,7 +79,8 @@ def choose_ingest(cfg: TrainConfig, data_dir: str, spec: PreprocessSpec, totals:
     if cfg.ingest == "stream":
         return "stream"
     chosen = "memory" if need <= MEMORY_BUDGET_SHARE * have else "stream"
-    logger.info("ingest auto: %s (the splits need %s in memory; budget %s)", chosen, resources.fmt_bytes(need),
+    # DEBUG: the run's own line says which ingest it uses (train's "train on Ray Train", the sweep's)
+    logger.debug("ingest auto: %s (the splits need %s in memory; budget %s)", chosen, resources.fmt_bytes(need),
                 resources.fmt_bytes(MEMORY_BUDGET_SHARE * have))
     return chosen
 

@@ -155,10 +155,11 @@ def _launch(data_dir: str, sweep: SweepConfig) -> tuple[Launch, dict[str, Any]]:
     base = TrainConfig.load(None, **dict(sweep.train), backbone=sweep.backbones[0], workers=sweep.workers,
                             cpus_per_worker=sweep.worker_cpus, gpus_per_worker=sweep.worker_gpus)
     check_cluster(sweep.workers, sweep.worker_cpus, sweep.worker_gpus, stream=base.ingest == "stream")
+    # weights before data: a backbone without ImageNet weights is refused before the splits are read
+    starts = {b: ray.put(state) for b, state in resolve_start_weights(sweep).items()}
     launch = prepare_launch(base, data_dir)
     if launch.ingest == "stream" and base.ingest != "stream":  # auto chose to stream: Ray Data needs its CPU
         check_cluster(sweep.workers, sweep.worker_cpus, sweep.worker_gpus, stream=True)
-    starts = {b: ray.put(state) for b, state in resolve_start_weights(sweep).items()}
     return launch, starts
 
 
