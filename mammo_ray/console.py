@@ -185,6 +185,12 @@ WORKER_NOISE = re.compile("|".join((
 )))
 
 
+#: actors whose whole output goes to the log file: Ray Train's placement-group cleaner, a
+#: best-effort monitor that prints a traceback when it cannot tell which of two Ray instances on
+#: one machine to ask (the test suite's and a demo's), though training is not affected
+QUIET_ACTORS = frozenset({"PlacementGroupCleaner"})
+
+
 class _WorkerLines:
     """Ray's printer of worker output on the driver, less :data:`WORKER_NOISE` (to the log file)."""
 
@@ -193,11 +199,14 @@ class _WorkerLines:
 
     def __call__(self, data: dict) -> None:
         lines = data.get("lines") or []
-        kept = [line for line in lines if not WORKER_NOISE.search(line)]
+        # the cleaner's own output, and any batch about it (its controller's "Failed to stop
+        # PlacementGroupCleaner gracefully" and that traceback), go to the log file whole
+        quiet_actor = data.get("actor_name") in QUIET_ACTORS or any("PlacementGroupCleaner" in x for x in lines)
+        kept = [] if quiet_actor else [line for line in lines if not WORKER_NOISE.search(line)]
         for line in lines:
             if line not in kept:
                 logging.getLogger("mammo_ray.ray_workers").debug("%s", line)
-        if kept or not lines:
+        if kept or (not lines and not quiet_actor):
             self.printer({**data, "lines": kept})
 
 
