@@ -166,3 +166,19 @@ class StreamFeed:
 def as_feed(data: SplitArrays | MemoryFeed | StreamFeed) -> MemoryFeed | StreamFeed:
     """A split in memory as a :class:`MemoryFeed`; a feed as it is."""
     return MemoryFeed(data) if isinstance(data, SplitArrays) else data
+
+
+def check_ranks(train: Any, val: Any, ranks: Ranks) -> None:
+    """Refuse a worker count the split cannot feed: every rank trains on at least 2 images (one
+    BatchNorm batch) and scores at least one validation image. ``train``/``val``: anything with
+    ``rows`` (a feed, or the driver's ``ingest.SplitTotals`` before any worker starts).
+
+    Raises:
+        ValueError: one line naming the rows, the workers, and the most workers that fit.
+    """
+    if train.rows < MIN_BATCH * ranks.world:
+        raise ValueError(f"workers={ranks.world}: the train split has {train.rows} images, fewer than "
+                         f"{MIN_BATCH} per worker; use --workers {max(1, train.rows // MIN_BATCH)} or fewer")
+    if val.rows < ranks.world:
+        raise ValueError(f"workers={ranks.world}: the val split has {val.rows} images, which leaves a worker with no "
+                         f"validation rows; use --workers {max(1, val.rows)} or fewer")

@@ -15,7 +15,8 @@ from typing import Any
 from mammo_ray import io as mio
 from mammo_ray.config import LABELS, TRAIN, VAL, TrainConfig
 from mammo_ray.train.distributed import Launch, make_trainer
-from mammo_ray.train.feed import MIN_BATCH
+from mammo_ray.train.feed import check_ranks
+from mammo_ray.train.ranks import Ranks
 from mammo_ray.train.ingest import SplitTotals, choose_ingest, read_totals
 
 logger = logging.getLogger(__name__)
@@ -41,12 +42,7 @@ def check_totals(data_dir: str, totals: dict[str, SplitTotals], workers: int) ->
     if min(counts) == 0:
         only = LABELS[0 if counts[0] else 1]
         raise ValueError(f"{data_dir}/train: one class only ({max(counts)} {only}); training needs both benign and malignant")
-    if totals[TRAIN].rows < MIN_BATCH * workers:
-        raise ValueError(f"workers={workers}: the train split has {totals[TRAIN].rows} images, fewer than {MIN_BATCH} "
-                         f"per worker; use --workers {max(1, totals[TRAIN].rows // MIN_BATCH)} or fewer")
-    if totals[VAL].rows < workers:
-        raise ValueError(f"workers={workers}: the val split has {totals[VAL].rows} images, which leaves a worker with "
-                         f"no validation rows; use --workers {totals[VAL].rows} or fewer")
+    check_ranks(totals[TRAIN], totals[VAL], Ranks(0, workers))
 
 
 def check_cluster(workers: int, cpus: float, gpus: float, *, concurrent: int = 1, stream: bool = False) -> None:

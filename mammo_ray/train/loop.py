@@ -22,7 +22,7 @@ from mammo_ray.models.inference import predict, resolve_device
 from mammo_ray.models.normalization import Normalization, checkpoint_normalization, resolve_normalization
 from mammo_ray.models.recompute import checkpoint_units
 from mammo_ray.models.registry import build_model
-from mammo_ray.train.feed import MIN_BATCH, MemoryFeed, StreamFeed, as_feed, optimizer_steps
+from mammo_ray.train.feed import MemoryFeed, StreamFeed, as_feed, check_ranks, optimizer_steps
 from mammo_ray.train.ranks import Ranks, gradient_group
 from mammo_ray.train.ranks import current as current_ranks
 from mammo_ray.train.records import HISTORY_FIELDS, log_epoch, save_epoch, write_config, write_metrics
@@ -98,21 +98,6 @@ class FitResult:
 def _score(metrics: dict[str, Any]) -> float:
     # val AUC decides; when it is undefined (one class in val) the lower val loss does
     return metrics["val_auc"] if metrics.get("val_auc") is not None else -metrics["val_loss"]
-
-
-def check_ranks(train: MemoryFeed | StreamFeed, val: MemoryFeed | StreamFeed, ranks: Ranks) -> None:
-    """Refuse a worker count the split cannot feed: every rank trains on at least 2 images (one
-    BatchNorm batch) and scores at least one validation image.
-
-    Raises:
-        ValueError: one line naming the rows, the workers, and the most workers that fit.
-    """
-    if train.rows < MIN_BATCH * ranks.world:
-        raise ValueError(f"workers={ranks.world}: the train split has {train.rows} images, fewer than "
-                         f"{MIN_BATCH} per worker; use --workers {max(1, train.rows // MIN_BATCH)} or fewer")
-    if val.rows < ranks.world:
-        raise ValueError(f"workers={ranks.world}: the val split has {val.rows} images, which leaves a worker with no "
-                         f"validation rows; use --workers {max(1, val.rows)} or fewer")
 
 
 def parallel_model(cfg: TrainConfig, device: torch.device, ranks: Ranks,
