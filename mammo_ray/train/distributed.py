@@ -142,7 +142,9 @@ def _tracer(folder: str | None, rank: int):
 def worker_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: every rank runs :func:`mammo_ray.train.loop.fit`."""
     import ray.train.torch
+    import torch
 
+    from mammo_ray.models.inference import resolve_device
     from mammo_ray.train.loop import fit
     from mammo_ray.train.ranks import current
 
@@ -153,7 +155,10 @@ def worker_loop(config: dict[str, Any]) -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     launch: Launch = config["launch"]
-    ranks, device = current(), ray.train.torch.get_device()
+    # Train's device is this rank's GPU when it was given one; a logical GPU (or a torch without
+    # CUDA) runs on the CPU, with resolve_device's one warning, rather than failing every restart
+    ranks = current()
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else resolve_device("auto")
     # rank 0 logs the run's lines (train); the others would repeat them
     logging.getLogger("mammo_ray").setLevel(launch.log_level if ranks.main else logging.WARNING)
     train, val = _feeds(launch)
