@@ -11,9 +11,11 @@ names the holder. A lock whose holder is gone is *stale* and taken over with a w
 
 How the lock is created atomically, per store:
 
-- **local disk**: ``os.open(O_CREAT | O_EXCL)``, which POSIX makes atomic (also on NFSv3+).
+- **local disk**: the record written to a file of its own, then ``os.link``-ed to the lock's name,
+  which fails when the name exists (atomic, like ``O_EXCL``, also on NFSv3+), so the lock never
+  exists without its whole record.
   A stale lock is first renamed to a unique name (``rename`` is atomic: of two runs taking
-  over the same stale lock, only one rename succeeds), then created again with ``O_EXCL``.
+  over the same stale lock, only one rename succeeds), then created again the same way.
 - **s3://**: a conditional PUT, ``If-None-Match: *`` (S3 honours it since August 2024, as do
   MinIO and moto 5.x): the PUT fails with 412 when the object exists, so exactly one run
   creates it. The heartbeat and a takeover are PUTs with ``If-Match: <ETag>`` of the object
@@ -33,7 +35,8 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from mammo_ray import io as mio
 
@@ -91,12 +94,30 @@ def _parse(data: bytes) -> dict[str, Any]:
 
 
 class _LocalLock:
-    """``O_CREAT | O_EXCL`` create, rename-aside takeover, atomic replace for the heartbeat."""
+    """Create by ``link``, rename-aside takeover, atomic replace for the heartbeat."""
 
     def __init__(self, out: str) -> None:
         self.path = os.path.join(os.path.abspath(out), LOCK)
 
     def create(self, data: bytes) -> bool:
+        # the record is written to a file of our own and then hard-linked into place: link()
+        # fails when the lock exists (atomic, as O_EXCL is, also on NFS), and the lock appears
+        # with its whole record. With O_EXCL and a write after it, a second run could read the
+        # lock empty in between, take it for stale and take it over: both ran (seen in the suite)
+        tmp = f"{self.path}.new-{os.getpid()}-{secrets.token_hex(4)}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links (some FUSE and SMB mounts): O_EXCL
+            return self._create_exclusive(data)
+        finally:
+            os.unlink(tmp)
+        return True
+
+    def _create_exclusive(self, data: bytes) -> bool:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

@@ -177,3 +177,42 @@ def test_a_lock_is_released_when_the_run_fails(tmp_path):
         with hold_out(str(out), "evaluate"):
             raise RuntimeError("the run failed")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_local_lock_is_never_seen_without_its_record(tmp_path):
+    """A run that reads the lock between another's create and its write took the empty lock
+    for a stale one and took it over: both ran ('got', 'got' in the suite). Created by link,
+    the lock appears whole. One thread creates and deletes the lock in a loop while this one
+    reads it; the O_EXCL-then-write fallback (file systems without hard links) is the control
+    that shows the reads do catch the window."""
+    import threading
+
+    from mammo_ray.locks import _LocalLock
+
+    def empty_reads(create) -> int:
+        lock, stop = _LocalLock(str(tmp_path)), threading.Event()
+
+        def churn():
+            while not stop.is_set():
+                create(b'{"pid": 1, "host": "h", "heartbeat": 1}')
+                lock.delete()
+
+        thread = threading.Thread(target=churn)
+        thread.start()
+        reads = empty = 0
+        try:
+            while reads < 5000:
+                try:
+                    with open(lock.path, "rb") as f:
+                        empty += not f.read()
+                    reads += 1
+                except FileNotFoundError:
+                    pass
+        finally:
+            stop.set()
+            thread.join()
+        return empty
+
+    lock = _LocalLock(str(tmp_path))
+    assert empty_reads(lock.create) == 0
+    assert empty_reads(lock._create_exclusive) > 0
