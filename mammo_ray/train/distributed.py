@@ -29,11 +29,12 @@ import ray.train
 from ray import LoggingConfig
 from ray.data import DataContext
 from ray.train import DataConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from mammo_ray.config import TRAIN, VAL, PreprocessSpec, TrainConfig
 from mammo_ray.console import ray_verbose
 from mammo_ray.train.ingest import SplitTotals, split_dataset
+from mammo_ray.train.rendezvous import BoundTorchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +201,9 @@ def make_trainer(launch: Launch, *, name: str, storage_path: str, max_failures: 
         worker_loop, train_loop_config={"launch": launch},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=gpu, resources_per_worker=resources),
         # gloo for the group Train sets up, on CPUs and GPUs alike; the gradients get an nccl
-        # group where the model is on CUDA (train/ranks.py: gradient_group says why)
-        torch_config=TorchConfig(backend="gloo"),
+        # group where the model is on CUDA (train/ranks.py: gradient_group says why). Its
+        # sockets listen on the workers' meeting address only (train/rendezvous.py)
+        torch_config=BoundTorchConfig(backend="gloo"),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks or [],
                                        # Train's own INFO lines (resources requested, worker group
                                        # started, process group set up) only with -v

@@ -221,3 +221,39 @@ def test_activation_checkpointing_changes_memory_not_the_result(backbone, ratio,
     fit(plain, SPEC, train, val, out=str(tmp_path / "plain"))
     fit(replace(plain, activation_checkpointing=True), SPEC, train, val, out=str(tmp_path / "ckpt"))
     assert_same_weights(weights(tmp_path / "plain"), weights(tmp_path / "ckpt"), buffers=True)
+
+
+def _bound_rank(rank: int, port: int, folder: str) -> None:
+    import os
+    import subprocess
+
+    import torch.distributed as dist
+
+    from mammo_ray.train.rendezvous import init_group
+
+    Path(folder, f"pid{rank}").write_text(str(os.getpid()))
+    init_group("gloo", rank, 2, "127.0.0.1", port, 60)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    dist.barrier()  # both ranks' sockets are open now: rank 0 lists them
+    if rank == 0:
+        listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+        Path(folder, "ss.txt").write_text(listening)
+        Path(folder, "sum.txt").write_text(str(float(t)))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_the_process_group_listens_on_the_meeting_address_only(tmp_path):
+    """Ray Train's own setup (env://) left rank 0's TCPStore on every interface (*:port), found
+    by the demo's loopback check. Through train/rendezvous.py's init_group (what Ray Train's
+    workers call, via BoundTorchConfig), 2 real gloo ranks meeting at 127.0.0.1 hold no
+    listening socket on any other address, and their all-reduce works."""
+    port = _free_port()
+    mp.spawn(_bound_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "sum.txt").read_text() == "2.0"
+    pids = [(tmp_path / f"pid{r}").read_text() for r in range(2)]
+    ranks = [line for line in (tmp_path / "ss.txt").read_text().splitlines()
+             if any(f"pid={pid}," in line for pid in pids)]
+    assert any(f"127.0.0.1:{port} " in line for line in ranks), ranks  # the store, on the address given
+    assert len(ranks) >= 3 and all(" 127.0.0.1:" in line for line in ranks), ranks  # + each rank's gloo pair
