@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick venv browser clean
+.PHONY: demo lint test test-quick venv browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,16 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "install chromium (e.g. sudo apt-get install chromium) for the HTML report test" >&2; exit 1; fi; }
 
-# lint-imports: the layer contract in pyproject.toml (an import against it fails the run)
-test: venv browser
+# ruff: the lint rules (pyproject.toml [tool.ruff]); lint-imports: the layer contracts in
+# pyproject.toml (an import against them fails the run)
+lint: venv
+	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+
+test: lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-quick: venv
-	$(BIN)/lint-imports
+test-quick: lint
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:

@@ -174,7 +174,7 @@ def main(args) -> dict:
     times["explain"] = time.perf_counter() - t
 
     rows = []
-    for ck, (_, origin, seed) in zip(report["checkpoints"], runs):
+    for ck, (_, origin, seed) in zip(report["checkpoints"], runs, strict=True):
         sets = ck["sets"]
         test = (sets.get("test") or {}).get("metrics") or {}
         ext = next((v.get("metrics") or {} for k, v in sets.items() if k != "test"), {})

@@ -63,11 +63,11 @@ class DemoConfig:
     std: float | None = None
 
     @classmethod
-    def laptop(cls, **over: Any) -> "DemoConfig":
+    def laptop(cls, **over: Any) -> DemoConfig:
         return replace(cls(), **{k: v for k, v in over.items() if v is not None})
 
     @classmethod
-    def full(cls, **over: Any) -> "DemoConfig":
+    def full(cls, **over: Any) -> DemoConfig:
         return replace(cls(n=4000, n_external=600, height=1024, width=832, size=224, sweep=PAPER_SWEEP, n_boot=1000),
                        **{k: v for k, v in over.items() if v is not None})
 

@@ -5,7 +5,8 @@ import functools
 import os
 import posixpath
 import stat
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
+from collections.abc import Callable, Iterator
 
 import pyarrow.fs as pafs
 

@@ -257,8 +257,8 @@ def reliability_curve(labels: Iterable[int], scores: Iterable[float], *, n_bins:
     return {
         "bin_lower": [float(e) for e in edges[:-1]],
         "bin_upper": [float(e) for e in edges[1:]],
-        "mean_score": [float(a / c) if c else None for a, c in zip(s_sum, count)],
-        "fraction_positive": [float(a / c) if c else None for a, c in zip(y_sum, count)],
+        "mean_score": [float(a / c) if c else None for a, c in zip(s_sum, count, strict=True)],
+        "fraction_positive": [float(a / c) if c else None for a, c in zip(y_sum, count, strict=True)],
         "count": [int(c) for c in count],
     }
 

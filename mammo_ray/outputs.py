@@ -29,7 +29,7 @@ import os
 import posixpath
 import re
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import pyarrow.fs as pafs
 

@@ -79,7 +79,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
 
     if ray.is_initialized():
         return
-    import ray.data  # noqa: F401  (configures ray.data's console handlers at import: quieted next)
+    import ray.data
 
     quiet_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None

@@ -24,7 +24,8 @@ import datetime
 import os
 import re
 import threading
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs

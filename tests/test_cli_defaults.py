@@ -125,7 +125,7 @@ def test_tune_prints_its_plan_and_wants_yes_past_an_hour_on_cpus(train_data_dir,
     plan = re.search(r"plan: 1000 trials x 1000 epochs .*estimate ([0-9.]+) (s|min|h) \((\d+) ms per training image",
                      captured.out)
     assert plan, captured.out
-    err = [l for l in captured.err.strip().splitlines() if "error:" in l]
+    err = [line for line in captured.err.strip().splitlines() if "error:" in line]
     assert len(err) == 1 and "pass --yes to start it" in err[0] and "without GPUs" in err[0], captured.err
     assert plan.group(2) == "h" and float(plan.group(1)) > 1
     assert not out.exists() or not any(out.iterdir())  # nothing written, no trial started

@@ -20,7 +20,8 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import yaml
@@ -131,7 +132,7 @@ class ScriptOptions:
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def script_help(script: str) -> tuple[int, str]:
     """``python SCRIPT --help``, run in this process with runpy (the CLI imports torch once per
     process; a subprocess per script would pay that again). Returns (exit code, output)."""

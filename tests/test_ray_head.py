@@ -76,7 +76,7 @@ def test_job_runs_on_the_cluster_named_by_ray_address(ray_head, phantom_dir, tmp
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["balanced"] and summary["rows"] == 60
     # the work ran on the head's node (not on a Ray of the job's own)
-    probe = "import json, ray; ray.init(address='%s'); print(json.dumps([n['NodeID'] for n in ray.nodes()]))" % address
+    probe = "import json, ray; ray.init(address='%s'); print(json.dumps([n['NodeID'] for n in ray.nodes()]))".replace("%s", address)
     nodes = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     assert nodes.returncode == 0, nodes.stderr[-2000:]
     assert set(summary["nodes"]) == set(json.loads(nodes.stdout.strip().splitlines()[-1]))

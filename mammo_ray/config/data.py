@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from mammo_ray.config.base import MAX_BATCH, MAX_SIDE, _check_choice, check_finite, from_mapping, load_yaml
 from mammo_ray.config.labels import LabelMap, as_label_map
@@ -143,7 +144,7 @@ class PreprocessConfig:
             raise ValueError(f"max_pixels={self.max_pixels!r}: at most 1000000000 (a 1-gigapixel source)")
 
     @classmethod
-    def load(cls, path: str | None = None, **overrides: Any) -> "PreprocessConfig":
+    def load(cls, path: str | None = None, **overrides: Any) -> PreprocessConfig:
         """YAML file first (keys of this class, with the pixel spec under ``spec:``), then overrides.
 
         Spec keys given as overrides (``size=``, ``equalize=``...) go into the spec.

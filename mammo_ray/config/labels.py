@@ -15,7 +15,8 @@ category 1 is a negative screen, so a default could not read ``1`` both ways.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 #: the default vocabulary (class 0, class 1)
 DEFAULT_NEGATIVE = ("benign", "normal", "0")

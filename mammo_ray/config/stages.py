@@ -173,6 +173,6 @@ class EvaluateConfig:
             raise ValueError(f"batch_size={self.batch_size!r}: use an int in [1, {MAX_BATCH}]")
 
     @classmethod
-    def load(cls, path: str | None = None, **overrides: Any) -> "EvaluateConfig":
+    def load(cls, path: str | None = None, **overrides: Any) -> EvaluateConfig:
         """YAML file first, then overrides (``None`` values ignored)."""
         return from_mapping(cls, load_yaml(path), **overrides)

@@ -140,7 +140,7 @@ class TrainConfig:
             raise ValueError(f"patience={self.patience!r}, max_batches={self.max_batches!r}: must be >= 0")
 
     @classmethod
-    def load(cls, path: str | None = None, **overrides: Any) -> "TrainConfig":
+    def load(cls, path: str | None = None, **overrides: Any) -> TrainConfig:
         """YAML file first, then overrides (``None`` values ignored)."""
         return from_mapping(cls, load_yaml(path), **overrides)
 
@@ -260,7 +260,7 @@ class SweepConfig:
         return len(self.backbones) * len(self.freeze_ratios) * lr * len(self.clr_modes)
 
     @classmethod
-    def load(cls, path: str | None = None, **overrides: Any) -> "SweepConfig":
+    def load(cls, path: str | None = None, **overrides: Any) -> SweepConfig:
         data = load_yaml(path)
         for key in ("lr_bounds", "base_lr_range", "max_lr_range"):
             if key in data and isinstance(data[key], list):

@@ -31,7 +31,7 @@ def pixels_from_bytes(values: Sequence[bytes], heights: Sequence[int], widths: S
     Raises:
         ValueError: rows of different shapes or dtypes (one array cannot hold them).
     """
-    shapes = {(int(h), int(w)) for h, w in zip(heights, widths)}
+    shapes = {(int(h), int(w)) for h, w in zip(heights, widths, strict=True)}
     kinds = {str(d) for d in dtypes}
     if len(shapes) > 1 or len(kinds) > 1:
         raise ValueError(f"mixed pixel dtypes {sorted(kinds)} or shapes {sorted(shapes)}")
@@ -66,7 +66,7 @@ class SplitArrays:
 
     def class_counts(self) -> dict[int, int]:
         values, counts = np.unique(self.labels, return_counts=True)
-        return {int(v): int(c) for v, c in zip(values, counts)}
+        return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
 
 def load_split(data_dir: str, split: str) -> SplitArrays:

@@ -174,7 +174,7 @@ def quiet_decoders(names: tuple[str, ...] = ("pydicom", "pylibjpeg", "openjpeg",
             warnings.simplefilter("always")
             yield caught
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 

@@ -145,7 +145,7 @@ def _discover_folder(root: str, unlabeled: bool, listing: Listing, labels_option
     class_mode = not unlabeled and any(t in classes for t in tops)
     if not class_mode and not unlabeled:
         logger.info("%s has no class folders (%s): its images are unlabeled", root, ", ".join(classes))
-    for path, size in files:
+    for path, _size in files:
         ext = _ext(path)
         if ext not in IMAGE_EXTENSIONS:
             listing.ignored[ext] = listing.ignored.get(ext, 0) + 1
@@ -242,7 +242,7 @@ def _discover_manifest(manifest: str, unlabeled: bool, listing: Listing, labels_
                                   laterality=(row.get("laterality") or "").strip().upper() or None,
                                   view=(row.get("view") or "").strip().upper() or None))
     exists = _exist_by_store([c["path"] for c in candidates])
-    for rec, ok in zip(candidates, exists):
+    for rec, ok in zip(candidates, exists, strict=True):
         if ok:
             listing.records.append(rec)
         else:
@@ -312,7 +312,7 @@ def _exist_by_store(paths: list[str]) -> list[bool]:
         groups.setdefault(key, []).append(i)
     found = [False] * len(paths)
     for idx in groups.values():
-        for i, ok in zip(idx, _exist_many([paths[i] for i in idx])):
+        for i, ok in zip(idx, _exist_many([paths[i] for i in idx]), strict=True):
             found[i] = ok
     return found
 

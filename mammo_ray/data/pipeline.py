@@ -219,7 +219,7 @@ def _assign(records: list[dict], cfg: PreprocessConfig, secret: PatientSecret) -
     todo = [r for r in records if not r.get("split")]
     splits = assign_splits([r["label"] for r in todo], [r["patient_key"] or r["image_id"] for r in todo],
                            ratios=cfg.ratios, seed=cfg.seed)
-    for r, s in zip(todo, splits):
+    for r, s in zip(todo, splits, strict=True):
         r["split"] = s
 
 
@@ -228,7 +228,7 @@ def _summarize(listing: Listing, statuses: pd.DataFrame, cfg: PreprocessConfig, 
     ok = statuses[statuses["status"] == "ok"]
     counts: dict[str, dict[str, int]] = {}
     names = {-1: "unlabeled", 0: CLASS_NAMES[0], 1: CLASS_NAMES[1]}
-    for (split, label), n in Counter(zip(ok["split"], ok["label"])).items():
+    for (split, label), n in Counter(zip(ok["split"], ok["label"], strict=True)).items():
         counts.setdefault(split, {})[names[int(label)]] = int(n)
     return {
         "inputs": t.inputs, "rows": t.rows, "errors": t.errors, "balanced": t.balanced,

@@ -55,7 +55,7 @@ def score_distributed(checkpoint: str, folder: str, split: str, *, batch_size: i
                         num_cpus=0 if gpus else 1, batch_format="numpy")
     out: dict[str, float] = {}
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        out.update(zip(batch["image_id"].tolist(), batch["probability"].astype(float).tolist()))
+        out.update(zip(batch["image_id"].tolist(), batch["probability"].astype(float).tolist(), strict=True))
     return out
 
 

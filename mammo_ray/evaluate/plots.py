@@ -72,9 +72,9 @@ def reliability_figure(curves: dict[str, dict[str, Any]], title: str) -> bytes:
         rel = res.get("reliability")
         if not rel:
             continue
-        pts = [(m, f) for m, f, c in zip(rel["mean_score"], rel["fraction_positive"], rel["count"]) if c]
+        pts = [(m, f) for m, f, c in zip(rel["mean_score"], rel["fraction_positive"], rel["count"], strict=True) if c]
         if pts:
-            xs, ys = zip(*pts)
+            xs, ys = zip(*pts, strict=True)
             ece = res["metrics"].get("ece")
             ax.plot(xs, ys, marker="o", label=f"{name} (ECE {ece:.3f})" if ece is not None else name)
     ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=0.8)

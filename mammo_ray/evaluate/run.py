@@ -140,7 +140,7 @@ def _set_result(labels: np.ndarray, scores: np.ndarray, groups: list, meta: list
     levels = {}
     if groups_or_none and any(m.get("laterality") for m in meta):
         breast_keys = [(g, m.get("laterality")) if g is not None and m.get("laterality") else None
-                       for g, m in zip(groups, meta)]
+                       for g, m in zip(groups, meta, strict=True)]
         for level, keys in (("breast", breast_keys), ("exam", list(groups))):
             for how in ("max", "mean"):
                 lab, sc, _ = aggregate(labels, scores, keys, how=how)
@@ -238,7 +238,7 @@ def _checkpoint_tag(state: dict[str, Any], path: str, taken: dict[str, str]) -> 
         if parts[-1] != other[-1]:
             tag = f"{base}_{os.path.splitext(parts[-1])[0]}"
         else:
-            tag = next((f"{a}_{base}" for a, b in zip(parts[-3::-1], other[-3::-1]) if a != b), base)
+            tag = next((f"{a}_{base}" for a, b in zip(parts[-3::-1], other[-3::-1], strict=False) if a != b), base)
     return _claim(tag, base, norm, taken)
 
 
@@ -288,7 +288,7 @@ def _write_scores(path: str, arrays, scores: np.ndarray, threshold: float) -> No
     buf = _io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image_id", "label", "probability", "predicted_label"])
-    for iid, lab, s in zip(arrays.image_ids, arrays.labels, scores):
+    for iid, lab, s in zip(arrays.image_ids, arrays.labels, scores, strict=True):
         w.writerow([iid, int(lab), f"{float(s):.6f}", int(s >= threshold)])
     mio.write_bytes(path, buf.getvalue().encode())
 

@@ -14,7 +14,7 @@ and gradients (a test checks the maps match the plain use).
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

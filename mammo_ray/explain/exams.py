@@ -101,14 +101,14 @@ def _table(df: pd.DataFrame, keys: list[str], threshold: float) -> pd.DataFrame:
             "predicted_max", "predicted_mean", "label"]
     if not len(df):
         return pd.DataFrame(columns=cols)
-    group = list(zip(*(df[k] for k in keys)))
+    group = list(zip(*(df[k] for k in keys), strict=True))
     _, s_max, order = aggregate(None, df["probability"], group, how="max")
     _, s_mean, _ = aggregate(None, df["probability"], group, how="mean")
     by = {(k if isinstance(k, tuple) else (k,)): g for k, g in df.groupby(keys, sort=False)}
     rows = []
-    for key, mx, mean in zip(order, s_max, s_mean):
+    for key, mx, mean in zip(order, s_max, s_mean, strict=True):
         g = by[tuple(key)]
-        row = {**dict(zip(keys, key)), "patient_key": g["patient_key"].iloc[0], "n_images": len(g),
+        row = {**dict(zip(keys, key, strict=True)), "patient_key": g["patient_key"].iloc[0], "n_images": len(g),
                "views": ",".join(sorted(set(g["view"].dropna()))), "image_ids": sorted(g["image_id"]),
                "probability_max": float(mx), "probability_mean": float(mean), "predicted_max": int(mx >= threshold),
                "predicted_mean": int(mean >= threshold),
@@ -160,7 +160,7 @@ def fill_meta(out: str, records: list[dict], rows: pd.DataFrame, writer: MetaWri
         probed = probe_batch(pd.DataFrame({"path": [r["path"] for r in missing]}))
         writer.write(pd.DataFrame([{"image_id": r["image_id"], **{k: r.get(k) or p[k] for k in
                                                                   ("patient_id", "exam_id", "laterality", "view")}}
-                                   for r, p in zip(missing, probed.to_dict("records"))]))
+                                   for r, p in zip(missing, probed.to_dict("records"), strict=True)]))
     return len(missing)
 
 

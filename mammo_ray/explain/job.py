@@ -155,7 +155,7 @@ def merge_cams(out: str) -> tuple[int, int]:
         if not (hit.any() or bad.any()):
             continue
         df.loc[bad, "warning"] = ["; ".join(x for x in (w, NO_CAM + failed[i]) if x)
-                                  for w, i in zip(df.loc[bad, "warning"].fillna(""), df.loc[bad, "image_id"])]
+                                  for w, i in zip(df.loc[bad, "warning"].fillna(""), df.loc[bad, "image_id"], strict=True)]
         # the CAM's columns; the score stays the scoring pass's (the one --cam-for chose by)
         merged = cams.loc[df.loc[hit, "image_id"]].reset_index()
         kept = df.loc[hit, ["image_id", *SCORE_PASS_COLUMNS]].set_index("image_id").loc[merged["image_id"]]

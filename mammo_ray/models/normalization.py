@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from mammo_ray.config import PreprocessSpec, TrainConfig
 from mammo_ray.config.data import MEAN_RANGE, STD_RANGE
@@ -94,8 +95,8 @@ def _resolve(cfg: TrainConfig, spec: PreprocessSpec) -> Normalization:
                              given[1] if given[1] is not None else DEFAULT[1], source="spec")
     if given == (None, None):
         return Normalization(*expected, source="weights")
-    applied = tuple(g if g is not None else e for g, e in zip(given, expected))
-    if any(abs(a - e) > 1e-6 for a, e in zip(applied, expected)):
+    applied = tuple(g if g is not None else e for g, e in zip(given, expected, strict=True))
+    if any(abs(a - e) > 1e-6 for a, e in zip(applied, expected, strict=True)):
         what = "ImageNet weights" if cfg.pretrained else f"weights {cfg.weights}"
         logger.warning("the data spec's normalisation (mean %g, std %g) overrides the one the %s of %s expect "
                        "(mean %g, std %g): re-preprocess without --mean/--std to follow the weights",

@@ -37,7 +37,7 @@ def _still_statistics(unit: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for m, (momentum, tracked) in zip(norms, saved):
+        for m, (momentum, tracked) in zip(norms, saved, strict=True):
             m.momentum = momentum
             if tracked is not None:  # the recomputation counted the batch a second time
                 m.num_batches_tracked.copy_(tracked)

@@ -31,7 +31,6 @@ import socket
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Union
 from urllib.parse import urlparse
 
 import torch
@@ -55,7 +54,7 @@ DOWNLOAD_TIMEOUT_S = 60.0
 _WAYS_OUT = "pass --weights PATH|s3://... (a state dict of the 3-channel backbone), or put the file at {file} and use --offline"
 
 StateDict = dict[str, torch.Tensor]
-Source = Union[Path, bytes]
+Source = Path | bytes
 
 
 # ---- where ImageNet weights come from

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -181,7 +182,7 @@ def fit(cfg: TrainConfig, spec: PreprocessSpec, train: SplitArrays | MemoryFeed 
                      stopped_early=best.stopped, out=out)
 
 
-def _epoch(run: "_Run", train: MemoryFeed | StreamFeed, val: MemoryFeed | StreamFeed, epoch: int, *,
+def _epoch(run: _Run, train: MemoryFeed | StreamFeed, val: MemoryFeed | StreamFeed, epoch: int, *,
            cfg: TrainConfig, spec: PreprocessSpec, device: torch.device, ranks: Ranks,
            trace: Callable[[int, list[str]], None] | None, progress: bool, progress_every_s: float) -> dict[str, Any]:
     """One epoch's training pass and validation: its history row."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ def _kept_buffers(model: torch.nn.Module, keep: bool):
     finally:
         if saved is not None:
             with torch.no_grad():
-                for b, s in zip(model.buffers(), saved):
+                for b, s in zip(model.buffers(), saved, strict=True):
                     b.copy_(s)
 
 

@@ -109,10 +109,10 @@ def plot_auc_vs_freezing(rows: list[dict[str, Any]], path: str) -> None:
                      for r in table if r["backbone"] == backbone and r.get("trial_id") is not None
                      and r.get("val_auc") is not None and not is_nan(r["val_auc"]))
         if pts:
-            xs, ys, lo, hi = zip(*pts)
+            xs, ys, lo, hi = zip(*pts, strict=True)
             # error bars: DeLong's 95% interval (none where it is undefined), so noise is not read as a trend
-            err = np.array([[y - (y if a is None else a) for y, a in zip(ys, lo)],
-                            [(y if b is None else b) - y for y, b in zip(ys, hi)]])
+            err = np.array([[y - (y if a is None else a) for y, a in zip(ys, lo, strict=True)],
+                            [(y if b is None else b) - y for y, b in zip(ys, hi, strict=True)]])
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=backbone)
     # a fixed [0.5, 1] axis (widened only for AUCs below chance): zooming to the points' range
     # made a 0.03 spread look like a finding

@@ -95,7 +95,7 @@ def test_a_manifest_that_is_a_fifo_is_refused_in_one_line(tmp_path):
     fifo = tmp_path / "list.csv"
     os.mkfifo(fifo)
     code = ("from mammo_ray.data.inputs import discover\n"
-            "try:\n    discover([%r])\nexcept ValueError as exc:\n    print(exc)\n" % str(fifo))
+            f"try:\n    discover([{str(fifo)!r}])\nexcept ValueError as exc:\n    print(exc)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, preexec_fn=_cap,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert proc.returncode == 0, proc.stderr[-2000:]

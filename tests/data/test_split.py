@@ -51,7 +51,7 @@ def test_ratios_and_stratification(ratios):
         if r == 0:
             assert counts[name] == 0
             continue
-        frac = sum(l for l, s in zip(labels, splits) if s == name) / counts[name]
+        frac = sum(y for y, s in zip(labels, splits) if s == name) / counts[name]
         assert abs(frac - pos) < 0.05
 
 

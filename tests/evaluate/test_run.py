@@ -319,7 +319,7 @@ def test_ensemble_of_two_sweeps_from_the_command_line(ray_local, sweep_dir, trai
     assert ens["freeze_ratio"] is None and ens["threshold"]["chosen_on"] == "val"
     assert 0 <= ens["train_metrics"]["val_auc"] <= 1
     for name in ("test", f"external-{external_raw.name}"):
-        def probs(tag):
+        def probs(tag, name=name):
             with open(out / "scores" / tag / f"{name}.csv") as f:
                 return {r["image_id"]: float(r["probability"]) for r in csv.DictReader(f)}
 

@@ -77,7 +77,7 @@ def test_trained_model_cam_points_at_phantom_lesions(tmp_path):
         return SplitArrays(pixels=arr[sl], labels=np.array(labels[sl]), image_ids=ids[sl],
                            patient_keys=[None] * len(ids[sl]), split="x")
 
-    train, val, test = split(slice(0, 260)), split(slice(260, 300)), slice(300, 360)
+    train, val = split(slice(0, 260)), split(slice(260, 300))  # 300-360: the held-out images below
     cfg = TrainConfig(backbone="simplecnn", pretrained=None, freeze_ratio=0.0, epochs=12, batch_size=32,
                       optimizer="adamw", base_lr=1e-4, max_lr=3e-3,
                       step_size_epochs=2, patience=0)

@@ -26,7 +26,7 @@ from mammo_ray.models.weights import resolve_weights
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Serves ``server.routes[path] = (body, mode)``; counts every request in ``server.hits``."""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         self.server.hits[self.path] += 1
         if self.path not in self.server.routes:
             self.send_error(404)

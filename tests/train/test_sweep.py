@@ -52,7 +52,7 @@ def test_four_trial_sweep_writes_every_output(ray_local, train_data_dir, tmp_pat
     assert {(r["freeze_ratio"], r["base_lr"]) for r in rows} == {("0.0", "0.0001"), ("0.0", "0.001"),
                                                                  ("0.5", "0.0001"), ("0.5", "0.001")}
     # table.md: one row per group, numbers equal to the best results.csv row of that group
-    table = [l for l in (out / "table.md").read_text().splitlines() if l.startswith("| simplecnn")]
+    table = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| simplecnn")]
     assert len(table) == 2
     for line in table:
         cells = [c.strip() for c in line.strip("|").split("|")]
