@@ -28,6 +28,7 @@ How the lock is created atomically, per store:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -93,6 +94,10 @@ def _parse(data: bytes) -> dict[str, Any]:
     return holder if isinstance(holder, dict) else {}
 
 
+# link() on a file system that has no hard links
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
 class _LocalLock:
     """Create by ``link``, rename-aside takeover, atomic replace for the heartbeat."""
 
@@ -104,17 +109,23 @@ class _LocalLock:
         # fails when the lock exists (atomic, as O_EXCL is, also on NFS), and the lock appears
         # with its whole record. With O_EXCL and a write after it, a second run could read the
         # lock empty in between, take it for stale and take it over: both ran (seen in the suite)
-        tmp = f"{self.path}.new-{os.getpid()}-{secrets.token_hex(4)}"
-        with open(tmp, "wb") as f:
-            f.write(data)
+        # (named like the other write temporaries, ``.name.tmp-<pid>``, which outputs.py skips)
+        tmp = f"{self.path}.{secrets.token_hex(4)}.tmp-{os.getpid()}"
         try:
+            with open(tmp, "wb") as f:
+                f.write(data)
             os.link(tmp, self.path)
         except FileExistsError:
-            return False
-        except OSError:  # a file system without hard links (some FUSE and SMB mounts): O_EXCL
-            return self._create_exclusive(data)
+            # over NFS a lost reply to a link that was made comes back as EEXIST: then the
+            # temporary has a second name, which is the lock (the open(2) man page's recipe)
+            return os.stat(tmp).st_nlink == 2
+        except OSError as exc:
+            if exc.errno in _NO_HARD_LINKS:  # some FUSE and SMB mounts: O_EXCL instead
+                return self._create_exclusive(data)
+            raise
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return True
 
     def _create_exclusive(self, data: bytes) -> bool:

@@ -200,8 +200,9 @@ def test_a_local_lock_is_never_seen_without_its_record(tmp_path):
         thread = threading.Thread(target=churn)
         thread.start()
         reads = empty = 0
+        deadline = time.monotonic() + 60
         try:
-            while reads < 5000:
+            while reads < 5000 and thread.is_alive() and time.monotonic() < deadline:
                 try:
                     with open(lock.path, "rb") as f:
                         empty += not f.read()
@@ -215,4 +216,5 @@ def test_a_local_lock_is_never_seen_without_its_record(tmp_path):
 
     lock = _LocalLock(str(tmp_path))
     assert empty_reads(lock.create) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary left behind
     assert empty_reads(lock._create_exclusive) > 0

@@ -232,6 +232,8 @@ def _bound_rank(rank: int, port: int, folder: str) -> None:
     from mammo_ray.train.rendezvous import init_group
 
     Path(folder, f"pid{rank}").write_text(str(os.getpid()))
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # a caller's choice of interface would decide it
+        os.environ.pop(var, None)
     init_group("gloo", rank, 2, "127.0.0.1", port, 60)
     t = torch.ones(1)
     dist.all_reduce(t)
@@ -240,6 +242,7 @@ def _bound_rank(rank: int, port: int, folder: str) -> None:
         listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
         Path(folder, "ss.txt").write_text(listening)
         Path(folder, "sum.txt").write_text(str(float(t)))
+        Path(folder, "ifname.txt").write_text(os.environ.get("GLOO_SOCKET_IFNAME", ""))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -249,9 +252,12 @@ def test_the_process_group_listens_on_the_meeting_address_only(tmp_path):
     by the demo's loopback check. Through train/rendezvous.py's init_group (what Ray Train's
     workers call, via BoundTorchConfig), 2 real gloo ranks meeting at 127.0.0.1 hold no
     listening socket on any other address, and their all-reduce works."""
+    from mammo_ray.train.rendezvous import loopback_interface
+
     port = _free_port()
     mp.spawn(_bound_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "sum.txt").read_text() == "2.0"
+    assert (tmp_path / "ifname.txt").read_text() == loopback_interface()  # gloo on loopback, whatever the host name says
     pids = [(tmp_path / f"pid{r}").read_text() for r in range(2)]
     ranks = [line for line in (tmp_path / "ss.txt").read_text().splitlines()
              if any(f"pid={pid}," in line for pid in pids)]
