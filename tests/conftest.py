@@ -43,6 +43,10 @@ _SESSION_RAY: dict = {}
 def ray_local(_ray_session):
     """A local Ray with 2 CPUs on 127.0.0.1, started once and shared by the session
     (re-started only if a test on another Ray (a cluster, logical GPUs) shut it down)."""
+    return _local_ray()
+
+
+def _local_ray():
     import ray
 
     from mammo_ray.ray_utils import init_ray
@@ -280,6 +284,41 @@ def train_data_dir(tmp_path_factory, _ray_session) -> Path:
     summary = run_preprocess([str(raw)], str(out), PreprocessConfig.load(size=96, ratios=(0.7, 0.2, 0.1)))
     assert summary["rows"] == 300
     return out
+
+
+@pytest.fixture(scope="session")
+def phantom_sweep(train_data_dir, tmp_path_factory, _ray_session):
+    """The 4-trial sweep (simplecnn, freezing 0 and 0.5 x two LR bounds, 3 epochs: small_sweep()
+    of tests/train/test_sweep.py) on train_data_dir, run once on the session's local Ray and
+    read by the sweep's own output test and by evaluate's tests: every Tune trial is a Ray Train
+    run, 20-40 s of start-up on 2 cores, so the suite runs this grid once. Returns
+    ``(out, summary, progress)``, ``progress`` being the run's ``mammo_ray.progress`` log lines.
+    Readers copy what they change: the folder is shared."""
+    import logging
+
+    from mammo_ray.train.sweep import run_sweep
+    from tests.train.test_sweep import small_sweep
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    _local_ray()
+    out = tmp_path_factory.mktemp("phantom-sweep") / "sweep"
+    logger, lines = logging.getLogger("mammo_ray.progress"), Lines()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(lines)
+    try:
+        summary = run_sweep(str(train_data_dir), str(out), small_sweep())
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+    return out, summary, lines.lines
 
 
 @pytest.fixture(scope="session")

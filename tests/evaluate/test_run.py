@@ -14,29 +14,21 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from mammo_ray.cli import main
-from mammo_ray.config import PreprocessConfig, SweepConfig
+from mammo_ray.config import PreprocessConfig
 from mammo_ray.data.parquet import read_split
 from mammo_ray.data.pipeline import run_preprocess
 from mammo_ray.data.synth import write_phantoms
 from mammo_ray.evaluate.run import run_evaluate, sweep_checkpoints
-from mammo_ray.train.sweep import run_sweep
 from tests.conftest import REPO, open_in_chromium
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(train_data_dir, tmp_path_factory, _ray_session):
-    import ray
-
-    from mammo_ray.ray_utils import init_ray
-
-    if not ray.is_initialized():
-        init_ray(num_cpus=2)
-    out = tmp_path_factory.mktemp("eval-sweep") / "sweep"
-    sweep = SweepConfig(backbones=("simplecnn",), freeze_ratios=(0.0, 0.5), lr_bounds=((1e-3, 1e-2),), epochs=4,
-                        batch_size=32, train={"optimizer": "adamw", "pretrained": "none"})
-    summary = run_sweep(str(train_data_dir), str(out), sweep)
+def sweep_dir(phantom_sweep):
+    """The session's 4-trial phantom sweep (conftest.phantom_sweep): two groups, freezing 0 and
+    0.5, so two best checkpoints to evaluate and compare."""
+    out, summary, _ = phantom_sweep
     assert summary["errors"] == 0
     return out
 

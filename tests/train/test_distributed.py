@@ -147,9 +147,11 @@ def test_sweep_of_two_trials_of_two_workers(ray_local, train_data_dir, tmp_path)
 @pytest.mark.cluster
 def test_sweep_of_two_worker_trials_on_a_two_node_cluster(ray_cluster, train_data_dir, tmp_path):
     """Each trial's two workers take a whole 2-CPU node (Ray Train's placement group), so the
-    two trials run side by side on both nodes; results.csv records every worker's node."""
+    two trials run side by side on both nodes: the sweep spreads over the cluster, and
+    results.csv records each trial's node (its rank 0's) and every worker's."""
     _, workers = ray_cluster
     rows = _two_worker_sweep(train_data_dir, tmp_path / "sweep", 1.0)
+    assert {r["node_id"] for r in rows} == {w.node_id for w in workers}
     nodes = {n for r in rows for n, _ in json.loads(r["placement"])}
     assert nodes == {w.node_id[:12] for w in workers}
     for r in rows:  # a trial's workers share its node: one placement group, packed
